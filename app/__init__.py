@@ -1,0 +1,1 @@
+"""Web app, CLI and the Studio service that wires the library together."""

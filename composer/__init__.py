@@ -1,0 +1,1 @@
+"""Backbones, the adapter layer, adapter types, file formats and rendering."""

@@ -1,0 +1,1 @@
+"""The adapter layer: wrapped modules holding many resident adapters, and adapter types."""

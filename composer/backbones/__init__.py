@@ -1,0 +1,1 @@
+"""Backbones: one file per model family (sdxl, flux)."""

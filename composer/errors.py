@@ -1,0 +1,33 @@
+"""Project exceptions. Every message names the offending thing (file, key, module, value)."""
+
+
+class StudioError(Exception):
+    """Base of every error the studio raises on purpose."""
+
+
+class LoraFileError(StudioError):
+    """A LoRA file cannot be read: truncated, corrupt, not safetensors, non-finite tensors."""
+
+
+class PickleRefusedError(LoraFileError):
+    """A pickle checkpoint (.ckpt, .pt, .bin, .pth) was offered; it is never unpickled."""
+
+
+class UnknownKeysError(LoraFileError):
+    """Keys in a LoRA file match no module of the target model."""
+
+    def __init__(self, message: str, keys: list[str]):
+        super().__init__(message)
+        self.keys = keys
+
+
+class FamilyMismatchError(StudioError):
+    """A LoRA made for one base family (sd15, sdxl, flux) was applied to another."""
+
+
+class BackboneError(StudioError):
+    """A backbone cannot be loaded or built."""
+
+
+class AdapterError(StudioError):
+    """An adapter cannot be attached, activated or fused."""

@@ -1,0 +1,1 @@
+"""LoRA file formats: diffusers/peft, kohya, LyCORIS; safetensors I/O, hashes, family detection."""

@@ -1,0 +1,77 @@
+"""The in-memory form of a LoRA file, independent of the key convention it was stored in."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+FAMILIES = ("sd15", "sdxl", "flux")
+COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")
+
+
+@dataclass(frozen=True)
+class FileHashes:
+    """Identity of a file: full-file SHA-256, its AutoV2 prefix, and a tensor-only hash that survives metadata edits."""
+
+    sha256: str
+    autov2: str  # first 10 hex of sha256 (Civitai)
+    tensor_sha256: str  # SHA-256 of the bytes after the header (kohya's sshs_model_hash)
+
+
+@dataclass
+class ModuleDelta:
+    """The adapter weights of one adapted module.
+
+    kind "lora": tensors["down"] (r, in) or (r, in, kh, kw); tensors["up"] (out, r) or (out, r, 1, 1);
+    effective delta = (alpha / r) * up @ down, alpha None meaning alpha = r (scale 1).
+    Other kinds (LyCORIS "lokr", "loha") keep their own tensor names.
+    """
+
+    component: str  # one of COMPONENTS
+    path: str  # diffusers module path inside the component, e.g. "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
+    kind: str
+    tensors: dict[str, torch.Tensor]
+    alpha: float | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.component}.{self.path}"
+
+    @property
+    def rank(self) -> int:
+        if self.kind == "lora":
+            return int(self.tensors["down"].shape[0])
+        raise NotImplementedError(f"rank of a {self.kind} delta")
+
+    @property
+    def scale(self) -> float:
+        """alpha / rank for LoRA (1.0 when alpha is absent)."""
+        return 1.0 if self.alpha is None else float(self.alpha) / self.rank
+
+
+@dataclass
+class LoraFile:
+    """A parsed LoRA file: its deltas in canonical diffusers names, and what the file says about itself."""
+
+    modules: dict[str, ModuleDelta]  # by ModuleDelta.key
+    source_format: str  # "diffusers" | "peft" | "kohya" | "lycoris"
+    family: str | None  # one of FAMILIES, or None when it cannot be told
+    metadata: dict[str, str] = field(default_factory=dict)
+    hashes: FileHashes | None = None
+    path: str | None = None
+    trigger_words: list[str] = field(default_factory=list)
+
+    @property
+    def network_kinds(self) -> set[str]:
+        return {m.kind for m in self.modules.values()}
+
+    @property
+    def rank(self) -> int | None:
+        """The most common LoRA rank in the file (None when it holds no plain LoRA)."""
+        ranks = [m.rank for m in self.modules.values() if m.kind == "lora"]
+        return max(set(ranks), key=ranks.count) if ranks else None
+
+    @property
+    def components(self) -> set[str]:
+        return {m.component for m in self.modules.values()}

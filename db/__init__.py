@@ -1,0 +1,1 @@
+"""The LoRA catalog: SQLAlchemy models, sessions, repositories, Alembic migrations."""

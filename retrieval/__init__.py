@@ -1,0 +1,1 @@
+"""Weight-encoding retrieval (AutoLoRA) and hybrid catalog search."""

@@ -1,0 +1,1 @@
+"""Toy world: procedural scenes, the ground-truth evaluator, the bundled toy model."""
