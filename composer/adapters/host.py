@@ -1,0 +1,165 @@
+"""AdapterHost: makes LoRA files resident on a pipeline's models and switches between them by context."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+
+from torch import nn
+
+from composer.adapters.base import MixingContext, Scale
+from composer.adapters.layer import AdaptedModule
+from composer.adapters.registry import build_adapter
+from composer.errors import AdapterError, FamilyMismatchError, UnknownKeysError
+from composer.formats.model import LoraFile
+
+
+class AdapterHost:
+    """Holds any number of resident adapters on a set of component models (unet/transformer, text encoders).
+
+    Each target module is wrapped once, on first use; adapters are added and removed by name; which are
+    active, and how strongly, is a context change. `detach()` puts the original modules back.
+    """
+
+    def __init__(self, components: Mapping[str, nn.Module], family: str | None = None):
+        self.components = dict(components)
+        self.family = family
+        self.context = MixingContext()
+        self._wrapped: dict[str, AdaptedModule] = {}  # "component.path" -> wrapper
+        self._resident: dict[str, list[str]] = {}  # adapter name -> wrapped keys it lives on
+
+    @classmethod
+    def for_pipeline(cls, pipe, backbone) -> AdapterHost:
+        return cls(backbone.components(pipe), backbone.family)
+
+    # --- residency ----------------------------------------------------------------------------------
+    @property
+    def names(self) -> list[str]:
+        return list(self._resident)
+
+    def add(self, name: str, lora: LoraFile) -> None:
+        """Make `lora` resident under `name`. All or nothing: on any error nothing is attached.
+
+        Raises:
+            FamilyMismatchError: the file is for another base family.
+            UnknownKeysError: modules in the file that this model does not have (named).
+            AdapterError: the name is taken, or shapes do not fit a module.
+        """
+        if name in self._resident:
+            raise AdapterError(f"an adapter named {name!r} is already resident")
+        if lora.family and self.family and lora.family != self.family:
+            raise FamilyMismatchError(f"LoRA {name!r} is for {lora.family}; this backbone is {self.family}")
+        missing: list[str] = []
+        built: list[tuple[str, nn.Module, nn.Module]] = []  # (key, target, adapter)
+        for key, delta in lora.modules.items():
+            target = self._find(delta.component, delta.path)
+            if target is None:
+                missing.append(key)
+                continue
+            base = target.base if isinstance(target, AdaptedModule) else target
+            try:
+                built.append((key, target, build_adapter(base, delta)))
+            except AdapterError as exc:
+                raise AdapterError(f"LoRA {name!r}, module {key}: {exc}") from None
+        if missing:
+            shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+            raise UnknownKeysError(
+                f"LoRA {name!r}: {len(missing)} modules match nothing in this model: {shown}", missing
+            )
+        if not built:
+            raise AdapterError(f"LoRA {name!r} holds no adapter weights")
+        for key, target, adapter in built:
+            wrapper = self._wrap(key, target)
+            wrapper.add(name, adapter)
+        self._resident[name] = [key for key, _, _ in built]
+
+    def remove(self, name: str) -> None:
+        """Drop a resident adapter and free its weights."""
+        if name in self.context.fused:
+            raise AdapterError(f"adapter {name!r} is fused; unfuse first")
+        for key in self._resident.pop(name, []):
+            self._wrapped[key].remove(name)
+        self.context.active.pop(name, None)
+
+    def _find(self, component: str, path: str) -> nn.Module | None:
+        model = self.components.get(component)
+        if model is None:
+            return None
+        try:
+            return model.get_submodule(path)
+        except AttributeError:
+            return None
+
+    def _wrap(self, key: str, target: nn.Module) -> AdaptedModule:
+        if isinstance(target, AdaptedModule):
+            return target
+        component, path = key.split(".", 1)
+        parent_path, _, attr = path.rpartition(".")
+        parent = (
+            self.components[component].get_submodule(parent_path)
+            if parent_path
+            else self.components[component]
+        )
+        wrapper = AdaptedModule(target, self.context)
+        setattr(parent, attr, wrapper)
+        self._wrapped[key] = wrapper
+        return wrapper
+
+    # --- mixing -------------------------------------------------------------------------------------
+    def set_active(self, scales: Mapping[str, Scale]) -> None:
+        """Make exactly these adapters active (name -> scale, a number or a per-sample (B,) tensor)."""
+        unknown = [n for n in scales if n not in self._resident]
+        if unknown:
+            raise AdapterError(
+                f"not resident: {', '.join(unknown)} (resident: {', '.join(self._resident) or 'none'})"
+            )
+        self.context.active = dict(scales)
+
+    @contextmanager
+    def activate(self, scales: Mapping[str, Scale]) -> Iterator[None]:
+        """Activate a set for the duration of a block; the previous set comes back afterwards."""
+        previous = dict(self.context.active)
+        self.set_active(scales)
+        try:
+            yield
+        finally:
+            self.context.active = previous
+
+    # --- fusing -------------------------------------------------------------------------------------
+    def fuse(self, scales: Mapping[str, float]) -> None:
+        """Fold adapters into the base weights (fast path for a static stack). Forward stays equivalent."""
+        if self.context.fused:
+            raise AdapterError("adapters are already fused; unfuse first")
+        unknown = [n for n in scales if n not in self._resident]
+        if unknown:
+            raise AdapterError(f"not resident: {', '.join(unknown)}")
+        for name, scale in scales.items():
+            for key in self._resident[name]:
+                self._wrapped[key].fuse({name: float(scale)})
+        self.context.fused = {n: float(s) for n, s in scales.items()}
+
+    def unfuse(self) -> None:
+        """Restore the exact base weights kept at fuse time."""
+        for wrapper in self._wrapped.values():
+            wrapper.unfuse()
+        self.context.fused = {}
+
+    def detach(self) -> None:
+        """Unfuse, drop every adapter and put the original modules back."""
+        self.unfuse()
+        for key, wrapper in self._wrapped.items():
+            component, path = key.split(".", 1)
+            parent_path, _, attr = path.rpartition(".")
+            model = self.components[component]
+            parent = model.get_submodule(parent_path) if parent_path else model
+            setattr(parent, attr, wrapper.base)
+        self._wrapped.clear()
+        self._resident.clear()
+        self.context.active = {}
+
+    def parameter_count(self, name: str) -> int:
+        return sum(
+            p.numel()
+            for key in self._resident.get(name, [])
+            for p in self._wrapped[key].adapters[name].parameters()
+        )

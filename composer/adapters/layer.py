@@ -1,0 +1,118 @@
+"""The wrapper put once around each adapted module: many resident adapters, mixed by a shared context."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from composer.adapters.base import MixingContext, broadcast_scale, is_trainable
+from composer.adapters.lora import LoraAdapter
+from composer.errors import AdapterError
+
+_STACK_CACHE_SIZE = 4  # resident stacked LoRA sets kept per layer (switching back and forth costs nothing)
+
+
+class AdaptedModule(nn.Module):
+    """Wraps a Linear or Conv2d: y = base(x) + sum_i s_i * delta_i(x) over the context's active adapters.
+
+    Plain LoRAs on a Linear are evaluated as one stacked pair of matmuls (all active downs concatenated,
+    then all ups), which keeps k LoRAs close to the cost of one. Anything else runs adapter by adapter.
+    """
+
+    def __init__(self, base: nn.Module, context: MixingContext):
+        super().__init__()
+        if not isinstance(base, (nn.Linear, nn.Conv2d)):
+            raise AdapterError(f"cannot adapt a {type(base).__name__}; only Linear and Conv2d")
+        self.base = base
+        self.adapters = nn.ModuleDict()
+        self.context = context
+        self._stacks: dict[tuple, tuple[torch.Tensor, torch.Tensor, list[int]]] = {}
+        self._backup: torch.Tensor | None = None  # the exact base weight while something is fused
+
+    # --- residency ----------------------------------------------------------------------------------
+    def add(self, name: str, adapter: nn.Module) -> None:
+        self.adapters[name] = adapter
+        self._stacks.clear()
+
+    def remove(self, name: str) -> None:
+        if name in self.adapters:
+            del self.adapters[name]
+            self._stacks.clear()
+
+    # --- fusing -------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def fuse(self, scales: dict[str, float]) -> None:
+        """Fold adapters into the base weight; the exact original is kept for `unfuse`."""
+        todo = {n: s for n, s in scales.items() if n in self.adapters}
+        if not todo:
+            return
+        if self._backup is None:
+            self._backup = self.base.weight.detach().clone()
+        weight = self.base.weight
+        for name, scale in todo.items():
+            weight.add_(self.adapters[name].delta_weight().to(weight), alpha=float(scale))
+
+    @torch.no_grad()
+    def unfuse(self) -> None:
+        if self._backup is not None:
+            self.base.weight.copy_(self._backup)
+            self._backup = None
+
+    # --- forward ------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        y = self.base(x, *args, **kwargs)
+        work = [(n, s) for n, s in self.context.effective() if n in self.adapters]
+        if not work:
+            return y
+        stackable = isinstance(self.base, nn.Linear) and len(work) > 1
+        stackable = stackable and all(isinstance(self.adapters[n], LoraAdapter) for n, _ in work)
+        if stackable and not (
+            torch.is_grad_enabled() and any(is_trainable(self.adapters[n]) for n, _ in work)
+        ):
+            return y + self._stacked_delta(x, y, work)
+        for name, scale in work:
+            delta = self.adapters[name].forward_delta(x)
+            y = y + broadcast_scale(scale, delta) * delta
+        return y
+
+    def _stacked_delta(
+        self, x: torch.Tensor, y: torch.Tensor, work: list[tuple[str, object]]
+    ) -> torch.Tensor:
+        adapters = [self.adapters[n] for n, _ in work]
+        # parameter versions in the key: an in-place update (an optimizer step) invalidates the stack
+        names = tuple((n, a.down._version, a.up._version) for (n, _), a in zip(work, adapters, strict=True))
+        stack = self._stacks.get(names)
+        if stack is None:
+            down = torch.cat([a.down for a in adapters], dim=0)  # (R, in)
+            up = torch.cat([a.up for a in adapters], dim=1)  # (out, R)
+            stack = (down, up, [a.rank for a in adapters])
+            if len(self._stacks) >= _STACK_CACHE_SIZE:
+                self._stacks.pop(next(iter(self._stacks)))
+            self._stacks[names] = stack
+        down, up, ranks = stack
+        h = F.linear(x, down)  # (..., R)
+        col = []
+        per_sample = False
+        for (name, scale), rank in zip(work, ranks, strict=True):
+            s = scale * self.adapters[name].scale
+            if isinstance(s, torch.Tensor):
+                per_sample = True
+                col.append(s.to(h).view(-1, 1).expand(-1, rank))  # (B, r)
+            else:
+                col.append(torch.full((1, rank), float(s), dtype=h.dtype, device=h.device))
+        if per_sample:
+            batch = h.shape[0]
+            cols = torch.cat([c.expand(batch, -1) for c in col], dim=1)  # (B, R)
+            h = h * cols.view(batch, *([1] * (h.ndim - 2)), -1)
+        else:
+            h = h * torch.cat(col, dim=1).view(-1)
+        return F.linear(h, up)
+
+    @property
+    def weight(self) -> torch.Tensor:  # code that inspects `module.weight` (dtype, device) keeps working
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias

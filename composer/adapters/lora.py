@@ -1,0 +1,76 @@
+"""Plain LoRA (Hu et al., 2021): dW = (alpha / r) * up @ down, for Linear and Conv2d layers."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from composer.errors import AdapterError
+
+
+class LoraAdapter(nn.Module):
+    """LoRA on a Linear (down (r, in), up (out, r)) or Conv2d (down (r, in, kh, kw), up (out, r, 1, 1))."""
+
+    kind = "lora"
+
+    def __init__(self, base: nn.Module, down: torch.Tensor, up: torch.Tensor, alpha: float | None = None):
+        super().__init__()
+        rank = down.shape[0]
+        if up.shape[1] != rank:
+            raise AdapterError(
+                f"LoRA up {tuple(up.shape)} does not match down {tuple(down.shape)} (rank {rank})"
+            )
+        if isinstance(base, nn.Linear):
+            want_down, want_up = (rank, base.in_features), (base.out_features, rank)
+            down, up = down.reshape(down.shape[0], -1), up.reshape(up.shape[0], -1)
+        elif isinstance(base, nn.Conv2d):
+            want_down = (rank, base.in_channels // base.groups, *base.kernel_size)
+            want_up = (base.out_channels, rank, 1, 1)
+            if down.ndim == 2 and base.kernel_size == (1, 1):
+                down = down[:, :, None, None]
+            if up.ndim == 2:
+                up = up[:, :, None, None]
+        else:
+            raise AdapterError(f"LoRA cannot adapt a {type(base).__name__}")
+        if tuple(down.shape) != want_down or tuple(up.shape) != want_up:
+            raise AdapterError(
+                f"LoRA shapes down {tuple(down.shape)} / up {tuple(up.shape)} do not fit the layer "
+                f"(expected {want_down} / {want_up})"
+            )
+        if rank > min(want_down[1], want_up[0]):
+            raise AdapterError(f"LoRA rank {rank} exceeds the layer's dimensions {want_down[1]}x{want_up[0]}")
+        weight = base.weight
+        self.down = nn.Parameter(down.detach().to(weight), requires_grad=False)
+        self.up = nn.Parameter(up.detach().to(weight), requires_grad=False)
+        self.rank = rank
+        self.alpha = float(alpha) if alpha is not None else float(rank)
+        self._conv = None
+        if isinstance(base, nn.Conv2d):
+            if base.groups != 1:
+                raise AdapterError("LoRA on a grouped Conv2d is not supported")
+            self._conv = dict(stride=base.stride, padding=base.padding, dilation=base.dilation)
+            if base.padding_mode != "zeros":
+                raise AdapterError(
+                    f"LoRA on a Conv2d with padding_mode={base.padding_mode!r} is not supported"
+                )
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def delta_weight(self) -> torch.Tensor:
+        if self._conv is None:
+            return self.scale * (self.up @ self.down)  # (out, in)
+        dw = self.up.flatten(1) @ self.down.flatten(1)  # (out, in * kh * kw)
+        return self.scale * dw.view(self.up.shape[0], *self.down.shape[1:])
+
+    def forward_delta(self, x: torch.Tensor) -> torch.Tensor:
+        if self._conv is None:
+            return F.linear(F.linear(x, self.down), self.up) * self.scale
+        h = F.conv2d(x, self.down, **self._conv)
+        return F.conv2d(h, self.up) * self.scale
+
+    @property
+    def is_linear(self) -> bool:
+        return self._conv is None

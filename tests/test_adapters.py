@@ -1,0 +1,198 @@
+"""The adapter layer: forward = base + delta, stacked = loop, per-sample mixing, fuse/unfuse, detach, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from composer.adapters.host import AdapterHost
+from composer.adapters.layer import AdaptedModule
+from composer.adapters.lora import LoraAdapter
+from composer.errors import AdapterError, FamilyMismatchError, UnknownKeysError
+from composer.formats.model import LoraFile, ModuleDelta
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Linear(16, 24)
+        self.b = nn.Linear(24, 8)
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+
+    def forward(self, x, img=None):
+        y = self.b(torch.relu(self.a(x)))
+        return y if img is None else (y, self.conv(img))
+
+
+def lora_for(net: Net, seed: int, rank: int = 2, alpha: float | None = 1.0, conv: bool = False) -> LoraFile:
+    g = torch.Generator().manual_seed(seed)
+    mods = {}
+    for name in ("a", "b"):
+        m = net.get_submodule(name)
+        m = getattr(m, "base", m)
+        t = {
+            "down": torch.randn(rank, m.in_features, generator=g),
+            "up": torch.randn(m.out_features, rank, generator=g),
+        }
+        mods[f"unet.{name}"] = ModuleDelta("unet", name, "lora", t, alpha)
+    if conv:
+        t = {"down": torch.randn(rank, 3, 3, 3, generator=g), "up": torch.randn(6, rank, 1, 1, generator=g)}
+        mods["unet.conv"] = ModuleDelta("unet", "conv", "lora", t, alpha)
+    return LoraFile(mods, "diffusers", "sdxl")
+
+
+def reference(net: Net, loras: list[tuple[LoraFile, float]], x, img=None):
+    """Forward with the dense deltas written into a copy of the weights."""
+    import copy
+
+    ref = copy.deepcopy(net)
+    with torch.no_grad():
+        for lora, s in loras:
+            for d in lora.modules.values():
+                w = ref.get_submodule(d.path).weight
+                scale = d.scale * s
+                up, down = d.tensors["up"], d.tensors["down"]
+                w += scale * (up.flatten(1) @ down.flatten(1)).view_as(w)
+    return ref(x, img)
+
+
+def test_forward_equals_base_plus_delta_linear_and_conv():
+    net = Net()
+    l1, l2 = lora_for(net, 1, conv=True), lora_for(net, 2, rank=3, alpha=None, conv=True)
+    x, img = torch.randn(4, 16), torch.randn(2, 3, 8, 8)
+    base_y, base_img = net(x, img)
+    host = AdapterHost({"unet": net}, "sdxl")
+    host.add("one", l1)
+    host.add("two", l2)
+    assert isinstance(net.a, AdaptedModule)
+    with host.activate({"one": 0.7, "two": -0.4}):
+        y, yi = net(x, img)
+    ry, ryi = reference(Net(), [(l1, 0.7), (l2, -0.4)], x, img)
+    torch.testing.assert_close(y, ry, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(yi, ryi, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(y, base_y, atol=1e-3)
+    # inactive again: exactly the base output
+    y0, yi0 = net(x, img)
+    assert torch.equal(y0, base_y) and torch.equal(yi0, base_img)
+
+
+def test_stacked_path_equals_adapter_by_adapter():
+    torch.manual_seed(3)
+    base = nn.Linear(32, 40)
+    wrapped = AdaptedModule(base, host_ctx := AdapterHost({}).context)
+    adapters = [
+        LoraAdapter(base, torch.randn(r, 32), torch.randn(40, r), alpha)
+        for r, alpha in [(2, 1.0), (4, 8.0), (3, None)]
+    ]
+    for i, a in enumerate(adapters):
+        wrapped.add(f"l{i}", a)
+    x = torch.randn(5, 7, 32)
+    host_ctx.active = {"l0": 0.5, "l1": 1.0, "l2": -2.0}
+    stacked = wrapped(x)
+    loop = base(x) + sum(s * a.forward_delta(x) for a, s in zip(adapters, [0.5, 1.0, -2.0], strict=True))
+    torch.testing.assert_close(stacked, loop, atol=1e-5, rtol=1e-5)
+
+
+def test_per_sample_scales_mix_different_sets_in_one_batch():
+    net = Net()
+    l1, l2 = lora_for(net, 1), lora_for(net, 2)
+    x = torch.randn(3, 16)
+    host = AdapterHost({"unet": net})
+    host.add("one", l1)
+    host.add("two", l2)
+    with host.activate({"one": torch.tensor([1.0, 0.0, 0.5]), "two": torch.tensor([0.0, 1.0, 0.5])}):
+        y = net(x)
+    for i, (s1, s2) in enumerate([(1.0, 0.0), (0.0, 1.0), (0.5, 0.5)]):
+        with host.activate({"one": s1, "two": s2}):
+            torch.testing.assert_close(y[i : i + 1], net(x[i : i + 1]), atol=1e-5, rtol=1e-5)
+
+
+def test_switching_sets_moves_no_weights():
+    net = Net()
+    host = AdapterHost({"unet": net})
+    host.add("one", lora_for(net, 1))
+    host.add("two", lora_for(net, 2))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    x = torch.randn(2, 16)
+    outs = []
+    for scales in [{"one": 1.0}, {"two": 1.0}, {"one": 1.0}]:
+        host.set_active(scales)
+        outs.append(net(x))
+    assert torch.equal(outs[0], outs[2]) and not torch.allclose(outs[0], outs[1])
+    after = net.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_fuse_is_equivalent_and_unfuse_restores_bit_exactly():
+    net = Net()
+    original = {k: v.clone() for k, v in net.state_dict().items()}
+    host = AdapterHost({"unet": net})
+    host.add("one", lora_for(net, 1, conv=True))
+    host.add("two", lora_for(net, 2, conv=True))
+    x, img = torch.randn(2, 16), torch.randn(1, 3, 8, 8)
+    host.set_active({"one": 0.8, "two": 0.3})
+    unfused = net(x, img)
+    host.fuse({"one": 0.8, "two": 0.3})
+    assert not torch.equal(net.a.base.weight, original["a.weight"])
+    fused = net(x, img)
+    for f, u in zip(fused, unfused, strict=True):
+        torch.testing.assert_close(f, u, atol=1e-4, rtol=1e-4)
+    host.unfuse()
+    host.detach()
+    assert isinstance(net.a, nn.Linear) and not isinstance(net.a, AdaptedModule)
+    restored = net.state_dict()
+    assert all(torch.equal(original[k], restored[k]) for k in original)
+
+
+def test_partial_fuse_applies_the_residual():
+    net = Net()
+    l1, l2 = lora_for(net, 1), lora_for(net, 2)
+    x = torch.randn(2, 16)
+    host = AdapterHost({"unet": net})
+    host.add("one", l1)
+    host.add("two", l2)
+    host.fuse({"one": 0.8, "two": 0.3})
+    host.set_active({"one": 0.8})  # "two" is fused but inactive: it must be taken back out
+    torch.testing.assert_close(net(x), reference(Net(), [(l1, 0.8)], x), atol=1e-4, rtol=1e-4)
+
+
+def test_errors_name_the_problem_and_attach_nothing():
+    net = Net()
+    host = AdapterHost({"unet": net}, "sdxl")
+    bad = lora_for(net, 1)
+    bad.modules["unet.nope.to_q"] = ModuleDelta(
+        "unet", "nope.to_q", "lora", {"down": torch.ones(1, 4), "up": torch.ones(4, 1)}
+    )
+    with pytest.raises(UnknownKeysError, match="unet.nope.to_q") as info:
+        host.add("bad", bad)
+    assert info.value.keys == ["unet.nope.to_q"]
+    assert isinstance(net.a, nn.Linear)  # nothing wrapped
+    other = lora_for(net, 2)
+    other.family = "sd15"
+    with pytest.raises(FamilyMismatchError, match="sd15"):
+        host.add("other", other)
+    shapes = lora_for(net, 3)
+    shapes.modules["unet.a"].tensors["down"] = torch.ones(2, 99)
+    with pytest.raises(AdapterError, match=r"unet\.a.*\(2, 99\)"):
+        host.add("shapes", shapes)
+    with pytest.raises(AdapterError, match="rank 20 exceeds"):
+        LoraAdapter(nn.Linear(16, 8), torch.ones(20, 16), torch.ones(8, 20))
+    host.add("ok", lora_for(net, 4))
+    with pytest.raises(AdapterError, match="already resident"):
+        host.add("ok", lora_for(net, 4))
+    with pytest.raises(AdapterError, match="not resident: ghost"):
+        host.set_active({"ghost": 1.0})
+
+
+def test_remove_frees_the_adapter():
+    net = Net()
+    host = AdapterHost({"unet": net})
+    host.add("one", lora_for(net, 1))
+    x = torch.randn(2, 16)
+    base = Net()(x)
+    host.set_active({"one": 1.0})
+    host.remove("one")
+    assert host.names == [] and len(net.a.adapters) == 0
+    torch.testing.assert_close(net(x), base)
