@@ -1,0 +1,198 @@
+"""`lora-studio`: import, list, show, export and render from the command line."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="LoRA Studio: train, catalog, retrieve and compose LoRAs.",
+)
+
+DataDir = Annotated[
+    Path | None, typer.Option("--data-dir", envvar="LORA_STUDIO_DATA_DIR", help="catalog and stored files")
+]
+
+
+def _studio(data_dir: Path | None):
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # read when huggingface_hub is imported: set it first
+    from app.settings import Settings
+    from app.studio import Studio
+
+    settings = Settings(data_dir=data_dir) if data_dir else Settings()
+    return Studio.open(settings)
+
+
+def _fail(message: str, code: int = 1):
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+def _guard(fn):
+    """Project errors become one red line and exit status 1, never a traceback."""
+    from functools import wraps
+
+    @wraps(fn)
+    def wrapper(*args, **kwargs):
+        from composer.errors import StudioError
+        from db.errors import CatalogError
+
+        try:
+            return fn(*args, **kwargs)
+        except (StudioError, CatalogError) as exc:
+            _fail(str(exc))
+
+    return wrapper
+
+
+@app.command("import")
+@_guard
+def import_(
+    paths: Annotated[list[Path], typer.Argument(help="safetensors files or folders (searched recursively)")],
+    tag: Annotated[list[str] | None, typer.Option("--tag", help="tag to add (repeatable)")] = None,
+    data_dir: DataDir = None,
+):
+    """Import LoRA files into the catalog. Re-importing the same tensors is a no-op."""
+    studio = _studio(data_dir)
+    outcomes = studio.library.import_paths(paths, tags=tag or [])
+    colors = {"imported": typer.colors.GREEN, "duplicate": typer.colors.YELLOW, "failed": typer.colors.RED}
+    for o in outcomes:
+        detail = o.name if o.status == "imported" else o.message
+        typer.secho(f"{o.status:9} {o.path}  {detail}", fg=colors[o.status])
+    counts = {s: sum(o.status == s for o in outcomes) for s in colors}
+    typer.echo(
+        f"{counts['imported']} imported, {counts['duplicate']} already in the catalog, {counts['failed']} failed"
+    )
+    if counts["failed"] or not outcomes:
+        raise typer.Exit(1)
+
+
+@app.command("list")
+@_guard
+def list_(
+    query: Annotated[
+        str | None, typer.Argument(help="words to find in names, trigger words, tags, descriptions")
+    ] = None,
+    family: Annotated[str | None, typer.Option(help="sdxl or flux")] = None,
+    tag: Annotated[str | None, typer.Option(help="exact tag")] = None,
+    limit: int = 100,
+    data_dir: DataDir = None,
+):
+    """List catalogued LoRAs."""
+    rows = _studio(data_dir).library.list(query=query, family=family, tag=tag, limit=limit)
+    if not rows:
+        typer.echo("no LoRAs found")
+        return
+    width = max(len(r.name) for r in rows)
+    for r in rows:
+        triggers = ", ".join(r.trigger_words[:3])
+        typer.echo(
+            f"{r.name:{width}}  {r.family:5} {r.adapter_type:6} r={r.rank or '-':<4} {r.autov2}  {triggers}"
+        )
+
+
+@app.command()
+@_guard
+def show(name: Annotated[str, typer.Argument(help="name or hash")], data_dir: DataDir = None):
+    """Show one LoRA's catalog entry."""
+    info = _studio(data_dir).library.get(name)
+    for key in (
+        "name",
+        "family",
+        "adapter_type",
+        "source_format",
+        "rank",
+        "alpha",
+        "sha256",
+        "autov2",
+        "tensor_sha256",
+        "file_path",
+        "file_size",
+        "trigger_words",
+        "tags",
+        "description",
+        "created_at",
+    ):
+        typer.echo(f"{key:14} {getattr(info, key)}")
+
+
+@app.command()
+@_guard
+def export(
+    name: Annotated[str, typer.Argument(help="name or hash")],
+    format: Annotated[str, typer.Option("--format", help="kohya or diffusers")] = "kohya",
+    out: Annotated[Path, typer.Option("--out", help="file or folder")] = Path("."),
+    data_dir: DataDir = None,
+):
+    """Export a LoRA as kohya- or diffusers-format safetensors with ss_* and modelspec metadata."""
+    path = _studio(data_dir).library.export(name, format, out)
+    typer.echo(str(path))
+
+
+@app.command("render")
+@_guard
+def render_(
+    prompt: Annotated[str, typer.Option(help="what to draw")],
+    lora: Annotated[list[str] | None, typer.Option("--lora", help="NAME or NAME:WEIGHT (repeatable)")] = None,
+    negative_prompt: str = "",
+    backbone: Annotated[str | None, typer.Option(help="sdxl or flux")] = None,
+    model: Annotated[str | None, typer.Option(help="'tiny', a diffusers directory or a hub id")] = None,
+    steps: Annotated[int | None, typer.Option(help="denoising steps")] = None,
+    guidance: Annotated[float | None, typer.Option(help="guidance scale")] = None,
+    height: int | None = None,
+    width: int | None = None,
+    seed: int = 0,
+    num_images: int = 1,
+    out: Annotated[Path, typer.Option(help="PNG file to write")] = Path("render.png"),
+    data_dir: DataDir = None,
+):
+    """Render a prompt with a stack of catalogued LoRAs."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from composer.render import LoraWeight, RenderRequest
+
+    request = RenderRequest(
+        prompt=prompt,
+        negative_prompt=negative_prompt,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        height=height,
+        width=width,
+        seed=seed,
+        num_images=num_images,
+        loras=tuple(LoraWeight.parse(x) for x in lora or []),
+    )
+    studio = _studio(data_dir)
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        transient=not sys.stderr.isatty(),
+    ) as bar:
+        task = bar.add_task("denoising", total=None)
+        result = studio.render(
+            request,
+            backbone=backbone,
+            model=model,
+            out=out,
+            progress=lambda done, total: bar.update(task, completed=done, total=total),
+        )
+    for p in result.paths:
+        typer.echo(str(p))
+
+
+def main() -> None:
+    logging.basicConfig(level=os.environ.get("LORA_STUDIO_LOG", "WARNING"))
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,230 @@
+"""The catalog side of the Studio: import files and folders, look adapters up, export them."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from composer.errors import LoraFileError, StudioError
+from composer.formats.readers import read_lora
+from composer.formats.writers import write_diffusers, write_kohya
+from db.errors import CatalogError, DuplicateAdapterError
+from db.models import Adapter
+from db.repository import AdapterRepository
+from db.session import unit_of_work
+
+log = logging.getLogger(__name__)
+
+SERVED_FAMILIES = ("sdxl", "flux")
+EXPORT_FORMATS = ("kohya", "diffusers")
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """A catalog entry as the CLI, API and UI see it (a plain copy, safe outside a session)."""
+
+    name: str
+    family: str
+    adapter_type: str
+    source_format: str
+    rank: int | None
+    alpha: float | None
+    sha256: str
+    autov2: str
+    tensor_sha256: str
+    file_path: str
+    file_size: int
+    trigger_words: list[str] = field(default_factory=list)
+    tags: list[str] = field(default_factory=list)
+    description: str = ""
+    metadata: dict[str, str] = field(default_factory=dict)
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+
+    @classmethod
+    def of(cls, a: Adapter) -> AdapterInfo:
+        return cls(
+            name=a.name,
+            family=a.family,
+            adapter_type=a.adapter_type,
+            source_format=a.source_format,
+            rank=a.rank,
+            alpha=a.alpha,
+            sha256=a.sha256,
+            autov2=a.autov2,
+            tensor_sha256=a.tensor_sha256,
+            file_path=a.file_path,
+            file_size=a.file_size,
+            trigger_words=list(a.trigger_words or []),
+            tags=list(a.tags or []),
+            description=a.description or "",
+            metadata=dict(a.metadata_json or {}),
+            created_at=a.created_at,
+            updated_at=a.updated_at,
+        )
+
+
+@dataclass(frozen=True)
+class ImportOutcome:
+    """What happened to one file: "imported", "duplicate" (already catalogued, nothing written) or "failed"."""
+
+    path: Path
+    status: str
+    name: str | None = None
+    message: str = ""
+
+
+def safe_name(stem: str) -> str:
+    """A catalog name from a file stem: letters, digits, '-', '_', '.', spaces; at most 128 characters."""
+    name = re.sub(r"[^A-Za-z0-9 ._-]+", "_", stem).strip(" ._") or "lora"
+    return name[:128]
+
+
+def _unique_name(repo: AdapterRepository, name: str) -> str:
+    taken = set(repo.names())
+    if name not in taken:
+        return name
+    i = 2
+    while f"{name}-{i}" in taken:
+        i += 1
+    return f"{name}-{i}"
+
+
+def collect_files(paths: list[Path]) -> list[Path]:
+    """Files named directly, and every *.safetensors under named folders (sorted, recursive)."""
+    out: list[Path] = []
+    for p in paths:
+        p = Path(p).expanduser()
+        if p.is_dir():
+            out.extend(sorted(q for q in p.rglob("*.safetensors") if q.is_file()))
+        elif p.exists():
+            out.append(p)
+        else:
+            raise StudioError(f"{p}: no such file or folder")
+    return out
+
+
+class Library:
+    """Imports, look-ups and exports against the catalog and the stored files under the data dir."""
+
+    def __init__(self, sessions: sessionmaker[Session], lora_dir: Path):
+        self.sessions = sessions
+        self.lora_dir = lora_dir
+
+    def import_file(self, path: Path, name: str | None = None, tags: list[str] | None = None) -> AdapterInfo:
+        """Validate `path`, copy it into the data dir and catalog it. Nothing is written on any error.
+
+        Raises:
+            LoraFileError: unreadable, corrupt, pickle, non-finite or unrecognised keys (named).
+            StudioError: a family no backbone serves.
+            DuplicateAdapterError: the same tensors are already catalogued (the message names the entry).
+        """
+        path = Path(path).expanduser().resolve()
+        lora = read_lora(path)
+        if lora.family not in SERVED_FAMILIES:
+            what = lora.family or "an unknown base model"
+            raise StudioError(
+                f"{path.name}: a LoRA for {what}; this studio serves {', '.join(SERVED_FAMILIES)}"
+            )
+        hashes = lora.hashes
+        with unit_of_work(self.sessions) as session:
+            repo = AdapterRepository(session)
+            existing = repo.find_by_hash(hashes.tensor_sha256) or repo.find_by_hash(hashes.sha256)
+            if existing is not None:
+                raise DuplicateAdapterError(
+                    f"{path.name} is already in the catalog as {existing.name!r} (same tensors)",
+                    existing.name,
+                )
+            final_name = _unique_name(repo, safe_name(name or path.stem))
+            self.lora_dir.mkdir(parents=True, exist_ok=True)
+            target = self.lora_dir / f"{hashes.sha256[:16]}.safetensors"
+            kinds = lora.network_kinds
+            adapter_type = next(iter(kinds)) if len(kinds) == 1 else "lora"
+            alphas = {m.alpha for m in lora.modules.values()}
+            _copy_atomic(path, target)
+            try:
+                adapter = repo.add(
+                    name=final_name,
+                    family=lora.family,
+                    adapter_type=adapter_type,
+                    source_format=lora.source_format,
+                    rank=lora.rank,
+                    alpha=next(iter(alphas)) if len(alphas) == 1 else None,
+                    file_path=str(target),
+                    file_size=target.stat().st_size,
+                    sha256=hashes.sha256,
+                    autov2=hashes.autov2,
+                    tensor_sha256=hashes.tensor_sha256,
+                    trigger_words=list(lora.trigger_words),
+                    tags=list(tags or []),
+                    metadata_json=dict(lora.metadata),
+                )
+                info = AdapterInfo.of(adapter)
+                session.flush()
+            except BaseException:
+                target.unlink(missing_ok=True)
+                raise
+        log.info("imported %s as %r", path, info.name)
+        return info
+
+    def import_paths(self, paths: list[Path], tags: list[str] | None = None) -> list[ImportOutcome]:
+        """Import files and folders; one outcome per file, one bad file never stops the rest."""
+        outcomes = []
+        for p in collect_files(paths):
+            try:
+                info = self.import_file(p, tags=tags)
+                outcomes.append(ImportOutcome(p, "imported", info.name))
+            except DuplicateAdapterError as exc:
+                outcomes.append(ImportOutcome(p, "duplicate", exc.existing_name, str(exc)))
+            except (StudioError, CatalogError) as exc:
+                outcomes.append(ImportOutcome(p, "failed", None, str(exc)))
+        return outcomes
+
+    def get(self, ref: str) -> AdapterInfo:
+        """By name, or by hash (SHA-256, AutoV2, tensor hash, or a prefix of 8+ hex)."""
+        with self.sessions() as session:
+            return AdapterInfo.of(AdapterRepository(session).resolve(ref))
+
+    def list(
+        self, query: str | None = None, family: str | None = None, tag: str | None = None, limit: int = 100
+    ):
+        with self.sessions() as session:
+            rows = AdapterRepository(session).list(query=query, family=family, tag=tag, limit=limit)
+            return [AdapterInfo.of(a) for a in rows]
+
+    def export(self, ref: str, fmt: str, out: Path) -> Path:
+        """Write the adapter as a kohya- or diffusers-format safetensors file with metadata."""
+        if fmt not in EXPORT_FORMATS:
+            raise StudioError(f"unknown export format {fmt!r}; choose {' or '.join(EXPORT_FORMATS)}")
+        info = self.get(ref)
+        lora = read_lora(Path(info.file_path))
+        out = Path(out).expanduser()
+        if out.is_dir():
+            out = out / f"{info.name}.{fmt}.safetensors"
+        if out.suffix != ".safetensors":
+            raise StudioError(f"{out}: export files end in .safetensors")
+        writer = write_kohya if fmt == "kohya" else write_diffusers
+        writer(lora, out, title=info.name, trigger_words=info.trigger_words)
+        return out
+
+
+def _copy_atomic(src: Path, dst: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=".import-", suffix=".tmp")
+    os.close(fd)
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+__all__ = ["AdapterInfo", "ImportOutcome", "Library", "LoraFileError", "collect_files", "safe_name"]

@@ -1,0 +1,36 @@
+"""Runtime settings: environment variables LORA_STUDIO_*, built once by the entry point, never at import."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LORA_STUDIO_", extra="ignore")
+
+    data_dir: Path = Field(
+        default=Path("~/.lora-studio"), description="catalog, stored LoRA files and renders"
+    )
+    database_url: str | None = Field(default=None, description="default: SQLite file in data_dir")
+    backbone: str = Field(default="sdxl", description="default backbone family")
+    model: str = Field(default="tiny", description="default model: 'tiny', a diffusers directory or a hub id")
+    device: str = Field(default="auto", description="'auto' (cuda when available), 'cpu' or 'cuda[:N]'")
+    dtype: str = Field(
+        default="auto", description="'auto' (fp16 on cuda, fp32 on cpu), 'float32', 'float16', 'bfloat16'"
+    )
+    max_resident_loras: int = Field(default=32, ge=1, description="LoRAs kept resident per pipeline (LRU)")
+
+    @property
+    def root(self) -> Path:
+        return self.data_dir.expanduser().resolve()
+
+    @property
+    def lora_dir(self) -> Path:
+        return self.root / "loras"
+
+    @property
+    def render_dir(self) -> Path:
+        return self.root / "renders"

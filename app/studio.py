@@ -1,0 +1,190 @@
+"""The Studio: the one service object that wires catalog, backbones, adapters and rendering together."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import PngImagePlugin
+
+from app.library import AdapterInfo, Library
+from app.settings import Settings
+from composer.adapters.host import AdapterHost
+from composer.backbones import get_backbone, load_pipeline
+from composer.errors import FamilyMismatchError
+from composer.formats.readers import read_lora
+from composer.render import Progress, RenderRequest, render
+from db.repository import RenderRepository
+from db.session import default_sqlite_url, make_engine, make_session_factory, unit_of_work, upgrade
+
+log = logging.getLogger(__name__)
+
+METHOD = "merge"  # all LoRAs active, deltas add (composition methods come as their own modules)
+
+
+@dataclass
+class RenderResult:
+    images: list  # PIL images
+    provenance: dict
+    render_id: int
+    paths: list[Path] = field(default_factory=list)
+
+
+@dataclass
+class _Loaded:
+    pipe: object
+    host: AdapterHost
+    resident: OrderedDict[str, None] = field(default_factory=OrderedDict)  # sha256, LRU order
+
+
+def resolve_device(setting: str) -> str:
+    if setting == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return setting
+
+
+def resolve_dtype(setting: str, device: str) -> torch.dtype:
+    if setting == "auto":
+        return torch.float16 if device.startswith("cuda") else torch.float32
+    try:
+        return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[setting]
+    except KeyError:
+        raise ValueError(f"unknown dtype {setting!r}: float32, float16 or bfloat16") from None
+
+
+class Studio:
+    """Catalog + pipelines. Build one per process with `Studio.open(settings)`."""
+
+    def __init__(self, settings: Settings, library: Library, sessions):
+        self.settings = settings
+        self.library = library
+        self.sessions = sessions
+        self._pipelines: dict[tuple[str, str], _Loaded] = {}
+
+    @classmethod
+    def open(cls, settings: Settings) -> Studio:
+        """Create the data dir, migrate the catalog to head, and return a ready Studio."""
+        settings.root.mkdir(parents=True, exist_ok=True)
+        engine = make_engine(settings.database_url or default_sqlite_url(settings.root))
+        upgrade(engine)
+        sessions = make_session_factory(engine)
+        return cls(settings, Library(sessions, settings.lora_dir), sessions)
+
+    # --- pipelines ------------------------------------------------------------------------------------
+    def pipeline(self, backbone: str, model: str) -> _Loaded:
+        key = (backbone, str(model))
+        if key not in self._pipelines:
+            device = resolve_device(self.settings.device)
+            bb = get_backbone(backbone)
+            pipe = load_pipeline(bb, model, dtype=resolve_dtype(self.settings.dtype, device), device=device)
+            self._pipelines[key] = _Loaded(pipe, AdapterHost.for_pipeline(pipe, bb))
+        return self._pipelines[key]
+
+    def _make_resident(self, loaded: _Loaded, infos: list[AdapterInfo]) -> None:
+        for info in infos:
+            if info.sha256 in loaded.resident:
+                loaded.resident.move_to_end(info.sha256)
+                continue
+            loaded.host.add(info.sha256, read_lora(Path(info.file_path)))
+            loaded.resident[info.sha256] = None
+        keep = {i.sha256 for i in infos}
+        while len(loaded.resident) > self.settings.max_resident_loras:
+            victim = next(k for k in loaded.resident if k not in keep)
+            loaded.host.remove(victim)
+            del loaded.resident[victim]
+
+    # --- rendering ------------------------------------------------------------------------------------
+    def render(
+        self,
+        request: RenderRequest,
+        backbone: str | None = None,
+        model: str | None = None,
+        out: Path | None = None,
+        progress: Progress | None = None,
+    ) -> RenderResult:
+        """Resolve the LoRAs, make them resident, render, record provenance, optionally save PNGs.
+
+        Raises:
+            AdapterNotFoundError: a LoRA name is not in the catalog (close names suggested).
+            FamilyMismatchError: a LoRA is for another family than the backbone.
+            StudioError: the request is invalid.
+        """
+        request.validate()
+        backbone = backbone or self.settings.backbone
+        model = model or self.settings.model
+        infos = [self.library.get(lw.name) for lw in request.loras]
+        bb = get_backbone(backbone)
+        for info in infos:
+            if info.family != bb.family:
+                raise FamilyMismatchError(
+                    f"LoRA {info.name!r} is for {info.family}; the backbone is {bb.family}"
+                )
+        loaded = self.pipeline(backbone, model)
+        self._make_resident(loaded, infos)
+        names = {info.name: info.sha256 for info in infos}
+        images = render(loaded.pipe, bb, loaded.host, request, adapter_names=names, progress=progress)
+        provenance = {
+            "backbone": backbone,
+            "model": str(model),
+            "method": METHOD,
+            "prompt": request.prompt,
+            "negative_prompt": request.negative_prompt,
+            "seed": request.seed,
+            "num_inference_steps": request.num_inference_steps or bb.default_steps,
+            "guidance_scale": bb.default_guidance
+            if request.guidance_scale is None
+            else request.guidance_scale,
+            "height": images[0].height,
+            "width": images[0].width,
+            "loras": [
+                {"name": i.name, "sha256": i.sha256, "autov2": i.autov2, "weight": lw.weight}
+                for i, lw in zip(infos, request.loras, strict=True)
+            ],
+        }
+        paths = save_images(images, out, provenance) if out is not None else []
+        with unit_of_work(self.sessions) as session:
+            record = RenderRepository(session).add(
+                prompt=request.prompt,
+                negative_prompt=request.negative_prompt,
+                backbone=backbone,
+                model=str(model),
+                method=METHOD,
+                params={
+                    k: provenance[k] for k in ("num_inference_steps", "guidance_scale", "height", "width")
+                },
+                seed=request.seed,
+                loras=[
+                    {"name": x["name"], "sha256": x["sha256"], "weight": x["weight"]}
+                    for x in provenance["loras"]
+                ],
+                output_path=str(paths[0]) if paths else None,
+                status="done",
+            )
+            render_id = record.id
+        return RenderResult(images, provenance, render_id, paths)
+
+
+def save_images(images: list, out: Path, provenance: dict) -> list[Path]:
+    """PNG files with the provenance as JSON text (key "lora_studio") and A1111-style "parameters"."""
+    out = Path(out).expanduser()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    loras = " ".join(f"<lora:{x['name']}:{x['weight']}>" for x in provenance["loras"])
+    a1111 = (
+        f"{provenance['prompt']} {loras}".strip()
+        + f"\nNegative prompt: {provenance['negative_prompt']}\nSteps: {provenance['num_inference_steps']}, "
+        + f"CFG scale: {provenance['guidance_scale']}, Seed: {provenance['seed']}, "
+        + f"Size: {provenance['width']}x{provenance['height']}, Model: {provenance['model']}"
+    )
+    paths = []
+    for i, image in enumerate(images):
+        path = out if len(images) == 1 else out.with_name(f"{out.stem}_{i}{out.suffix or '.png'}")
+        info = PngImagePlugin.PngInfo()
+        info.add_text("lora_studio", json.dumps(provenance, sort_keys=True))
+        info.add_text("parameters", a1111)
+        image.save(path, format="PNG", pnginfo=info)
+        paths.append(path)
+    return paths

@@ -1,0 +1,104 @@
+"""Shared set-up for the benchmarks: denoisers of three sizes, random LoRAs for ours and for diffusers."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from composer.backbones import sdxl  # noqa: E402
+from composer.formats.model import LoraFile, ModuleDelta  # noqa: E402
+
+# SDXL-like widths on CPU: two levels at 640 and 1280 channels, SDXL head size 64.
+MID_UNET = dict(
+    sdxl.TINY_UNET,
+    block_out_channels=(320, 640, 1280),
+    transformer_layers_per_block=(1, 1, 1),
+    layers_per_block=1,
+    attention_head_dim=(5, 10, 20),
+    cross_attention_dim=2048,
+    projection_class_embeddings_input_dim=6 * 256 + 1280,
+    addition_time_embed_dim=256,
+    norm_num_groups=32,
+)
+CONFIGS = {"tiny": sdxl.TINY_UNET, "mid": MID_UNET, "real": sdxl.REAL_UNET}
+
+
+def build_unet(config: str, device: str, dtype: torch.dtype):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**CONFIGS[config]).to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return unet
+
+
+def unet_inputs(unet, batch: int, latent: int, device: str, dtype: torch.dtype, tokens: int = 77):
+    cfg = unet.config
+    g = torch.Generator().manual_seed(0)
+    pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
+
+    return dict(
+        sample=r(batch, cfg.in_channels, latent, latent),
+        timestep=torch.tensor(500, device=device),
+        encoder_hidden_states=r(batch, tokens, cfg.cross_attention_dim),
+        added_cond_kwargs={"text_embeds": r(batch, pooled), "time_ids": r(batch, 6)},
+    )
+
+
+def random_lora(unet, seed: int, rank: int, targets: list[str]) -> tuple[LoraFile, dict[str, torch.Tensor]]:
+    """One LoRA as our LoraFile and as a diffusers/peft state dict (same tensors)."""
+    g = torch.Generator().manual_seed(seed)
+    modules, state = {}, {}
+    for name in targets:
+        m = unet.get_submodule(name)
+        m = getattr(m, "base", m)
+        down = (torch.randn(rank, m.in_features, generator=g) * 0.01).to(m.weight)
+        up = (torch.randn(m.out_features, rank, generator=g) * 0.01).to(m.weight)
+        modules[f"unet.{name}"] = ModuleDelta("unet", name, "lora", {"down": down, "up": up}, float(rank))
+        state[f"{name}.lora_A.weight"] = down
+        state[f"{name}.lora_B.weight"] = up
+    return LoraFile(modules, "diffusers", "sdxl"), state
+
+
+def median_time(fn: Callable[[], object], repeat: int, sync: Callable[[], None] = lambda: None) -> float:
+    fn()  # warm-up
+    sync()
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def machine() -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()} / torch {torch.__version__}"
+    return f"{platform.processor() or platform.machine()} x{os.cpu_count()} CPU / torch {torch.__version__}"
+
+
+def emit(name: str, figures: dict, goals: dict, extra: dict | None = None) -> None:
+    print(
+        json.dumps(
+            {
+                "benchmark": name,
+                "figures": figures,
+                "goals": goals,
+                "machine": machine(),
+                "command": "python -m bench." + name + " " + " ".join(sys.argv[1:]),
+                **(extra or {}),
+            }
+        )
+    )
