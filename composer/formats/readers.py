@@ -1,0 +1,342 @@
+"""Read LoRA files (diffusers/peft, kohya, LyCORIS) into ModuleDelta entries with canonical diffusers names."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from composer.errors import LoraFileError, UnknownKeysError
+from composer.formats import names
+from composer.formats.family import family_from_metadata, family_from_string, family_from_structure
+from composer.formats.model import COMPONENTS, LoraFile, ModuleDelta
+from composer.formats.safetensors_io import file_hashes, load_tensors
+from composer.formats.triggers import read_sidecars, trigger_words
+
+LORA_ROLES = {
+    "lora_down.weight": "down", "lora_up.weight": "up", "lora_A.weight": "down", "lora_B.weight": "up",
+    "lora.down.weight": "down", "lora.up.weight": "up", "lora_linear_layer.down.weight": "down",
+    "lora_linear_layer.up.weight": "up", "alpha": "alpha",
+}  # fmt: skip
+LYCORIS_ROLES = {
+    "hada_w1_a": "loha", "hada_w1_b": "loha", "hada_w2_a": "loha", "hada_w2_b": "loha", "hada_t1": "loha",
+    "hada_t2": "loha", "lokr_w1": "lokr", "lokr_w1_a": "lokr", "lokr_w1_b": "lokr", "lokr_w2": "lokr",
+    "lokr_w2_a": "lokr", "lokr_w2_b": "lokr", "lokr_t2": "lokr",
+}  # fmt: skip
+REFUSED = {
+    "dora_scale": "DoRA (dora_scale) is not supported yet",
+    "lora_magnitude_vector": "DoRA (lora_magnitude_vector) is not supported yet",
+    "lora_magnitude_vector.weight": "DoRA (lora_magnitude_vector) is not supported yet",
+    "lora_mid.weight": "LoCon Tucker decomposition (lora_mid) is not supported yet",
+}
+_SUFFIXES = sorted({*LORA_ROLES, *LYCORIS_ROLES, *REFUSED}, key=len, reverse=True)
+_KOHYA = re.compile(r"^(lora_unet|lora_transformer|lora_te[123]?|lycoris)_([^.]+)\.(.+)$")
+_LEGACY = re.compile(r"^(.+)_lora\.(down|up)\.weight$")  # unet.<...>.processor.to_q_lora.down.weight
+_KOHYA_TEXT = {"lora_te": "text_encoder", "lora_te1": "text_encoder", "lora_te2": "text_encoder_2",
+               "lora_te3": "text_encoder_2"}  # fmt: skip
+PEFT_METADATA_KEY = "lora_adapter_metadata"
+_MAX_LISTED = 10
+
+
+@dataclass
+class _Group:
+    """The keys of one source module: style "kohya" (prefix + underscore name) or dotted (component + path)."""
+
+    style: str  # "kohya" | "diffusers" | "peft"
+    prefix: str | None  # kohya prefix, or the component named by a dotted key
+    name: str  # kohya underscore name, or dotted module path
+    keys: dict[str, str] = field(default_factory=dict)  # role -> file key
+
+
+def _listed(keys: list[str]) -> str:
+    more = f" (and {len(keys) - _MAX_LISTED} more)" if len(keys) > _MAX_LISTED else ""
+    return ", ".join(keys[:_MAX_LISTED]) + more
+
+
+def _split_key(key: str) -> tuple[str, str, str | None, str, str] | None:
+    """(group id, style, prefix, module name, role) of a key, or None when it fits no convention."""
+    m = _KOHYA.match(key)
+    if m and m.group(3) in _SUFFIXES:
+        return f"{m.group(1)}_{m.group(2)}", "kohya", m.group(1), m.group(2), m.group(3)
+    if legacy := _LEGACY.match(key):
+        module, role = legacy.group(1), f"lora.{legacy.group(2)}.weight"
+        module = module + ".0" if module.endswith(".to_out") else module
+    else:
+        role = next((s for s in _SUFFIXES if key.endswith(f".{s}")), None)
+        if role is None:
+            return None
+        module = key[: -len(role) - 1]
+    module = module.replace(".processor.", ".")
+    first, _, rest = module.partition(".")
+    if first in COMPONENTS and rest:
+        return module, "diffusers", first, rest, role
+    for strip in ("diffusion_model.", "base_model.model."):
+        if module.startswith(strip):
+            return module, "peft", None, module[len(strip) :], role
+    return module, "peft", None, module, role
+
+
+def _sgm_layout(groups: list[_Group], metadata: Mapping[str, str]) -> names.UNetLayout:
+    """SD1.5 or SDXL block layout for SGM names: metadata, then text-encoder prefixes, then block indices."""
+    family = family_from_metadata(metadata)
+    prefixes = {g.prefix for g in groups}
+    if family == "sd15" or (family is None and "lora_te" in prefixes):
+        return names.SD15_LAYOUT
+    if family == "sdxl" or prefixes & {"lora_te1", "lora_te2"}:
+        return names.SDXL_LAYOUT
+    for g in groups:
+        idx = names.sgm_indices(g.name.replace(".", "_"))
+        if idx and (idx[1] > 8 or (idx[0] == "input_blocks" and idx[1] in (1, 2) and idx[2] == 1)):
+            return names.SD15_LAYOUT  # SDXL has 9 input/output blocks and no attention at level 0
+    return names.SDXL_LAYOUT
+
+
+def _targets(g: _Group, rows: int, layout: names.UNetLayout, key: str) -> tuple[str, names.RowPieces]:
+    """(component, pieces) for a group: diffusers paths and the output rows each takes."""
+    whole = (slice(None),)
+    if g.style == "kohya":
+        if g.prefix in _KOHYA_TEXT:
+            return _KOHYA_TEXT[g.prefix], (
+                (names.canonical_text_path(names.underscore_to_path(g.name, key)), whole),
+            )
+        if g.prefix in ("lora_unet", "lora_transformer") and names.is_bfl(g.name):
+            return "transformer", names.bfl_to_paths(g.name, rows, key)
+        if g.prefix == "lora_unet" and names.is_sgm(g.name):
+            return "unet", ((names.sgm_to_path(g.name, layout, key), whole),)
+        path = names.underscore_to_path(g.name, key)
+        root = names.component_of(path)
+        if g.prefix == "lycoris":
+            if root is None:
+                raise UnknownKeysError(f"{key}: cannot tell which model component {path!r} belongs to", [key])
+            return root, ((path, whole),)
+        return ("transformer" if g.prefix == "lora_transformer" or root == "transformer" else "unet"), (
+            (path, whole),
+        )
+    component, path = g.prefix, g.name
+    flat = path.replace(".", "_")
+    if component in (None, "transformer") and names.is_bfl(flat):
+        return "transformer", names.bfl_to_paths(flat, rows, key)
+    if component in (None, "unet") and names.is_sgm(flat):
+        return "unet", ((names.sgm_to_path(flat, layout, key), whole),)
+    component = component or names.component_of(path)
+    if component is None:
+        raise UnknownKeysError(f"{key}: cannot tell which model component {path!r} belongs to", [key])
+    if component.startswith("text_encoder"):
+        path = names.canonical_text_path(path)
+    return component, ((path, whole),)
+
+
+def _pattern_value(patterns: Mapping, path: str, source: str) -> object | None:
+    """The value of the first peft pattern (regex, matched at a dot boundary up to the end) matching path."""
+    for pattern, value in (patterns or {}).items():
+        try:
+            if re.match(rf"(.*\.)?({pattern})$", path):
+                return value
+        except re.error as e:
+            raise LoraFileError(f"{source}: invalid pattern {pattern!r} in {PEFT_METADATA_KEY} ({e})") from e
+    return None
+
+
+def _peft_configs(metadata: Mapping[str, str], source: str) -> dict[str | None, dict]:
+    """LoraConfig dicts by component from lora_adapter_metadata (keys "unet.r" ... or unprefixed "r")."""
+    raw = metadata.get(PEFT_METADATA_KEY)
+    if not raw:
+        return {}
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise LoraFileError(f"{source}: {PEFT_METADATA_KEY} is not valid JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise LoraFileError(f"{source}: {PEFT_METADATA_KEY} is not a JSON object")
+    configs: dict[str | None, dict] = {}
+    for k, v in data.items():
+        component, _, name = k.partition(".")
+        if component in COMPONENTS and name:
+            configs.setdefault(component, {})[name] = v
+        else:
+            configs.setdefault(None, {})[k] = v
+    return configs
+
+
+def _peft_alpha(config: dict, path: str, rank: int, source: str) -> float | None:
+    """alpha such that alpha / rank equals peft's scaling (lora_alpha / r, or / sqrt(r) with rsLoRA)."""
+    if "lora_alpha" not in config and "alpha_pattern" not in config:
+        return None
+    paths = (path, path.removeprefix("text_model."))
+    r = next(
+        (v for p in paths if (v := _pattern_value(config.get("rank_pattern"), p, source)) is not None), None
+    )
+    a = next(
+        (v for p in paths if (v := _pattern_value(config.get("alpha_pattern"), p, source)) is not None), None
+    )
+    r = float(r if r is not None else config.get("r", rank))
+    a = float(a if a is not None else config.get("lora_alpha", r))
+    if config.get("use_rslora"):
+        return a / math.sqrt(r) * rank
+    return a if r == rank else a / r * rank
+
+
+def _lora_tensors(
+    g: _Group, tensors: Mapping[str, torch.Tensor], source: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    missing = [r for r in ("down", "up") if r not in g.keys]
+    if missing:
+        raise LoraFileError(f"{source}: {next(iter(g.keys.values()))}: module has no {missing[0]} weight")
+    down, up = tensors[g.keys["down"]], tensors[g.keys["up"]]
+    if down.ndim not in (2, 4) or up.ndim != down.ndim or up.shape[1] != down.shape[0]:
+        raise LoraFileError(
+            f"{source}: {g.keys['up']} {tuple(up.shape)} does not fit {g.keys['down']} {tuple(down.shape)}"
+        )
+    return down, up
+
+
+def _group_keys(tensors: Mapping[str, torch.Tensor], source: str) -> tuple[dict[str, _Group], list[str]]:
+    """Keys grouped by source module, and the keys that fit no convention."""
+    groups: dict[str, _Group] = {}
+    unknown: list[str] = []
+    for key in tensors:
+        parsed = _split_key(key)
+        if parsed is None:
+            unknown.append(key)
+            continue
+        gid, style, prefix, name, suffix = parsed
+        if suffix in REFUSED:
+            raise LoraFileError(f"{source}: {key}: {REFUSED[suffix]}")
+        role = LORA_ROLES.get(suffix, suffix)
+        group = groups.setdefault(gid, _Group(style, prefix, name))
+        if role in group.keys:
+            raise LoraFileError(f"{source}: {key} and {group.keys[role]} hold the same weight")
+        group.keys[role] = key
+    return groups, unknown
+
+
+def _kind(g: _Group, source: str) -> str:
+    first_key = next(iter(g.keys.values()))
+    kinds = {LYCORIS_ROLES[r] for r in g.keys if r in LYCORIS_ROLES}
+    kinds |= {"lora"} if {"down", "up"} & set(g.keys) else set()
+    if len(kinds) > 1:
+        raise LoraFileError(f"{source}: {first_key}: module mixes {' and '.join(sorted(kinds))} weights")
+    if not kinds:
+        raise LoraFileError(f"{source}: {first_key}: alpha without any weights")
+    return kinds.pop()
+
+
+def _deltas(
+    g: _Group,
+    tensors: Mapping[str, torch.Tensor],
+    layout: names.UNetLayout,
+    peft: dict[str | None, dict],
+    source: str,
+) -> list[ModuleDelta]:
+    """The ModuleDelta entries of one source module (several when a fused FLUX layer is split)."""
+    first_key = next(iter(g.keys.values()))
+    kind = _kind(g, source)
+    down, up = _lora_tensors(g, tensors, source) if kind == "lora" else (None, None)
+    try:
+        component, pieces = _targets(g, int(up.shape[0]) if up is not None else 0, layout, first_key)
+    except UnknownKeysError:
+        raise
+    except LoraFileError as e:  # a fused layer whose rows do not split: name the file too
+        raise LoraFileError(f"{source}: {e}") from e
+    whole = (slice(None),)
+    if kind != "lora" and (len(pieces) > 1 or pieces[0][1] != whole):
+        raise LoraFileError(f"{source}: {first_key}: {kind} on a fused FLUX layer cannot be split yet")
+    alpha_t = tensors.get(g.keys.get("alpha", ""))
+    if alpha_t is not None and alpha_t.numel() != 1:
+        raise LoraFileError(f"{source}: {g.keys['alpha']} must be a scalar, has shape {tuple(alpha_t.shape)}")
+    config = peft.get(component, peft.get(None)) if g.style != "kohya" and kind == "lora" else None
+    out = []
+    for path, rows in pieces:
+        if kind == "lora":
+            part = up if rows == whole else torch.cat([up[s] for s in rows], dim=0)  # (rows, r)
+            module_tensors = {"down": down, "up": part}
+        else:
+            module_tensors = {r: tensors[k] for r, k in g.keys.items() if r != "alpha"}
+        alpha = _peft_alpha(config, path, int(down.shape[0]), source) if config else None
+        if alpha is None and alpha_t is not None:
+            alpha = float(alpha_t.item())
+        out.append(
+            ModuleDelta(component=component, path=path, kind=kind, tensors=module_tensors, alpha=alpha)
+        )
+    return out
+
+
+def convert_state_dict(
+    tensors: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str] | None = None,
+    source: str = "<state dict>",
+) -> tuple[dict[str, ModuleDelta], str]:
+    """Convert a LoRA state dict of any supported convention to ModuleDelta entries.
+
+    Returns:
+        (modules by ModuleDelta.key, source format "diffusers" | "peft" | "kohya" | "lycoris")
+    Raises:
+        UnknownKeysError: keys that fit no convention (up to 10 named, with the count of the rest).
+        LoraFileError: DoRA / Tucker keys, incomplete or mis-shaped modules, duplicates, bad peft metadata.
+    """
+    metadata = metadata or {}
+    groups, unknown = _group_keys(tensors, source)
+    layout = _sgm_layout(list(groups.values()), metadata)
+    peft = _peft_configs(metadata, source)
+    modules: dict[str, ModuleDelta] = {}
+    origin: dict[str, str] = {}
+    for g in groups.values():
+        try:
+            deltas = _deltas(g, tensors, layout, peft, source)
+        except UnknownKeysError:
+            unknown.extend(g.keys.values())  # collected, so that one error names them all
+            continue
+        first_key = next(iter(g.keys.values()))
+        for delta in deltas:
+            if delta.key in modules:
+                raise LoraFileError(f"{source}: {first_key} and {origin[delta.key]} both adapt {delta.key}")
+            modules[delta.key], origin[delta.key] = delta, first_key
+    if unknown:
+        raise UnknownKeysError(
+            f"{source}: {len(unknown)} keys fit no LoRA convention: {_listed(unknown)}", unknown
+        )
+    if not modules:
+        raise LoraFileError(f"{source}: holds no LoRA weights")
+    return modules, _source_format(groups.values(), modules.values())
+
+
+def _source_format(groups, modules) -> str:
+    if any(m.kind != "lora" for m in modules) or any(g.prefix == "lycoris" for g in groups):
+        return "lycoris"
+    styles = {g.style for g in groups}
+    return "kohya" if "kohya" in styles else "diffusers" if "diffusers" in styles else "peft"
+
+
+def read_lora(path: str | os.PathLike, *, sidecars: bool = True) -> LoraFile:
+    """Read a LoRA safetensors file: refuse pickles, validate, convert keys, hash, detect family and triggers.
+
+    Args:
+        path: a .safetensors file (or any file that parses as safetensors).
+        sidecars: also read foo.civitai.info / foo.json / foo.metadata.json next to the file.
+    Raises:
+        PickleRefusedError, LoraFileError, UnknownKeysError (see convert_state_dict).
+    """
+    p = Path(path)
+    tensors, metadata = load_tensors(p)
+    modules, source_format = convert_state_dict(tensors, metadata, str(p))
+    side = read_sidecars(p) if sidecars else None
+    family = (
+        family_from_metadata(metadata)
+        or family_from_string(side.base_model if side else None)
+        or family_from_structure(modules)
+    )
+    return LoraFile(
+        modules=modules,
+        source_format=source_format,
+        family=family,
+        metadata=metadata,
+        hashes=file_hashes(p),
+        path=str(p),
+        trigger_words=trigger_words(metadata, side),
+    )
