@@ -1,0 +1,299 @@
+"""Catalog tables: adapters (LoRA files and what we know about them) and renders (full provenance).
+
+Users, API keys, jobs and the audit log come later, each in a new Alembic revision; they attach to these tables
+by foreign key (e.g. `renders.user_id`), so nothing here needs to change shape for them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Dialect,
+    Float,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+    func,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.ext.mutable import MutableDict, MutableList
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, validates
+from sqlalchemy.types import TypeEngine
+
+from db.errors import InvalidFieldError
+
+FAMILIES = ("sd15", "sdxl", "flux")
+ADAPTER_TYPES = ("lora", "lokr", "loha", "blora", "kron", "tensor")
+SOURCE_FORMATS = ("diffusers", "peft", "kohya", "lycoris")
+RENDER_STATUSES = ("pending", "running", "done", "failed", "cancelled")
+NAME_MAX = 128
+
+_NAME_RE = re.compile(r"[\w.\- ]+")  # \w: unicode letters, digits, underscore; no / or \ by construction
+_HEX_RE = re.compile(r"[0-9a-f]+")
+
+# Constraint and index names are fixed so that migrations can name what they alter or drop.
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware UTC (the only kind the catalog stores)."""
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC in and out, on every backend.
+
+    PostgreSQL stores `timestamptz`; SQLite has no time zones, so the value is stored as UTC and read back
+    with UTC attached. Naive datetimes are refused rather than guessed.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise InvalidFieldError(
+                f"naive datetime {value.isoformat()}: the catalog stores timezone-aware UTC"
+            )
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def json_type() -> TypeEngine[Any]:
+    """JSON everywhere, JSONB on PostgreSQL (indexable; `jsonb_array_elements_text` serves tag search).
+
+    A fresh instance per column: `Mutable*.as_mutable` keys on the type instance.
+    """
+    return JSON().with_variant(JSONB(), "postgresql")
+
+
+class Base(DeclarativeBase):
+    """Declarative base of every catalog table; `Base.metadata` is Alembic's target."""
+
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+def validate_name(name: object) -> str:
+    """Check an adapter name: 1-128 letters, digits, `-_.` and spaces; no path separators, no padding.
+
+    Raises:
+        InvalidFieldError: naming the offending value.
+    """
+    if not isinstance(name, str):
+        raise InvalidFieldError(f"adapter name must be a string, got {type(name).__name__}")
+    if not 1 <= len(name) <= NAME_MAX:
+        raise InvalidFieldError(f"adapter name {name!r}: must be 1-{NAME_MAX} characters, got {len(name)}")
+    if not _NAME_RE.fullmatch(name):
+        bad = sorted({c for c in name if not _NAME_RE.fullmatch(c)})
+        raise InvalidFieldError(
+            f"adapter name {name!r}: characters {''.join(bad)!r} not allowed "
+            "(letters, digits, '-', '_', '.', spaces)"
+        )
+    if name != name.strip():
+        raise InvalidFieldError(f"adapter name {name!r}: no leading or trailing spaces")
+    if set(name) == {"."}:
+        raise InvalidFieldError(f"adapter name {name!r}: a name of only dots looks like a path")
+    return name
+
+
+def _check_choice(field: str, value: object, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise InvalidFieldError(f"{field} {value!r}: expected one of {', '.join(choices)}")
+    return str(value)
+
+
+def _check_hex(field: str, value: object, length: int) -> str:
+    if not isinstance(value, str) or len(value) != length or not _HEX_RE.fullmatch(value.lower()):
+        raise InvalidFieldError(f"{field} {value!r}: expected {length} hex digits")
+    return value.lower()
+
+
+def _check_str_list(field: str, value: object) -> list[str]:
+    if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+        raise InvalidFieldError(f"{field} {value!r}: expected a list of strings")
+    out: list[str] = []
+    for item in (v.strip() for v in value):
+        if not item:
+            raise InvalidFieldError(f"{field} {value!r}: empty entry")
+        if item not in out:
+            out.append(item)
+    return out
+
+
+class Adapter(Base):
+    """One adapter file in the catalog. `tensor_sha256` is its identity: it survives metadata edits.
+
+    JSON lists and dicts are tracked for in-place changes (`adapter.tags.append(...)` is saved).
+    """
+
+    __tablename__ = "adapters"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(NAME_MAX), unique=True, index=True)
+    family: Mapped[str] = mapped_column(String(16))
+    adapter_type: Mapped[str] = mapped_column(String(16))
+    source_format: Mapped[str] = mapped_column(String(16))
+    rank: Mapped[int | None] = mapped_column(Integer)
+    alpha: Mapped[float | None] = mapped_column(Float)
+    file_path: Mapped[str] = mapped_column(Text)
+    file_size: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    autov2: Mapped[str] = mapped_column(String(10), index=True)
+    tensor_sha256: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    trigger_words: Mapped[list[str]] = mapped_column(MutableList.as_mutable(json_type()), default=list)
+    tags: Mapped[list[str]] = mapped_column(MutableList.as_mutable(json_type()), default=list)
+    description: Mapped[str] = mapped_column(Text, default="")
+    metadata_json: Mapped[dict[str, Any]] = mapped_column(MutableDict.as_mutable(json_type()), default=dict)
+    training_config: Mapped[dict[str, Any] | None] = mapped_column(MutableDict.as_mutable(json_type()))
+    preview_path: Mapped[str | None] = mapped_column(Text)
+    embedding: Mapped[bytes | None] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(
+        UTCDateTime(), default=utcnow, onupdate=utcnow, server_default=func.now()
+    )
+
+    def __repr__(self) -> str:
+        return f"Adapter(name={self.name!r}, family={self.family!r}, type={self.adapter_type!r}, autov2={self.autov2!r})"
+
+    @validates("name")
+    def _v_name(self, key: str, value: object) -> str:
+        return validate_name(value)
+
+    @validates("family")
+    def _v_family(self, key: str, value: object) -> str:
+        return _check_choice(key, value, FAMILIES)
+
+    @validates("adapter_type")
+    def _v_adapter_type(self, key: str, value: object) -> str:
+        return _check_choice(key, value, ADAPTER_TYPES)
+
+    @validates("source_format")
+    def _v_source_format(self, key: str, value: object) -> str:
+        return _check_choice(key, value, SOURCE_FORMATS)
+
+    @validates("sha256", "tensor_sha256")
+    def _v_sha256(self, key: str, value: object) -> str:
+        return _check_hex(key, value, 64)
+
+    @validates("autov2")
+    def _v_autov2(self, key: str, value: object) -> str:
+        return _check_hex(key, value, 10)
+
+    @validates("file_path")
+    def _v_file_path(self, key: str, value: object) -> str:
+        if not isinstance(value, str) or not os.path.isabs(value):
+            raise InvalidFieldError(f"file_path {value!r}: expected an absolute path")
+        return value
+
+    @validates("file_size")
+    def _v_file_size(self, key: str, value: object) -> int:
+        if not isinstance(value, int) or value < 0:
+            raise InvalidFieldError(f"file_size {value!r}: expected a non-negative integer")
+        return value
+
+    @validates("rank")
+    def _v_rank(self, key: str, value: object) -> int | None:
+        if value is not None and (not isinstance(value, int) or value <= 0):
+            raise InvalidFieldError(f"rank {value!r}: expected a positive integer or None")
+        return value
+
+    @validates("trigger_words", "tags")
+    def _v_str_list(self, key: str, value: object) -> list[str]:
+        return _check_str_list(key, value)
+
+    @validates("metadata_json")
+    def _v_metadata(self, key: str, value: object) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise InvalidFieldError(f"metadata_json {value!r}: expected a dict")
+        return value
+
+    @validates("training_config")
+    def _v_training_config(self, key: str, value: object) -> dict[str, Any] | None:
+        if value is not None and not isinstance(value, dict):
+            raise InvalidFieldError(f"training_config {value!r}: expected a dict or None")
+        return value
+
+
+class Render(Base):
+    """One render and everything needed to reproduce it: prompt, backbone, model, method and its params,
+    seed, and the LoRAs by name, SHA-256 and weight."""
+
+    __tablename__ = "renders"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(
+        UTCDateTime(), default=utcnow, server_default=func.now(), index=True
+    )
+    prompt: Mapped[str] = mapped_column(Text)
+    negative_prompt: Mapped[str] = mapped_column(Text, default="")
+    backbone: Mapped[str] = mapped_column(String(32))
+    model: Mapped[str] = mapped_column(Text)
+    method: Mapped[str] = mapped_column(String(64))
+    params: Mapped[dict[str, Any]] = mapped_column(
+        json_type(), default=dict
+    )  # steps, guidance, size, method params
+    seed: Mapped[int] = mapped_column(BigInteger)
+    loras: Mapped[list[dict[str, Any]]] = mapped_column(json_type(), default=list)  # [{name, sha256, weight}]
+    output_path: Mapped[str | None] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16), default="pending", index=True)
+    error: Mapped[str | None] = mapped_column(Text)
+
+    def __repr__(self) -> str:
+        return f"Render(id={self.id!r}, status={self.status!r}, method={self.method!r}, seed={self.seed!r})"
+
+    @validates("status")
+    def _v_status(self, key: str, value: object) -> str:
+        return _check_choice(key, value, RENDER_STATUSES)
+
+    @validates("params")
+    def _v_params(self, key: str, value: object) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise InvalidFieldError(f"params {value!r}: expected a dict")
+        return value
+
+    @validates("seed")
+    def _v_seed(self, key: str, value: object) -> int:
+        if not isinstance(value, int) or not -(2**63) <= value < 2**63:
+            raise InvalidFieldError(f"seed {value!r}: expected a 64-bit integer")
+        return value
+
+    @validates("loras")
+    def _v_loras(self, key: str, value: object) -> list[dict[str, Any]]:
+        if not isinstance(value, list | tuple):
+            raise InvalidFieldError(f"loras {value!r}: expected a list of {{name, sha256, weight}}")
+        out = []
+        for entry in value:
+            ok = (
+                isinstance(entry, dict)
+                and isinstance(entry.get("name"), str)
+                and isinstance(entry.get("sha256"), str)
+                and isinstance(entry.get("weight"), int | float)
+            )
+            if not ok:
+                raise InvalidFieldError(
+                    f"loras entry {entry!r}: expected {{name: str, sha256: str, weight: number}}"
+                )
+            out.append(dict(entry))
+        return out

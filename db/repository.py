@@ -1,0 +1,321 @@
+"""Repositories: the only code that queries catalog tables. The caller owns the transaction
+(`db.session.unit_of_work`); repositories flush so that ids and constraint errors appear at once, never commit.
+
+Search is portable: case-insensitive LIKE (`ILIKE` on PostgreSQL, `lower() LIKE lower()` on SQLite) and JSON
+array elements through each backend's table-valued function (`jsonb_array_elements_text`, `json_each`).
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import ColumnElement, Select, exists, func, literal, or_, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import InstrumentedAttribute, Session
+from sqlalchemy.sql.expression import Exists
+
+from db.errors import (
+    AdapterNotFoundError,
+    AmbiguousHashError,
+    CatalogError,
+    DuplicateAdapterError,
+    InvalidFieldError,
+    NameTakenError,
+    RenderNotFoundError,
+)
+from db.models import Adapter, Base, Render
+
+ADAPTER_REQUIRED = frozenset(
+    {"name", "family", "adapter_type", "source_format", "file_path", "file_size", "sha256", "tensor_sha256"}
+)
+RENDER_REQUIRED = frozenset({"prompt", "backbone", "model", "method", "seed"})
+_MANAGED = frozenset({"id", "created_at", "updated_at"})  # set by the database or the model, never by callers
+MIN_HASH_PREFIX = 8
+
+
+def _check_fields(model: type[Base], fields: dict[str, Any], required: frozenset[str] = frozenset()) -> None:
+    columns = set(model.__table__.columns.keys())
+    unknown = sorted(set(fields) - (columns - _MANAGED))
+    if unknown:
+        raise InvalidFieldError(f"{model.__name__}: unknown or read-only fields {', '.join(unknown)}")
+    missing = sorted(required - set(fields))
+    if missing:
+        raise InvalidFieldError(f"{model.__name__}: missing fields {', '.join(missing)}")
+
+
+def _flush(session: Session, what: str) -> None:
+    try:
+        session.flush()
+    except IntegrityError as exc:  # a concurrent writer won the race between our check and our insert
+        raise CatalogError(f"{what} conflicts with a concurrent change: {exc.orig}") from exc
+
+
+def _json_array_contains(
+    session: Session, column: InstrumentedAttribute[Any], pattern: str, *, exact: bool
+) -> Exists:
+    """EXISTS an element of the JSON string array `column` equal to (exact) or containing `pattern`,
+    case-insensitively."""
+    if session.get_bind().dialect.name == "postgresql":
+        elements = func.jsonb_array_elements_text(column).table_valued("value")
+    else:
+        elements = func.json_each(column).table_valued("value")
+    value = elements.c.value
+    cond = func.lower(value) == pattern.lower() if exact else value.icontains(pattern, autoescape=True)
+    return exists(select(literal(1)).select_from(elements).where(cond))
+
+
+class AdapterRepository:
+    """Adapters by name (what people type) and by hash (what files say)."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def add(self, **fields: Any) -> Adapter:
+        """Add an adapter. `autov2` defaults to the first 10 hex of `sha256`.
+
+        Raises:
+            DuplicateAdapterError: an adapter with the same tensor_sha256 or sha256 exists (named in the message).
+            NameTakenError: another adapter has this name.
+            InvalidFieldError: a field is unknown, missing or malformed.
+        """
+        _check_fields(Adapter, fields, ADAPTER_REQUIRED)
+        if "autov2" not in fields and isinstance(fields["sha256"], str):
+            fields["autov2"] = fields["sha256"][:10]
+        adapter = Adapter(**fields)  # validators normalize and check each value
+        self._check_unique(adapter.name, adapter.sha256, adapter.tensor_sha256)
+        self.session.add(adapter)
+        _flush(self.session, f"adapter {adapter.name!r}")
+        return adapter
+
+    def get_by_name(self, name: str) -> Adapter:
+        """The adapter with this exact name.
+
+        Raises:
+            AdapterNotFoundError: naming `name` and suggesting close names.
+        """
+        adapter = self.session.scalars(select(Adapter).where(Adapter.name == name)).one_or_none()
+        if adapter is None:
+            raise self._not_found(name)
+        return adapter
+
+    def find_by_hash(self, ref: str) -> Adapter | None:
+        """The adapter whose file SHA-256, tensor SHA-256 or AutoV2 matches `ref`, or None.
+
+        `ref`: 64 hex (sha256 or tensor_sha256), 10 hex (AutoV2), or any prefix of at least 8 hex digits;
+        an optional "sha256:" prefix is ignored.
+
+        Raises:
+            InvalidFieldError: `ref` is not hex or too short.
+            AmbiguousHashError: a short prefix matches several adapters.
+        """
+        ref = ref.strip().lower().removeprefix("sha256:")
+        if not (MIN_HASH_PREFIX <= len(ref) <= 64) or any(c not in "0123456789abcdef" for c in ref):
+            raise InvalidFieldError(
+                f"hash {ref!r}: expected 64 hex (sha256 or tensor hash), 10 hex (AutoV2) "
+                f"or a prefix of at least {MIN_HASH_PREFIX} hex"
+            )
+        if len(ref) == 64:
+            cond: ColumnElement[bool] = or_(Adapter.sha256 == ref, Adapter.tensor_sha256 == ref)
+        else:
+            cond = or_(
+                Adapter.autov2 == ref,
+                Adapter.sha256.startswith(ref, autoescape=True),
+                Adapter.tensor_sha256.startswith(ref, autoescape=True),
+            )
+        found = self.session.scalars(select(Adapter).where(cond).order_by(Adapter.name).limit(5)).all()
+        if len(found) > 1:
+            names = [a.name for a in found]
+            raise AmbiguousHashError(f"hash {ref!r} matches several adapters: {', '.join(names)}", ref, names)
+        return found[0] if found else None
+
+    def resolve(self, ref: str) -> Adapter:
+        """An adapter by name, else by hash (as in `find_by_hash`); what a render request names.
+
+        Raises:
+            AdapterNotFoundError: neither a name nor a known hash, with close names suggested.
+            AmbiguousHashError: a short hash matches several adapters.
+        """
+        adapter = self.session.scalars(select(Adapter).where(Adapter.name == ref)).one_or_none()
+        if adapter is None and len(ref) >= MIN_HASH_PREFIX:
+            try:
+                adapter = self.find_by_hash(ref)
+            except InvalidFieldError:
+                adapter = None  # not a hash: report it as an unknown name below
+        if adapter is None:
+            raise self._not_found(ref)
+        return adapter
+
+    def update(self, name: str, /, **fields: Any) -> Adapter:
+        """Change fields of the adapter named `name`; `name=` among the fields renames it. `updated_at` moves
+        on flush; a new `sha256` without an `autov2` also updates `autov2`.
+
+        Raises:
+            AdapterNotFoundError, NameTakenError, DuplicateAdapterError, InvalidFieldError.
+        """
+        _check_fields(Adapter, fields)
+        adapter = self.get_by_name(name)
+        if "sha256" in fields and "autov2" not in fields and isinstance(fields["sha256"], str):
+            fields["autov2"] = fields["sha256"][:10]
+        # Validate every value on a detached probe first, so a bad field leaves the adapter untouched.
+        probe = Adapter(**fields)
+        with self.session.no_autoflush:
+            self._check_unique(
+                probe.name if "name" in fields else adapter.name,
+                probe.sha256 if "sha256" in fields else adapter.sha256,
+                probe.tensor_sha256 if "tensor_sha256" in fields else adapter.tensor_sha256,
+                exclude_id=adapter.id,
+            )
+        for key in fields:
+            setattr(adapter, key, getattr(probe, key))
+        _flush(self.session, f"adapter {adapter.name!r}")
+        return adapter
+
+    def delete(self, name: str) -> Adapter:
+        """Remove the adapter named `name` and return it (its file_path is the caller's to remove).
+
+        Raises:
+            AdapterNotFoundError: naming `name`, with suggestions.
+        """
+        adapter = self.get_by_name(name)
+        self.session.delete(adapter)
+        _flush(self.session, f"adapter {name!r}")
+        return adapter
+
+    def count(
+        self,
+        query: str | None = None,
+        family: str | None = None,
+        adapter_type: str | None = None,
+        tag: str | None = None,
+    ) -> int:
+        """How many adapters `list` would return without limit and offset."""
+        stmt = self._filtered(select(func.count(Adapter.id)), query, family, adapter_type, tag)
+        return int(self.session.scalar(stmt) or 0)
+
+    def names(self) -> Sequence[str]:
+        """Every adapter name, sorted."""
+        return self.session.scalars(select(Adapter.name).order_by(Adapter.name)).all()
+
+    def list(
+        self,
+        query: str | None = None,
+        family: str | None = None,
+        adapter_type: str | None = None,
+        tag: str | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> Sequence[Adapter]:
+        """Adapters sorted by name. `query`: every word must appear (case-insensitive, substring) in the name,
+        a trigger word, a tag or the description. `tag`: an exact tag, case-insensitive."""
+        stmt = self._filtered(select(Adapter), query, family, adapter_type, tag)
+        return self.session.scalars(stmt.order_by(Adapter.name).limit(limit).offset(offset)).all()
+
+    def _filtered(
+        self,
+        stmt: Select[Any],
+        query: str | None,
+        family: str | None,
+        adapter_type: str | None,
+        tag: str | None,
+    ) -> Select[Any]:
+        if family is not None:
+            stmt = stmt.where(Adapter.family == family)
+        if adapter_type is not None:
+            stmt = stmt.where(Adapter.adapter_type == adapter_type)
+        if tag:
+            stmt = stmt.where(_json_array_contains(self.session, Adapter.tags, tag.strip(), exact=True))
+        for word in (query or "").split():
+            stmt = stmt.where(
+                or_(
+                    Adapter.name.icontains(word, autoescape=True),
+                    Adapter.description.icontains(word, autoescape=True),
+                    _json_array_contains(self.session, Adapter.trigger_words, word, exact=False),
+                    _json_array_contains(self.session, Adapter.tags, word, exact=False),
+                )
+            )
+        return stmt
+
+    def _check_unique(
+        self, name: str, sha256: str, tensor_sha256: str, exclude_id: int | None = None
+    ) -> None:
+        others = select(Adapter)
+        if exclude_id is not None:
+            others = others.where(Adapter.id != exclude_id)
+        same_tensors = self.session.scalars(
+            others.where(Adapter.tensor_sha256 == tensor_sha256).limit(1)
+        ).one_or_none()
+        if same_tensors is not None:
+            raise DuplicateAdapterError(
+                f"adapter already in the catalog as {same_tensors.name!r} "
+                f"(same tensors, tensor_sha256 {tensor_sha256[:12]}...)",
+                same_tensors.name,
+            )
+        same_file = self.session.scalars(others.where(Adapter.sha256 == sha256).limit(1)).one_or_none()
+        if same_file is not None:
+            raise DuplicateAdapterError(
+                f"adapter already in the catalog as {same_file.name!r} (same file, sha256 {sha256[:12]}...)",
+                same_file.name,
+            )
+        if self.session.scalars(others.where(Adapter.name == name).limit(1)).one_or_none() is not None:
+            raise NameTakenError(f"adapter name {name!r} is taken; choose another name", name)
+
+    def _not_found(self, ref: str) -> AdapterNotFoundError:
+        names = self.names()
+        lowered = {n.lower(): n for n in names}
+        close = difflib.get_close_matches(ref.lower(), list(lowered), n=3, cutoff=0.6)
+        suggestions = [lowered[c] for c in close]
+        hint = f"; did you mean {', '.join(repr(s) for s in suggestions)}?" if suggestions else ""
+        return AdapterNotFoundError(f"no adapter named {ref!r}{hint}", ref, suggestions)
+
+
+class RenderRepository:
+    """Render records: what was asked, with what, and what came out."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def add(self, **fields: Any) -> Render:
+        """Record a render (status "pending" unless given).
+
+        Raises:
+            InvalidFieldError: a field is unknown, missing or malformed.
+        """
+        _check_fields(Render, fields, RENDER_REQUIRED)
+        render = Render(**fields)
+        self.session.add(render)
+        _flush(self.session, "render")
+        return render
+
+    def get(self, render_id: int) -> Render:
+        """The render with this id.
+
+        Raises:
+            RenderNotFoundError: naming the id.
+        """
+        render = self.session.get(Render, render_id)
+        if render is None:
+            raise RenderNotFoundError(f"no render with id {render_id}")
+        return render
+
+    def set_status(
+        self, render_id: int, status: str, *, output_path: str | None = None, error: str | None = None
+    ) -> Render:
+        """Move a render to `status`, recording its output path or error."""
+        render = self.get(render_id)
+        render.status = status
+        if output_path is not None:
+            render.output_path = output_path
+        if error is not None:
+            render.error = error
+        _flush(self.session, f"render {render_id}")
+        return render
+
+    def list(self, limit: int = 50, offset: int = 0, status: str | None = None) -> Sequence[Render]:
+        """Renders, newest first."""
+        stmt = select(Render)
+        if status is not None:
+            stmt = stmt.where(Render.status == status)
+        stmt = stmt.order_by(Render.created_at.desc(), Render.id.desc()).limit(limit).offset(offset)
+        return self.session.scalars(stmt).all()
