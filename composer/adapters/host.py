@@ -26,7 +26,7 @@ class AdapterHost:
         self.family = family
         self.context = MixingContext()
         self._wrapped: dict[str, AdaptedModule] = {}  # "component.path" -> wrapper
-        self._resident: dict[str, list[str]] = {}  # adapter name -> wrapped keys it lives on
+        self._resident: dict[str, list[AdaptedModule]] = {}  # adapter name -> the wrappers it lives on
 
     @classmethod
     def for_pipeline(cls, pipe, backbone) -> AdapterHost:
@@ -68,41 +68,46 @@ class AdapterHost:
             )
         if not built:
             raise AdapterError(f"LoRA {name!r} holds no adapter weights")
+        wrappers = []
+        paths: dict[str, dict[int, str]] = {}  # component -> id(module) -> the model's own path
         for key, target, adapter in built:
-            wrapper = self._wrap(key, target)
+            component = key.split(".", 1)[0]
+            if component not in paths:
+                paths[component] = {id(m): n for n, m in self.components[component].named_modules()}
+            wrapper = self._wrap(component, paths[component][id(target)], target)
             wrapper.add(name, adapter)
-        self._resident[name] = [key for key, _, _ in built]
+            wrappers.append(wrapper)
+        self._resident[name] = wrappers
 
     def remove(self, name: str) -> None:
         """Drop a resident adapter and free its weights."""
         if name in self.context.fused:
             raise AdapterError(f"adapter {name!r} is fused; unfuse first")
-        for key in self._resident.pop(name, []):
-            self._wrapped[key].remove(name)
+        for wrapper in self._resident.pop(name, []):
+            wrapper.remove(name)
         self.context.active.pop(name, None)
 
     def _find(self, component: str, path: str) -> nn.Module | None:
         model = self.components.get(component)
         if model is None:
             return None
-        try:
-            return model.get_submodule(path)
-        except AttributeError:
-            return None
+        # transformers 5 flattened CLIPTextModel (no `text_model.`); files from every era name it
+        for candidate in (path, path.removeprefix("text_model."), f"text_model.{path}"):
+            try:
+                return model.get_submodule(candidate)
+            except AttributeError:
+                continue
+        return None
 
-    def _wrap(self, key: str, target: nn.Module) -> AdaptedModule:
+    def _wrap(self, component: str, path: str, target: nn.Module) -> AdaptedModule:
         if isinstance(target, AdaptedModule):
             return target
-        component, path = key.split(".", 1)
+        model = self.components[component]
         parent_path, _, attr = path.rpartition(".")
-        parent = (
-            self.components[component].get_submodule(parent_path)
-            if parent_path
-            else self.components[component]
-        )
+        parent = model.get_submodule(parent_path) if parent_path else model
         wrapper = AdaptedModule(target, self.context)
         setattr(parent, attr, wrapper)
-        self._wrapped[key] = wrapper
+        self._wrapped[f"{component}.{path}"] = wrapper
         return wrapper
 
     # --- mixing -------------------------------------------------------------------------------------
@@ -134,8 +139,8 @@ class AdapterHost:
         if unknown:
             raise AdapterError(f"not resident: {', '.join(unknown)}")
         for name, scale in scales.items():
-            for key in self._resident[name]:
-                self._wrapped[key].fuse({name: float(scale)})
+            for wrapper in self._resident[name]:
+                wrapper.fuse({name: float(scale)})
         self.context.fused = {n: float(s) for n, s in scales.items()}
 
     def unfuse(self) -> None:
@@ -158,8 +163,4 @@ class AdapterHost:
         self.context.active = {}
 
     def parameter_count(self, name: str) -> int:
-        return sum(
-            p.numel()
-            for key in self._resident.get(name, [])
-            for p in self._wrapped[key].adapters[name].parameters()
-        )
+        return sum(p.numel() for w in self._resident.get(name, []) for p in w.adapters[name].parameters())

@@ -1,0 +1,66 @@
+"""The command line: import, list, show, export, render; errors are one line and a non-zero exit."""
+
+from __future__ import annotations
+
+import json
+
+from PIL import Image
+from typer.testing import CliRunner
+
+from app.cli import app
+from composer.formats import write_diffusers
+from tests.helpers import random_lora
+
+runner = CliRunner()
+
+
+def test_cli_end_to_end(tmp_path, tiny_sdxl_factory):
+    backbone, make = tiny_sdxl_factory
+    src = tmp_path / "loras"
+    src.mkdir()
+    pipe = make()
+    for i, name in enumerate(["alpha", "beta"]):
+        write_diffusers(
+            random_lora(pipe, backbone, seed=i), src / f"{name}.safetensors", trigger_words=[f"{name}tok"]
+        )
+    (src / "notes.ckpt").write_bytes(b"\x80\x04K\x01.")  # a pickle in the folder: refused, the rest imported
+    data = ["--data-dir", str(tmp_path / "data")]
+
+    result = runner.invoke(app, ["import", str(src), str(src / "notes.ckpt"), *data])
+    assert result.exit_code == 1, result.output
+    assert "2 imported" in result.output and "1 failed" in result.output and "pickle" in result.output
+
+    result = runner.invoke(app, ["list", *data])
+    assert result.exit_code == 0 and "alpha" in result.output and "beta" in result.output
+    result = runner.invoke(app, ["list", "betatok", *data])
+    assert "beta" in result.output and "alpha" not in result.output
+
+    result = runner.invoke(app, ["show", "alpha", *data])
+    assert result.exit_code == 0 and "sdxl" in result.output and "alphatok" in result.output
+
+    out = tmp_path / "alpha.kohya.safetensors"
+    result = runner.invoke(app, ["export", "alpha", "--format", "kohya", "--out", str(out), *data])
+    assert result.exit_code == 0 and out.is_file()
+
+    png = tmp_path / "r.png"
+    args = [
+        "render",
+        "--prompt",
+        "a red circle on the left",
+        "--lora",
+        "alpha:0.7",
+        "--lora",
+        "beta",
+        "--steps",
+        "2",
+    ]
+    result = runner.invoke(app, [*args, "--seed", "3", "--out", str(png), *data])
+    assert result.exit_code == 0, result.output
+    meta = json.loads(Image.open(png).text["lora_studio"])
+    assert [(x["name"], x["weight"]) for x in meta["loras"]] == [("alpha", 0.7), ("beta", 1.0)]
+
+    result = runner.invoke(app, ["render", "--prompt", "x", "--lora", "alpah", *data])
+    assert result.exit_code == 1 and "alpah" in result.output and "alpha" in result.output
+    assert "Traceback" not in result.output
+    result = runner.invoke(app, ["export", "alpha", "--format", "ckpt", *data])
+    assert result.exit_code == 1 and "unknown export format" in result.output
