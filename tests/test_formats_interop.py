@@ -106,23 +106,40 @@ def test_flux_bfl_split_matches_diffusers():
 
 
 def test_our_kohya_files_load_in_diffusers(tmp_path):
-    def delta(component, path, out=6, inp=5, alpha=None):
-        d, u = torch.randn(2, inp, generator=G), torch.randn(out, 2, generator=G)
+    def delta(component, path, out=6, inp=5, alpha=None, r=2):
+        d, u = torch.randn(r, inp, generator=G), torch.randn(out, r, generator=G)
         return ModuleDelta(component, path, "lora", {"down": d, "up": u}, alpha)
 
+    # FLUX.1 widths: diffusers splits linear1 into rows 3072 * (1, 1, 1, 4) whatever the file says
+    d = 3072
     flux = [
-        delta("transformer", "transformer_blocks.0.attn.to_q", alpha=1.0),
-        delta("transformer", "single_transformer_blocks.1.attn.to_v", alpha=4.0),
+        delta("transformer", "transformer_blocks.0.attn.to_q", out=d, inp=d, alpha=1.0),
+        delta("transformer", "transformer_blocks.0.attn.to_v", out=d, inp=d, alpha=4.0, r=3),  # no to_k
         delta("transformer", "transformer_blocks.0.attn.to_add_out", alpha=1.0),
+        delta("transformer", "transformer_blocks.1.ff_context.net.0.proj", alpha=1.0),
+        delta("transformer", "single_transformer_blocks.1.attn.to_v", out=d, inp=d, alpha=4.0),
+        delta("transformer", "single_transformer_blocks.1.proj_mlp", out=4 * d, inp=d, alpha=4.0),
+        delta("transformer", "single_transformer_blocks.1.norm.linear", alpha=2.0),
+        delta("transformer", "norm_out.linear", out=8, alpha=3.0),  # diffusers ignores final_layer alphas
+        delta("transformer", "proj_out", alpha=0.5),
+        delta("transformer", "x_embedder", alpha=2.0),
         delta("text_encoder", "text_model.encoder.layers.0.self_attn.q_proj", alpha=1.0),
     ]
-    # diffusers reads lora_transformer_ names for attention layers only (its OneTrainer branch); ComfyUI reads all
     p = tmp_path / "flux.safetensors"
     write_kohya(LoraFile({m.key: m for m in flux}, "kohya", "flux"), p)
-    ref = peft_products(lora_pipeline.FluxLoraLoaderMixin.lora_state_dict(str(p)))
-    assert set(ref) == {m.key for m in flux}
+    # diffusers names top-level layers (x_embedder, proj_out, norm_out.linear) without "transformer." - and
+    # load_lora_weights then drops them (diffusers 0.42) - and emits legacy text-encoder keys: read its output
+    ref, _ = convert_state_dict(lora_pipeline.FluxLoraLoaderMixin.lora_state_dict(str(p)))
+    zero = {  # fused members the LoRA does not adapt come out as zero deltas
+        "transformer.transformer_blocks.0.attn.to_k",
+        *(f"transformer.single_transformer_blocks.1.attn.to_{x}" for x in "qk"),
+    }
+    te = "text_encoder.text_model.encoder.layers.0.self_attn."
+    ref[f"{te}q_proj"] = ref.pop(f"{te}to_q")  # diffusers' legacy text-encoder names
+    assert set(ref) == {m.key for m in flux} | zero
     for m in flux:
-        assert torch.allclose(ref[m.key], product(m), atol=1e-6), m.key
+        assert torch.allclose(product(ref[m.key]), product(m), atol=1e-5), m.key
+    assert all(not product(ref[k]).any() for k in zero)
 
     sdxl = [
         delta("unet", "down_blocks.1.attentions.0.transformer_blocks.1.attn2.to_k", alpha=1.0),

@@ -50,7 +50,7 @@ def flux() -> LoraFile:
     return lora_file(
         "flux",
         delta("transformer", "transformer_blocks.0.attn.to_q", alpha=8.0),
-        delta("transformer", "single_transformer_blocks.3.proj_mlp", alpha=8.0),
+        delta("transformer", "single_transformer_blocks.3.proj_mlp", out=8, alpha=8.0),  # linear1: 4 * inner
         delta("transformer", "transformer_blocks.1.norm1_context.linear", alpha=8.0),
         delta("text_encoder", "text_model.encoder.layers.0.self_attn.out_proj", alpha=8.0),
     )
@@ -100,8 +100,10 @@ def test_kohya_key_style_and_metadata_per_family(tmp_path):
     assert meta["modelspec.trigger_phrase"] == "ohwx, red hat"
     write_kohya(flux(), p)
     header, meta, _ = read_header(p)
-    assert "lora_transformer_transformer_blocks_0_attn_to_q.lora_down.weight" in header
-    assert "lora_transformer_single_transformer_blocks_3_proj_mlp.lora_up.weight" in header
+    assert "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight" in header  # BFL names, fused
+    assert header["lora_unet_single_blocks_3_linear1.lora_up.weight"]["shape"] == [14, 2]  # q, k, v, mlp rows
+    assert "lora_unet_double_blocks_1_txt_mod_lin.alpha" in header
+    assert not any(k.startswith("lora_transformer_") for k in header)
     assert "lora_te1_text_model_encoder_layers_0_self_attn_out_proj.alpha" in header
     assert (meta["ss_base_model_version"], meta["modelspec.architecture"]) == ("flux1", "flux-1-dev/lora")
     sd15 = lora_file("sd15", delta("text_encoder", "text_model.encoder.layers.0.mlp.fc1"))

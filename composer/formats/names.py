@@ -286,3 +286,51 @@ def bfl_to_paths(name: str, rows: int, key: str | None = None) -> RowPieces:
     if rest not in _BFL_SINGLE:
         raise _unknown(key, f"unknown FLUX single-block layer {rest!r}")
     return ((f"single_transformer_blocks.{i}.{_BFL_SINGLE[rest]}", whole),)
+
+
+@dataclass(frozen=True)
+class BflTarget:
+    """Where a diffusers FLUX transformer path goes in a BFL file.
+
+    name: the BFL underscore name (double_blocks_0_img_attn_qkv, final_layer_linear, ...).
+    group: every diffusers path that name holds, in the order of its output rows (one path when not fused).
+    ratios: the relative output rows of each group member (linear1: q, k, v = 1 each, proj_mlp = 4).
+    """
+
+    name: str
+    group: tuple[str, ...]
+    ratios: tuple[int, ...]
+
+    @property
+    def fused(self) -> bool:
+        return len(self.group) > 1
+
+
+_BFL_LINEAR1 = ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")
+_DOUBLE_PATH = re.compile(r"^transformer_blocks\.(\d+)\.(.+)$")
+_SINGLE_PATH = re.compile(r"^single_transformer_blocks\.(\d+)\.(.+)$")
+
+
+def path_to_bfl(path: str) -> BflTarget | None:
+    """The BFL target of a diffusers FLUX transformer path (the inverse of bfl_to_paths); None when it has none.
+
+    norm_out.linear maps to final_layer_adaLN_modulation_1, whose rows bfl_to_paths swaps (shift, scale).
+    """
+    if m := _DOUBLE_PATH.match(path):
+        i, rest = m.groups()
+        for bfl, targets in _BFL_DOUBLE.items():
+            if rest in targets:
+                group = tuple(f"transformer_blocks.{i}.{t}" for t in targets)
+                return BflTarget(f"double_blocks_{i}_{bfl}", group, (1,) * len(targets))
+        return None
+    if m := _SINGLE_PATH.match(path):
+        i, rest = m.groups()
+        if rest in _BFL_LINEAR1:
+            group = tuple(f"single_transformer_blocks.{i}.{t}" for t in _BFL_LINEAR1)
+            return BflTarget(f"single_blocks_{i}_linear1", group, (1, 1, 1, 4))
+        bfl = next((b for b, t in _BFL_SINGLE.items() if t == rest), None)
+        return None if bfl is None else BflTarget(f"single_blocks_{i}_{bfl}", (path,), (1,))
+    if path == "norm_out.linear":
+        return BflTarget("final_layer_adaLN_modulation_1", (path,), (1,))
+    bfl = next((b for b, p in _BFL_TOP.items() if p == path), None)
+    return None if bfl is None else BflTarget(bfl, (path,), (1,))

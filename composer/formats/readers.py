@@ -227,6 +227,23 @@ def _kind(g: _Group, source: str) -> str:
     return kinds.pop()
 
 
+def _diagonal_blocks(parts: list[torch.Tensor]) -> list[tuple[int, int] | None] | None:
+    """The column range each part's up rows use when a fused up is block-diagonal, else None.
+
+    parts: the up rows of each member of a fused layer, (out_i, r). Block-diagonal means each part's nonzero
+    columns lie in a range no other part touches (a part with all-zero rows gets None: the LoRA had no delta
+    there). A shared down (community files: every part uses every column) or an all-zero up gives None.
+    """
+    spans: list[tuple[int, int] | None] = []
+    for u in parts:
+        cols = torch.nonzero(u.ne(0).any(dim=0)).flatten()
+        spans.append((int(cols[0]), int(cols[-1]) + 1) if len(cols) else None)
+    used = sorted(s for s in spans if s is not None)
+    if not used or any(a[1] > b[0] for a, b in zip(used, used[1:], strict=False)):
+        return None
+    return spans
+
+
 def _deltas(
     g: _Group,
     tensors: Mapping[str, torch.Tensor],
@@ -234,7 +251,13 @@ def _deltas(
     peft: dict[str | None, dict],
     source: str,
 ) -> list[ModuleDelta]:
-    """The ModuleDelta entries of one source module (several when a fused FLUX layer is split)."""
+    """The ModuleDelta entries of one source module (several when a fused FLUX layer is split).
+
+    A fused layer (BFL qkv, linear1) whose up is block-diagonal (written by write_kohya or sd-scripts'
+    converter) splits into each member's own down rows and up columns, at its own rank, with alpha scaled to
+    keep the layer's scale (alpha_i = alpha * r_i / r); a member with all-zero up rows is dropped. Otherwise
+    (shared down) every member gets the whole down and its rows of up.
+    """
     first_key = next(iter(g.keys.values()))
     kind = _kind(g, source)
     down, up = _lora_tensors(g, tensors, source) if kind == "lora" else (None, None)
@@ -251,16 +274,28 @@ def _deltas(
     if alpha_t is not None and alpha_t.numel() != 1:
         raise LoraFileError(f"{source}: {g.keys['alpha']} must be a scalar, has shape {tuple(alpha_t.shape)}")
     config = peft.get(component, peft.get(None)) if g.style != "kohya" and kind == "lora" else None
+    rows_of = [
+        (up if rows == whole else torch.cat([up[s] for s in rows], dim=0)) if kind == "lora" else None
+        for _, rows in pieces
+    ]  # (rows, r) per piece
+    blocks = _diagonal_blocks(rows_of) if kind == "lora" and len(pieces) > 1 and down.ndim == 2 else None
     out = []
-    for path, rows in pieces:
+    for n, (path, _) in enumerate(pieces):
         if kind == "lora":
-            part = up if rows == whole else torch.cat([up[s] for s in rows], dim=0)  # (rows, r)
-            module_tensors = {"down": down, "up": part}
+            module_tensors = {"down": down, "up": rows_of[n]}
+            if blocks is not None:
+                if blocks[n] is None:
+                    continue
+                lo, hi = blocks[n]
+                module_tensors = {"down": down[lo:hi].contiguous(), "up": rows_of[n][:, lo:hi].contiguous()}
         else:
             module_tensors = {r: tensors[k] for r, k in g.keys.items() if r != "alpha"}
-        alpha = _peft_alpha(config, path, int(down.shape[0]), source) if config else None
+        rank = int(down.shape[0]) if kind == "lora" else 0
+        alpha = _peft_alpha(config, path, rank, source) if config else None
         if alpha is None and alpha_t is not None:
             alpha = float(alpha_t.item())
+        if alpha is not None and blocks is not None:
+            alpha = alpha * int(module_tensors["down"].shape[0]) / rank
         out.append(
             ModuleDelta(component=component, path=path, kind=kind, tensors=module_tensors, alpha=alpha)
         )

@@ -129,11 +129,23 @@ def _kohya_prefix(component: str, family: str | None, components: set[str]) -> s
     return "lora_te3" if family == "flux" else "lora_te2"
 
 
+def _uses_bfl(m: ModuleDelta, family: str | None) -> bool:
+    """FLUX transformer deltas are written with BFL names (lora_unet_double_blocks_...), the kohya FLUX layout."""
+    return m.component == "transformer" and family in ("flux", None)
+
+
 def kohya_name(m: ModuleDelta, family: str | None, components: set[str]) -> str:
     """The kohya module name of a delta, e.g. lora_unet_down_blocks_1_attentions_0_..._to_q.
 
-    Raises UnknownKeysError when the underscore name would not read back as the same path.
+    FLUX transformer deltas get their BFL name, which may be a fused layer holding several deltas
+    (lora_unet_double_blocks_0_img_attn_qkv for attn.to_q, to_k and to_v).
+    Raises UnknownKeysError when the name would not read back as the same path.
     """
+    if _uses_bfl(m, family):
+        target = names.path_to_bfl(m.path)
+        if target is None:
+            raise UnknownKeysError(f"{m.key}: module path has no BFL FLUX name", [m.key])
+        return f"lora_unet_{target.name}"
     name = m.path.replace(".", "_")
     try:
         readable = names.underscore_to_path(name) == m.path
@@ -142,6 +154,94 @@ def kohya_name(m: ModuleDelta, family: str | None, components: set[str]) -> str:
     if not readable:
         raise UnknownKeysError(f"{m.key}: module path cannot be written as a kohya name", [m.key])
     return f"{_kohya_prefix(m.component, family, components)}_{name}"
+
+
+# diffusers drops the alphas of these BFL layers (it applies scale 1): their scale is folded into up instead.
+_ALPHA_IGNORED = frozenset({"final_layer_adaLN_modulation_1", "final_layer_linear"})
+
+
+def _bfl_layer(
+    target: names.BflTarget, parts: Mapping[str, ModuleDelta], where: str
+) -> tuple[torch.Tensor, torch.Tensor, float | None]:
+    """(down, up, alpha) of one BFL layer from the deltas of its group members (by path; some may be missing).
+
+    Fused layers get down = cat(down_i) and a block-diagonal up (zero rows for missing members), so that
+    each member's delta is exact: one shared scale is kept as alpha = scale * total rank; different scales are
+    folded into the up blocks with alpha = total rank. Output rows follow bfl_to_paths (incl. the final
+    layer's shift/scale swap).
+    """
+    present = [(j, parts[p]) for j, p in enumerate(target.group) if p in parts]
+    label = ", ".join(m.key for _, m in present)
+    downs = [m.tensors["down"] for _, m in present]
+    ups = [m.tensors["up"] for _, m in present]
+    if any(d.ndim != 2 or u.ndim != 2 for d, u in zip(downs, ups, strict=True)):
+        raise LoraFileError(
+            f"{where}: {label}: {target.name} is a linear layer; the LoRA weights are not 2-D"
+        )
+    if len({int(d.shape[1]) for d in downs}) > 1:
+        shapes = ", ".join(f"{m.key} {tuple(m.tensors['down'].shape)}" for _, m in present)
+        raise LoraFileError(f"{where}: cannot fuse into {target.name}: input shapes differ ({shapes})")
+    units = {int(u.shape[0]) / target.ratios[j] for (j, _), u in zip(present, ups, strict=True)}
+    if len(units) != 1 or not (unit := units.pop()).is_integer():
+        shapes = ", ".join(f"{m.key} {tuple(m.tensors['up'].shape)}" for _, m in present)
+        raise LoraFileError(f"{where}: cannot fuse into {target.name}: output rows do not fit ({shapes})")
+    rows = int(unit) * sum(target.ratios)
+    total = sum(int(d.shape[0]) for d in downs)
+    scales = [m.scale for _, m in present]
+    if all(m.alpha is None for _, m in present):
+        alpha, factors = None, [1.0] * len(present)
+    elif len(present) == 1 and target.name not in _ALPHA_IGNORED:
+        alpha, factors = float(present[0][1].alpha), [1.0]
+    elif len(set(scales)) == 1 and target.name not in _ALPHA_IGNORED:
+        first = present[0][1]
+        alpha, factors = _alpha(first) * total / first.rank, [1.0] * len(present)
+    else:
+        alpha, factors = float(total), scales
+    dtype = downs[0].dtype
+    for t in (*downs, *ups):
+        dtype = torch.promote_types(dtype, t.dtype)
+    down = torch.cat([d.to(dtype) for d in downs], dim=0)
+    up = torch.zeros(rows, total, dtype=dtype)
+    pieces = dict(names.bfl_to_paths(target.name, rows))
+    col = 0
+    for (j, _), u, f in zip(present, ups, factors, strict=True):
+        u = (u.float() * f).to(dtype) if f != 1.0 else u.to(dtype)
+        r, row = int(u.shape[1]), 0
+        for s in pieces[target.group[j]]:
+            n = len(range(*s.indices(rows)))
+            up[s, col : col + r] = u[row : row + n]
+            row += n
+        col += r
+    return down.contiguous(), up, alpha
+
+
+def _kohya_tensors(lora: LoraFile, mods: list[ModuleDelta], p: Path) -> dict[str, torch.Tensor]:
+    components = {m.component for m in mods}
+    tensors: dict[str, torch.Tensor] = {}
+
+    def put(name: str, down: torch.Tensor, up: torch.Tensor, alpha: float | None) -> None:
+        tensors[f"{name}.lora_down.weight"] = down
+        tensors[f"{name}.lora_up.weight"] = up
+        if alpha is not None:
+            tensors[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
+
+    bfl: dict[str, tuple[names.BflTarget, dict[str, ModuleDelta]]] = {}
+    unnamed: list[str] = []
+    for m in mods:
+        if not _uses_bfl(m, lora.family):
+            put(kohya_name(m, lora.family, components), m.tensors["down"], m.tensors["up"], m.alpha)
+        elif (target := names.path_to_bfl(m.path)) is None:
+            unnamed.append(m.key)
+        else:
+            bfl.setdefault(target.name, (target, {}))[1][m.path] = m
+    if unnamed:
+        more = f" (and {len(unnamed) - 10} more)" if len(unnamed) > 10 else ""
+        raise UnknownKeysError(
+            f"{p}: {len(unnamed)} FLUX modules have no BFL name: {', '.join(unnamed[:10])}{more}", unnamed
+        )
+    for name, (target, parts) in bfl.items():
+        put(f"lora_unet_{name}", *_bfl_layer(target, parts, str(p)))
+    return tensors
 
 
 def write_kohya(
@@ -157,28 +257,28 @@ def write_kohya(
     """Write kohya keys (`<prefix>_<name>.lora_down.weight` / `.lora_up.weight` / `.alpha`) with ss_* and
     ModelSpec metadata.
 
-    Names are diffusers paths with "_" for ".": the UNet as `lora_unet_down_blocks_...` (not SGM names), FLUX
-    as `lora_transformer_transformer_blocks_0_attn_to_q` (OneTrainer's layout: ComfyUI and Forge read every
-    layer, diffusers only attention layers - give diffusers write_diffusers files; fused BFL names
-    `lora_unet_double_blocks_...` are read but not written). Text encoders: `lora_te_` (sd15), `lora_te1_` / `lora_te2_`
-    (sdxl), `lora_te1_` / `lora_te3_` (flux CLIP / T5, as sd-scripts). Alpha is a float32 scalar; a module
+    Names are diffusers paths with "_" for ".": the UNet as `lora_unet_down_blocks_...` (not SGM names). FLUX
+    (family "flux", or None, component "transformer") is written in the BFL layout that sd-scripts, ComfyUI,
+    Forge and diffusers all read: `lora_unet_double_blocks_{i}_img_attn_qkv` / `_img_attn_proj` / `_img_mlp_0`
+    / ..., `lora_unet_single_blocks_{i}_linear1` / `_linear2` / `_modulation_lin`, and `img_in`, `txt_in`,
+    `time_in_*`, `vector_in_*`, `guidance_in_*`, `final_layer_linear`, `final_layer_adaLN_modulation_1`
+    (shift/scale rows swapped). Fused layers (qkv: q, k, v; linear1: q, k, v, proj_mlp) get down = cat(down_i)
+    and a block-diagonal up, zero rows for a member the LoRA does not adapt; alpha = shared scale * total rank,
+    or, when the members' scales differ, each scale folded into its up block and alpha = total rank. The
+    final_layer scales are always folded (diffusers ignores their alphas). read_lora splits such layers back
+    into the original deltas at the original ranks (see readers). `lora_transformer_` (OneTrainer) names are
+    read but no longer written. Text encoders: `lora_te_` (sd15), `lora_te1_` / `lora_te2_` (sdxl),
+    `lora_te1_` / `lora_te3_` (flux CLIP / T5, as sd-scripts). Alpha is a float32 scalar; a module
     without alpha gets no `.alpha` key. `modelspec.hash_sha256` is "0x" + the SHA-256 of the tensor bytes.
     `title` (default: the file stem) and `trigger_words` (default: the LoRA's own) as in write_diffusers.
 
     Raises:
-        LoraFileError: a module is not plain LoRA.
-        UnknownKeysError: a module path has no kohya name that reads back.
+        LoraFileError: a module is not plain LoRA; members of a fused FLUX layer whose shapes do not fuse.
+        UnknownKeysError: a module path has no kohya name that reads back (FLUX: no BFL name; all are named).
     """
     p = Path(path)
     mods = _plain_loras(lora, p)
-    components = {m.component for m in mods}
-    tensors: dict[str, torch.Tensor] = {}
-    for m in mods:
-        name = kohya_name(m, lora.family, components)
-        tensors[f"{name}.lora_down.weight"] = m.tensors["down"]
-        tensors[f"{name}.lora_up.weight"] = m.tensors["up"]
-        if m.alpha is not None:
-            tensors[f"{name}.alpha"] = torch.tensor(float(m.alpha), dtype=torch.float32)
+    tensors = _kohya_tensors(lora, mods, p)
     meta = _base_metadata(lora, title, trigger_words)
     meta.update(
         {
