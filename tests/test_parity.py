@@ -68,7 +68,17 @@ def test_kohya_and_diffusers_files_of_the_same_weights_render_the_same(setup):
     from_diffusers, _ = ours(pipe, backbone, files)
     from_kohya, _ = ours(pipe, backbone, kohya)
     assert np.abs(from_diffusers - from_kohya).max() <= TOL
-    # and diffusers itself reads our kohya export to the same image
+    # and diffusers itself reads our kohya export to the same image. diffusers 0.42 converts FLUX's fused
+    # single-block linear1 with FLUX.1-dev's hard-coded split (3072 x 3 + 12288), so on the tiny FLUX that leg
+    # adapts the double blocks only (tests/test_formats_interop.py checks single blocks at real FLUX sizes).
+    if backbone.family == "flux":
+        for name in kohya:
+            lora = read_lora(files[name])
+            lora.modules = {k: m for k, m in lora.modules.items() if m.path.startswith("transformer_blocks.")}
+            write_kohya(lora, kohya[name])
+            write_diffusers(lora, files[name])
+        from_kohya, _ = ours(pipe, backbone, kohya)
+        assert np.abs(from_kohya - ours(pipe, backbone, files)[0]).max() <= TOL
     assert np.abs(theirs(make, kohya) - from_kohya).max() <= TOL
 
 
