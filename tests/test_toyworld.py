@@ -1,0 +1,233 @@
+"""Toy world: the scene generator (seeded, exact captions, split) and the ground-truth evaluator."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+from toyworld import scenes
+from toyworld.evaluator import Evaluator, accuracy, score
+from toyworld.scenes import ObjectSpec, SceneSpec
+
+FRESH_SEED = 987_654_321  # never a training seed: training batches use seeds 0..steps-1
+
+
+@pytest.fixture(scope="module")
+def evaluator() -> Evaluator:
+    return Evaluator.load()
+
+
+# --- generator ---------------------------------------------------------------------------------------------
+
+
+def test_same_seed_same_pixels_other_seed_other_pixels():
+    assert scenes.sample_scene(5, "all") == scenes.sample_scene(5, "all")
+    assert len({scenes.sample_scene(s, "all") for s in range(20)}) > 15
+    spec = scenes.sample_scene(5, "all", n_objects=2)
+    a, b = scenes.render(spec, 64, seed=3), scenes.render(spec, 64, seed=3)
+    assert a.shape == (64, 64, 3) and a.dtype == np.uint8
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, scenes.render(spec, 64, seed=4))
+    x1, s1 = scenes.dataset(8, seed=1, split="all")
+    x2, s2 = scenes.dataset(8, seed=1, split="all")
+    x3, _ = scenes.dataset(8, seed=2, split="all")
+    assert np.array_equal(x1, x2) and s1 == s2
+    assert not np.array_equal(x1, x3)
+    assert np.array_equal(np.asarray(scenes.draw(spec, 64, seed=3)), a)
+
+
+def test_captions_round_trip_with_words_and_triggers():
+    for seed in range(300):
+        spec = scenes.sample_scene(seed, "all")
+        for triggers in (False, True):
+            text = spec.caption(use_triggers=triggers)
+            assert scenes.parse_caption(text) == spec, text
+    two = SceneSpec(
+        (
+            ObjectSpec("circle", "red", "striped", "large", "left"),
+            ObjectSpec("square", "green", "solid", "small", "right"),
+        ),
+        "white",
+    )
+    assert (
+        two.caption()
+        == "a red striped circle on the left and a small green square on the right, white background"
+    )
+    star = SceneSpec((ObjectSpec("star", "orange", "zigzag", "large", "centre"),), "brick")
+    assert star.caption() == "an orange zigzag star in the centre, brick background"
+    t = scenes.TRIGGERS
+    assert star.caption(True) == f"an orange {t['zigzag']} {t['star']} in the centre, {t['brick']} background"
+    assert scenes.parse_caption("A large Red solid circle in the center, white background.") == SceneSpec(
+        (ObjectSpec("circle", "red"),), "white"
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "word"),
+    [
+        ("a red blob on the left, white background", "blob"),
+        ("a mauve circle on the left, white background", "mauve"),
+        ("a red circle on the left, plaid background", "plaid"),
+    ],
+)
+def test_parse_caption_names_the_unknown_word(text, word):
+    with pytest.raises(ValueError, match=word):
+        scenes.parse_caption(text)
+
+
+def test_bad_layouts_and_grammar_are_refused():
+    with pytest.raises(ValueError, match="layout"):
+        SceneSpec(
+            (ObjectSpec("circle", "red", position="left"), ObjectSpec("square", "blue", position="top"))
+        )
+    with pytest.raises(ValueError, match="position"):
+        scenes.parse_caption("a red circle, white background")
+    with pytest.raises(ValueError, match="background"):
+        scenes.parse_caption("a red circle on the left")
+
+
+def test_concept_lists_and_triggers():
+    held = {c.name for c in scenes.HELD_OUT}
+    assert {c.name for c in scenes.HELD_OUT if c.kind == "subject"} == set(scenes.SUBJECTS_HELD_OUT)
+    assert {c.name for c in scenes.HELD_OUT if c.kind == "style"} == set(scenes.STYLES_HELD_OUT)
+    assert {c.name for c in scenes.HELD_OUT if c.kind == "background"} == set(scenes.BACKGROUNDS_HELD_OUT)
+    assert len(scenes.SUBJECTS_HELD_OUT) >= 6 and len(scenes.STYLES_HELD_OUT) == 4
+    assert not held & set(scenes.SHAPES_BASE + scenes.TEXTURES_BASE + scenes.BACKGROUNDS_BASE)
+    triggers = [c.trigger for c in scenes.HELD_OUT]
+    assert all(re.fullmatch(r"[a-z]+", t) for t in triggers) and len(set(triggers)) == len(triggers)
+    vocabulary = set(scenes.SHAPES + scenes.COLOURS + scenes.TEXTURES + scenes.BACKGROUNDS + scenes.SIZES)
+    assert not vocabulary & set(triggers)
+    assert scenes.held_out_concept(scenes.TRIGGERS["star"]).word == "star"
+
+
+def test_base_split_never_shows_held_out_concepts_and_held_out_split_always_does():
+    base = [scenes.sample_scene(s, "base") for s in range(400)]
+    held = [scenes.sample_scene(s, "held_out") for s in range(400)]
+    assert not set().union(*(s.concepts() for s in base)) & scenes.HELD_OUT_NAMES
+    assert all(s.concepts() & scenes.HELD_OUT_NAMES for s in held)
+    assert {o.shape for s in base for o in s.objects} == set(scenes.SHAPES_BASE)
+    assert {len(s.objects) for s in base} == {1, 2}
+    for s in base + held:
+        assert all(scenes.contrasts(o.colour, s.background) for o in s.objects)
+    with pytest.raises(ValueError, match="star"):
+        scenes.sample_scene(0, "base", fixed={"shape": "star"})
+
+
+def test_fixed_pins_attributes():
+    s = scenes.sample_scene(
+        1, "all", n_objects=2, fixed={"shape": "star", "position": "top", "background": "waves"}
+    )
+    assert [o.shape for o in s.objects] == ["star", "star"] and s.background == "waves"
+    assert [o.position for o in s.objects] == ["top", "bottom"]
+    s = scenes.sample_scene(2, "all", fixed={"shape": ("heart", None), "colour": ("red", "blue")})
+    assert s.objects[0].shape == "heart" and [o.colour for o in s.objects] == ["red", "blue"]
+    with pytest.raises(ValueError, match="fixed"):
+        scenes.sample_scene(0, "all", fixed={"flavour": "sweet"})
+
+
+def _object_and_background(px: int, background: str = "grey", **obj) -> tuple[np.ndarray, np.ndarray]:
+    """The left half of a scene with the object on the left, and the same half with it on the right."""
+    halves = [
+        scenes.render(SceneSpec((ObjectSpec(**obj, position=p),), background), px)[:, : px // 2]
+        for p in ("left", "right")
+    ]
+    return halves[0].astype(int), halves[1].astype(int)
+
+
+@pytest.mark.parametrize("size", [32, 64, 128])
+def test_every_concept_is_drawable_and_visible(size):
+    looks = {}
+    for shape in scenes.SHAPES:
+        for texture in scenes.TEXTURES:
+            obj, bg = _object_and_background(
+                size, shape=shape, colour="yellow", texture=texture, size="small"
+            )
+            assert (np.abs(obj - bg).sum(-1) > 60).mean() > 0.05, (shape, texture)
+            looks[(shape, texture)] = obj.tobytes()
+    assert len(set(looks.values())) == len(looks)  # every shape x texture pair draws differently
+    for background in scenes.BACKGROUNDS:
+        colour = next(c for c in scenes.COLOURS if scenes.contrasts(c, background))
+        obj, bg = _object_and_background(size, background, shape="square", colour=colour)
+        assert (np.abs(obj - bg).sum(-1) > 60).mean() > 0.2, background
+    for colour in scenes.COLOURS:
+        img = scenes.render(SceneSpec((ObjectSpec("square", colour),), "grey"), size)
+        assert np.abs(img[size // 2, size // 2] - np.array(scenes.RGB[colour])).max() <= 1, colour
+
+
+# --- evaluator ---------------------------------------------------------------------------------------------
+
+
+def test_evaluator_reads_fresh_scenes(evaluator):
+    """>= 98 % per attribute on fresh base and held-out scenes with one and two objects."""
+    images, specs = [], []
+    for split, seed in (("base", FRESH_SEED), ("held_out", FRESH_SEED + 1)):
+        for n_objects in (1, 2):
+            x, s = scenes.dataset(100, seed=seed * 3 + n_objects, split=split, n_objects=n_objects)
+            images.append(x)
+            specs += s
+    acc = accuracy(evaluator.evaluate(np.concatenate(images)), specs)
+    assert min(acc.values()) >= 0.98, acc
+
+
+@pytest.mark.parametrize("size", [32, 128])
+def test_evaluator_reads_other_image_sizes(evaluator, size):
+    images, specs = scenes.dataset(100, seed=FRESH_SEED + size, split="all", size=size)
+    acc = accuracy(evaluator.evaluate([scenes.Image.fromarray(x) for x in images]), specs)
+    assert min(acc.values()) >= 0.95, acc
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"colour": "blue"},
+        {"shape": "star"},
+        {"texture": "speckled"},
+        {"size": "small"},
+        {"shape": "heart", "texture": "concentric"},
+    ],
+)
+def test_evaluator_detects_a_changed_attribute(evaluator, change):
+    spec = SceneSpec(
+        (
+            ObjectSpec("circle", "red", "striped", "large", "left"),
+            ObjectSpec("square", "yellow", "dotted", "large", "right"),
+        ),
+        "grey",
+    )
+    changed = scenes.replace_object(spec, 0, **change)
+    before, after = evaluator.evaluate([scenes.draw(spec, seed=7), scenes.draw(changed, seed=7)])
+    assert all(score(before, spec).values())
+    assert all(score(after, changed).values()), after
+    assert not all(score(after, spec).values())
+    assert after.to_spec().objects[1] == before.to_spec().objects[1] == spec.objects[1]
+    for key, value in change.items():
+        assert getattr(after.object_at("left"), key).label == value
+
+
+def test_evaluator_reports_are_complete_and_weights_round_trip(evaluator, tmp_path):
+    spec = scenes.sample_scene(3, "held_out", n_objects=2)
+    img = scenes.render(spec, 64, seed=3)
+    (report,) = evaluator.evaluate(img[None])
+    assert report.to_spec() == spec
+    assert report.count == 2 and 0.5 < report.background.confidence <= 1.0
+    assert all(
+        0.5 < getattr(o, a).confidence <= 1.0 for o in report.objects for a in ("shape", "colour", "position")
+    )
+    evaluator.save(tmp_path / "e.safetensors")
+    again = Evaluator.load(tmp_path / "e.safetensors")
+    assert again.evaluate(img[None]) == [report]
+    with pytest.raises(FileNotFoundError):
+        Evaluator.load(tmp_path / "missing.safetensors")
+
+
+def test_scores_fail_against_the_wrong_scenes(evaluator):
+    images, specs = scenes.dataset(60, seed=FRESH_SEED + 5, split="all")
+    reports = evaluator.evaluate(images)
+    wrong = accuracy(reports, specs[1:] + specs[:1])
+    assert max(wrong["shape"], wrong["texture"], wrong["colour"]) < 0.5, wrong
+    spec = specs[0]
+    other_bg = next(b for b in scenes.BACKGROUNDS if b != spec.background)
+    flags = score(reports[0], SceneSpec(spec.objects, other_bg))
+    assert not flags["background"] and flags["shape"] and flags["count"]
