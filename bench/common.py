@@ -83,6 +83,23 @@ def median_time(fn: Callable[[], object], repeat: int, sync: Callable[[], None] 
     return statistics.median(times)
 
 
+def interleaved_medians(
+    fns: dict[str, Callable[[], object]], repeat: int, sync: Callable[[], None] = lambda: None
+) -> dict[str, float]:
+    """Median seconds of each function, timed round-robin so that load from elsewhere hits all of them alike."""
+    for fn in fns.values():
+        fn()  # warm-up
+    sync()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 def machine() -> str:
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name()} / torch {torch.__version__}"

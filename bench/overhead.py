@@ -10,7 +10,7 @@ import copy
 
 import torch
 
-from bench.common import build_unet, emit, median_time, random_lora, unet_inputs
+from bench.common import build_unet, emit, interleaved_medians, random_lora, unet_inputs
 from composer.adapters.host import AdapterHost
 from composer.backbones import sdxl
 
@@ -18,6 +18,7 @@ from composer.backbones import sdxl
 def measure(config: str, rank: int, ks: list[int], repeat: int, device: str, dtype, batch: int, latent: int):
     unet = build_unet(config, device, dtype)
     theirs = copy.deepcopy(unet)
+    plain = copy.deepcopy(unet)  # the base: no wrappers, no peft layers
     targets = sdxl.BACKBONE.target_modules(unet)
     inputs = unet_inputs(unet, batch, latent, device, dtype)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
@@ -32,19 +33,16 @@ def measure(config: str, rank: int, ks: list[int], repeat: int, device: str, dty
         theirs.load_lora_adapter(state, adapter_name=f"l{i}", prefix=None)
     out: dict[str, float] = {}
     with torch.inference_mode():
-        base = median_time(step(unet), repeat, sync)
-        theirs.disable_lora()
-        base_theirs = median_time(step(theirs), repeat, sync)
-        theirs.enable_lora()
         for k in ks:
             names = [f"l{i}" for i in range(k)]
             host.set_active({n: 1.0 for n in names})
-            ours = median_time(step(unet), repeat, sync)
-            host.set_active({})
             theirs.set_adapters(names, [1.0] * k)
-            peft = median_time(step(theirs), repeat, sync)
-            out[f"{config}_r{rank}_k{k}_ours_over_base"] = round(ours / base, 3)
-            out[f"{config}_r{rank}_k{k}_diffusers_over_base"] = round(peft / base_theirs, 3)
+            m = interleaved_medians(
+                {"base": step(plain), "ours": step(unet), "theirs": step(theirs)}, repeat, sync
+            )
+            out[f"{config}_r{rank}_k{k}_ours_over_base"] = round(m["ours"] / m["base"], 3)
+            out[f"{config}_r{rank}_k{k}_diffusers_over_base"] = round(m["theirs"] / m["base"], 3)
+            base = m["base"]
     if device.startswith("cuda"):
         out[f"{config}_base_ms_per_step_batch{batch}"] = round(base * 1000, 2)
     return out
