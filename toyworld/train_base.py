@@ -1,0 +1,217 @@
+"""Train the toy base model: SDXL's architecture at toy size, on base-concept toy-world scenes only.
+
+python -m toyworld.train_base --out toyworld/model --vae-minutes 4 --unet-minutes 45
+
+Stage 1 trains the small VAE (reconstruction + a light KL term) on 64 px scenes; stage 2 trains both CLIP text
+encoders and the UNet jointly with the epsilon-prediction loss on VAE latents, with 10% empty captions for
+classifier-free guidance and an EMA of the weights. Withheld combinations (toyworld.combos) never appear.
+Both stages run for a time budget; the script writes a diffusers-layout StableDiffusionXLPipeline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from composer.backbones import sdxl
+from toyworld import combos, scenes
+
+log = logging.getLogger("toyworld.train_base")
+
+IMAGE = 64
+LATENT = IMAGE // 4
+# SDXL's block layout (DownBlock2D, CrossAttnDownBlock2D x2 / CrossAttnUpBlock2D x2, UpBlock2D): up_blocks.0
+# has attentions.0 and .1, the B-LoRA content and style blocks. Widths sized for a CPU training budget.
+UNET = dict(
+    sdxl.TINY_UNET,
+    sample_size=LATENT,
+    block_out_channels=(48, 96, 96),
+    layers_per_block=1,
+    transformer_layers_per_block=(1, 1, 1),
+    attention_head_dim=(3, 6, 6),  # heads per level: 16-channel heads
+    cross_attention_dim=128,  # text_encoder.hidden (64) + text_encoder_2.hidden (64), as SDXL concatenates
+    addition_time_embed_dim=16,
+    projection_class_embeddings_input_dim=6 * 16 + 64,
+    norm_num_groups=16,
+)
+# A three-level VAE: 64 px images <-> 16 x 16 x 4 latents (SDXL's VAE is 8x; 4x keeps toy textures).
+VAE = dict(
+    sdxl.TINY_VAE,
+    down_block_types=("DownEncoderBlock2D",) * 3,
+    up_block_types=("UpDecoderBlock2D",) * 3,
+    block_out_channels=(16, 32, 32),
+    norm_num_groups=8,
+    sample_size=IMAGE,
+)
+TEXT_HIDDEN = 64
+
+
+def batch_of_scenes(rng: np.random.Generator, n: int) -> tuple[torch.Tensor, list[str]]:
+    """n base scenes that avoid withheld combinations: images in [-1, 1] (n, 3, 64, 64) and captions."""
+    images, captions = [], []
+    while len(images) < n:
+        seed = int(rng.integers(0, 2**62))
+        spec = scenes.sample_scene(seed, "base")
+        if combos.scene_is_withheld(spec):
+            continue
+        images.append(scenes.render(spec, IMAGE, seed))
+        captions.append(spec.caption())
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return x, captions
+
+
+def train_vae(vae, minutes: float, batch: int, rng) -> float:
+    vae.train().requires_grad_(True)
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    end, step = time.monotonic() + minutes * 60, 0
+    while time.monotonic() < end:
+        x, _ = batch_of_scenes(rng, batch)
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        kl = posterior.kl().mean() / x[0].numel()
+        loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + 1e-4 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        if step % 100 == 0:
+            log.info("vae step %d loss %.4f", step, loss.item())
+    vae.eval().requires_grad_(False)
+    with torch.no_grad():
+        x, _ = batch_of_scenes(rng, 64)
+        latents = vae.encode(x).latent_dist.mean
+        recon_err = (vae.decode(latents).sample - x).abs().mean().item()
+        vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+    log.info(
+        "vae: %d steps, mean abs reconstruction error %.4f, scaling %.3f",
+        step,
+        recon_err,
+        vae.config.scaling_factor,
+    )
+    return recon_err
+
+
+def encode_prompts(pipe, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """What StableDiffusionXLPipeline.encode_prompt computes (penultimate hidden states, pooled from te2)."""
+    embeds, pooled = [], None
+    for tok, te in ((pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)):
+        ids = tok(
+            captions,
+            padding="max_length",
+            max_length=tok.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
+        out = te(ids, output_hidden_states=True)
+        pooled = out[0]  # te2's text_embeds (the loop ends on te2)
+        embeds.append(out.hidden_states[-2])
+    return torch.cat(embeds, dim=-1), pooled
+
+
+def train_unet(pipe, minutes: float, batch: int, lr: float, rng) -> dict:
+    modules = [pipe.unet, pipe.text_encoder, pipe.text_encoder_2]
+    for m in modules:
+        m.train().requires_grad_(True)
+    params = [p for m in modules for p in m.parameters()]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
+    ema = [p.detach().clone() for p in params]
+    sched = pipe.scheduler
+    alphas = sched.alphas_cumprod
+    time_ids = torch.tensor([[IMAGE, IMAGE, 0, 0, IMAGE, IMAGE]], dtype=torch.float32).repeat(batch, 1)
+    scale = pipe.vae.config.scaling_factor
+    end, step, losses = time.monotonic() + minutes * 60, 0, []
+    while time.monotonic() < end:
+        x, captions = batch_of_scenes(rng, batch)
+        captions = ["" if rng.random() < 0.1 else c for c in captions]
+        with torch.no_grad():
+            latents = pipe.vae.encode(x).latent_dist.sample() * scale
+        noise = torch.randn_like(latents)
+        t = torch.from_numpy(rng.integers(0, sched.config.num_train_timesteps, batch))
+        a = alphas[t].view(-1, 1, 1, 1)
+        noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+        embeds, pooled = encode_prompts(pipe, captions)
+        pred = pipe.unet(
+            noisy, t, embeds, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}
+        ).sample
+        loss = F.mse_loss(pred, noise)
+        warm = min(1.0, (step + 1) / 300)
+        for g in opt.param_groups:
+            g["lr"] = lr * warm
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        decay = min(0.999, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for e, p in zip(ema, params, strict=True):
+                e.lerp_(p.detach(), 1 - decay)
+        losses.append(loss.item())
+        step += 1
+        if step % 100 == 0:
+            log.info("unet step %d loss %.4f (last 100)", step, float(np.mean(losses[-100:])))
+    with torch.no_grad():
+        for e, p in zip(ema, params, strict=True):
+            p.copy_(e)
+    for m in modules:
+        m.eval().requires_grad_(False)
+    return {"steps": step, "final_loss_last_200": float(np.mean(losses[-200:])) if losses else math.nan}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", type=Path, default=Path("toyworld/model"))
+    parser.add_argument("--vae-minutes", type=float, default=4.0)
+    parser.add_argument("--unet-minutes", type=float, default=45.0)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    pipe = sdxl.build_pipeline(UNET, VAE, TEXT_HIDDEN, seed=args.seed)
+    start = time.monotonic()
+    recon = train_vae(pipe.vae, args.vae_minutes, args.batch, rng)
+    vae_s = time.monotonic() - start
+    stats = train_unet(pipe, args.unet_minutes, args.batch, args.lr, rng)
+    total = time.monotonic() - start
+    args.out.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(args.out)
+    n_params = {
+        name: sum(p.numel() for p in getattr(pipe, name).parameters())
+        for name in ("unet", "vae", "text_encoder", "text_encoder_2")
+    }
+    record = {
+        "hardware": "cuda"
+        if torch.cuda.is_available()
+        else f"cpu x{os.cpu_count()} ({torch.get_num_threads()} threads)",
+        "vae_seconds": round(vae_s, 1),
+        "total_seconds": round(total, 1),
+        "vae_mean_abs_error": round(recon, 4),
+        "batch": args.batch,
+        "image_size": IMAGE,
+        "params": n_params,
+        **stats,
+        "command": "python -m toyworld.train_base "
+        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
+    }
+    (args.out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+    print(json.dumps(record))
+
+
+if __name__ == "__main__":
+    main()
