@@ -6,7 +6,9 @@ from collections.abc import Callable
 
 from torch import nn
 
+from composer.adapters.kron import KronAdapter
 from composer.adapters.lora import LoraAdapter
+from composer.adapters.lycoris import LohaAdapter, LokrAdapter
 from composer.errors import AdapterError
 from composer.formats.model import ModuleDelta
 
@@ -17,6 +19,9 @@ def _lora(base: nn.Module, delta: ModuleDelta) -> nn.Module:
 
 ADAPTER_TYPES: dict[str, Callable[[nn.Module, ModuleDelta], nn.Module]] = {
     "lora": _lora,
+    "kron": KronAdapter.from_delta,
+    "lokr": LokrAdapter.from_delta,
+    "loha": LohaAdapter.from_delta,
 }
 
 
