@@ -121,5 +121,13 @@ def load_pipeline(
     return pipe
 
 
+def on_meta(model_class: str, config: dict) -> nn.Module:
+    """A diffusers model class built from a config on the meta device: exact architecture, no memory."""
+    import diffusers
+
+    with torch.device("meta"):
+        return getattr(diffusers, model_class)(**config)
+
+
 def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())

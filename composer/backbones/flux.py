@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from composer.backbones.base import Backbone
-from composer.backbones.sdxl import TINY_MERGES
+from composer.backbones.base import Backbone, on_meta
+from composer.backbones.sdxl import TINY_MERGES, clip_text_config
 from composer.backbones.tokenizers import clip_tokenizer, t5_tokenizer
 
 # black-forest-labs/FLUX.1-dev transformer/config.json
@@ -63,25 +63,12 @@ TARGET_PATTERN = (
 def tiny(seed: int = 0):
     """A FLUX pipeline with tiny random weights, a real CLIP BPE tokenizer and an offline T5 tokenizer."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    from transformers import CLIPTextModel, T5Config, T5EncoderModel
 
     tokenizer = clip_tokenizer(TINY_MERGES)
     tokenizer_2 = t5_tokenizer()
     torch.manual_seed(seed)
-    clip = CLIPTextModel(
-        CLIPTextConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_attention_heads=4,
-            num_hidden_layers=2,
-            vocab_size=len(tokenizer),
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            projection_dim=32,
-            hidden_act="gelu",
-        )
-    )
+    clip = CLIPTextModel(clip_text_config(tokenizer))
     t5 = T5EncoderModel(
         T5Config(
             vocab_size=len(tokenizer_2), pad_token_id=tokenizer_2.pad_token_id, eos_token_id=1, **TINY_T5
@@ -106,10 +93,7 @@ def tiny(seed: int = 0):
 
 def meta_transformer() -> nn.Module:
     """FLUX.1-dev's transformer on the meta device."""
-    from diffusers import FluxTransformer2DModel
-
-    with torch.device("meta"):
-        return FluxTransformer2DModel(**REAL_TRANSFORMER)
+    return on_meta("FluxTransformer2DModel", REAL_TRANSFORMER)
 
 
 BACKBONE = Backbone(

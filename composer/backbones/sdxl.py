@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from composer.backbones.base import Backbone
+from composer.backbones.base import Backbone, on_meta
 from composer.backbones.tokenizers import clip_tokenizer
 
 # stabilityai/stable-diffusion-xl-base-1.0 unet/config.json (the fields that shape the network)
@@ -71,11 +71,20 @@ TARGET_PATTERN = r"attn[12]\.(to_q|to_k|to_v|to_out\.0)$"
 
 def text_encoders(hidden: int = 32, seed: int = 0, num_merges: int = TINY_MERGES, **overrides):
     """The two CLIP text encoders of SDXL at toy size, with the real CLIP tokenizer."""
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     tokenizer = clip_tokenizer(num_merges)
-    cfg = dict(TINY_TEXT, hidden_size=hidden, **overrides)
-    common = dict(
+    config = clip_text_config(tokenizer, hidden, **overrides)
+    torch.manual_seed(seed)
+    return CLIPTextModel(config), CLIPTextModelWithProjection(config), tokenizer
+
+
+def clip_text_config(tokenizer, hidden: int = 32, **overrides):
+    """A CLIPTextConfig at toy size whose vocabulary and special tokens are the tokenizer's."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        **dict(TINY_TEXT, hidden_size=hidden, **overrides),
         vocab_size=len(tokenizer),
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -83,10 +92,6 @@ def text_encoders(hidden: int = 32, seed: int = 0, num_merges: int = TINY_MERGES
         projection_dim=hidden,
         hidden_act="gelu",
     )
-    torch.manual_seed(seed)
-    te1 = CLIPTextModel(CLIPTextConfig(**cfg, **common))
-    te2 = CLIPTextModelWithProjection(CLIPTextConfig(**cfg, **common))
-    return te1, te2, tokenizer
 
 
 def build_pipeline(
@@ -133,10 +138,7 @@ def tiny(seed: int = 0):
 
 def meta_unet() -> nn.Module:
     """SDXL-base's UNet on the meta device: the exact architecture, no memory, no weights."""
-    from diffusers import UNet2DConditionModel
-
-    with torch.device("meta"):
-        return UNet2DConditionModel(**REAL_UNET)
+    return on_meta("UNet2DConditionModel", REAL_UNET)
 
 
 BACKBONE = Backbone(
