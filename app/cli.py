@@ -142,8 +142,13 @@ def render_(
     prompt: Annotated[str, typer.Option(help="what to draw")],
     lora: Annotated[list[str] | None, typer.Option("--lora", help="NAME or NAME:WEIGHT (repeatable)")] = None,
     negative_prompt: str = "",
-    backbone: Annotated[str | None, typer.Option(help="sdxl or flux")] = None,
-    model: Annotated[str | None, typer.Option(help="'tiny', a diffusers directory or a hub id")] = None,
+    backbone: Annotated[str | None, typer.Option(help="toy (the bundled toy model), sdxl or flux")] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="'tiny' (random weights), a diffusers directory or a hub id; default: the backbone's own"
+        ),
+    ] = None,
     steps: Annotated[int | None, typer.Option(help="denoising steps")] = None,
     guidance: Annotated[float | None, typer.Option(help="guidance scale")] = None,
     height: int | None = None,

@@ -15,8 +15,11 @@ class Settings(BaseSettings):
         default=Path("~/.lora-studio"), description="catalog, stored LoRA files and renders"
     )
     database_url: str | None = Field(default=None, description="default: SQLite file in data_dir")
-    backbone: str = Field(default="sdxl", description="default backbone family")
-    model: str = Field(default="tiny", description="default model: 'tiny', a diffusers directory or a hub id")
+    backbone: str = Field(default="toy", description="default backbone: 'toy' (bundled), 'sdxl' or 'flux'")
+    model: str | None = Field(
+        default=None,
+        description="default model: 'tiny', a diffusers directory or a hub id (None: the backbone's own)",
+    )
     device: str = Field(default="auto", description="'auto' (cuda when available), 'cpu' or 'cuda[:N]'")
     dtype: str = Field(
         default="auto", description="'auto' (fp16 on cuda, fp32 on cpu), 'float32', 'float16', 'bfloat16'"

@@ -5,16 +5,17 @@ from __future__ import annotations
 import json
 import logging
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from PIL import PngImagePlugin
 
+import toyworld
 from app.library import AdapterInfo, Library
 from app.settings import Settings
 from composer.adapters.host import AdapterHost
-from composer.backbones import get_backbone, load_pipeline
+from composer.backbones import TINY, Backbone, get_backbone, load_pipeline
 from composer.errors import FamilyMismatchError
 from composer.formats.readers import read_lora
 from composer.render import Progress, RenderRequest, render
@@ -39,6 +40,14 @@ class _Loaded:
     pipe: object
     host: AdapterHost
     resident: OrderedDict[str, None] = field(default_factory=OrderedDict)  # sha256, LRU order
+
+
+def resolve_backbone(name: str, model: str | None) -> tuple[Backbone, str]:
+    """A backbone name as users type it, and the model to load: "toy" is SDXL with the shipped toy model;
+    "sdxl" and "flux" default to their tiny random-weight variants."""
+    if name == "toy":  # measured best guidance for the toy model (docs/BENCHMARKS.md)
+        return replace(get_backbone("sdxl"), default_guidance=7.5), str(model or toyworld.model_dir())
+    return get_backbone(name), str(model or TINY)
 
 
 def resolve_device(setting: str) -> str:
@@ -75,11 +84,11 @@ class Studio:
         return cls(settings, Library(sessions, settings.lora_dir), sessions)
 
     # --- pipelines ------------------------------------------------------------------------------------
-    def pipeline(self, backbone: str, model: str) -> _Loaded:
-        key = (backbone, str(model))
+    def pipeline(self, backbone: str, model: str | None = None) -> _Loaded:
+        bb, model = resolve_backbone(backbone, model)
+        key = (backbone, model)
         if key not in self._pipelines:
             device = resolve_device(self.settings.device)
-            bb = get_backbone(backbone)
             pipe = load_pipeline(bb, model, dtype=resolve_dtype(self.settings.dtype, device), device=device)
             self._pipelines[key] = _Loaded(pipe, AdapterHost.for_pipeline(pipe, bb))
         return self._pipelines[key]
@@ -115,9 +124,8 @@ class Studio:
         """
         request.validate()
         backbone = backbone or self.settings.backbone
-        model = model or self.settings.model
+        bb, model = resolve_backbone(backbone, model or self.settings.model)
         infos = [self.library.get(lw.name) for lw in request.loras]
-        bb = get_backbone(backbone)
         for info in infos:
             if info.family != bb.family:
                 raise FamilyMismatchError(

@@ -45,6 +45,8 @@ def test_cli_end_to_end(tmp_path, tiny_sdxl_factory):
     png = tmp_path / "r.png"
     args = [
         "render",
+        "--backbone",
+        "sdxl",
         "--prompt",
         "a red circle on the left",
         "--lora",
@@ -59,7 +61,7 @@ def test_cli_end_to_end(tmp_path, tiny_sdxl_factory):
     meta = json.loads(Image.open(png).text["lora_studio"])
     assert [(x["name"], x["weight"]) for x in meta["loras"]] == [("alpha", 0.7), ("beta", 1.0)]
 
-    result = runner.invoke(app, ["render", "--prompt", "x", "--lora", "alpah", *data])
+    result = runner.invoke(app, ["render", "--backbone", "sdxl", "--prompt", "x", "--lora", "alpah", *data])
     assert result.exit_code == 1 and "alpah" in result.output and "alpha" in result.output
     assert "Traceback" not in result.output
     result = runner.invoke(app, ["export", "alpha", "--format", "ckpt", *data])

@@ -1,1 +1,10 @@
 """Toy world: procedural scenes, the ground-truth evaluator, the bundled toy model."""
+
+from pathlib import Path
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def model_dir() -> Path:
+    """The shipped toy base model (a diffusers-layout StableDiffusionXLPipeline directory)."""
+    return PACKAGE_DIR / "model"

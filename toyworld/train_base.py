@@ -177,16 +177,23 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    parser.add_argument("--resume", type=Path, default=None, help="a saved toy model to continue training")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
-    pipe = sdxl.build_pipeline(UNET, VAE, TEXT_HIDDEN, seed=args.seed)
     start = time.monotonic()
-    recon = train_vae(pipe.vae, args.vae_minutes, args.batch, rng)
-    vae_s = time.monotonic() - start
+    if args.resume:  # continue from a saved model: its VAE is kept, the UNet and text encoders train on
+        from diffusers import StableDiffusionXLPipeline
+
+        pipe = StableDiffusionXLPipeline.from_pretrained(args.resume, local_files_only=True)
+        recon, vae_s = math.nan, 0.0
+    else:
+        pipe = sdxl.build_pipeline(UNET, VAE, TEXT_HIDDEN, seed=args.seed)
+        recon = train_vae(pipe.vae, args.vae_minutes, args.batch, rng)
+        vae_s = time.monotonic() - start
     stats = train_unet(pipe, args.unet_minutes, args.batch, args.lr, rng)
     total = time.monotonic() - start
     args.out.mkdir(parents=True, exist_ok=True)
@@ -209,7 +216,10 @@ def main() -> None:
         "command": "python -m toyworld.train_base "
         + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
     }
-    (args.out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+    history_file = (args.resume or args.out) / "training.json"
+    history = json.loads(history_file.read_text()) if args.resume and history_file.is_file() else {"runs": []}
+    history["runs"].append(record)
+    (args.out / "training.json").write_text(json.dumps(history, indent=2) + "\n")
     print(json.dumps(record))
 
 

@@ -1,0 +1,52 @@
+"""The shipped toy base model: loads through the SDXL loading code, keeps SDXL's layout, draws base concepts
+that the evaluator recognises, and does not draw held-out subjects."""
+
+from __future__ import annotations
+
+import pytest
+
+import toyworld
+from composer.backbones import count_params, get_backbone, load_pipeline
+from toyworld import quality
+from toyworld.evaluator import Evaluator
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return load_pipeline(get_backbone("sdxl"), toyworld.model_dir())
+
+
+@pytest.fixture(scope="module")
+def evaluator():
+    return Evaluator.load()
+
+
+def test_ships_in_diffusers_layout_under_50_mb(toy):
+    files = [p for p in toyworld.model_dir().rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) < 50 * 2**20
+    assert type(toy).__name__ == "StableDiffusionXLPipeline"
+    for block in get_backbone("sdxl").blora_blocks.values():  # B-LoRA's content and style blocks exist
+        toy.unet.get_submodule(block)
+    assert count_params(toy.unet) < 10_000_000
+    assert len(toy.tokenizer) == len(toy.tokenizer_2) and toy.tokenizer("a red circle").input_ids[1:-1] == [
+        320,
+        736,
+        7117,
+    ]
+
+
+def test_quality_harness_runs_and_the_base_model_draws_base_concepts(toy, evaluator):
+    specs = quality.prompt_set("withheld", n=12, seed=1)
+    run = quality.generate(toy, specs, per_prompt=2, steps=20, guidance=7.5, seed=1)
+    assert len(run.images) == 24 and run.images[0].size == (64, 64)
+    figures = quality.measure(evaluator, run)
+    assert set(figures) >= {"shape", "colour", "position", "background", "shape_drawn"}
+    # small-N versions of what the full run (bench/quality.py, docs/BENCHMARKS.md) measures; colour is not
+    # yet at its bar (about 0.7 at guidance 7.5) and is tracked there, not asserted here
+    assert figures["position"] >= 0.85 and figures["shape"] >= 0.8, figures
+
+
+def test_held_out_subjects_are_not_drawn_by_the_base_model(toy, evaluator):
+    specs = quality.prompt_set("held_out_subjects", n=12, seed=1)
+    run = quality.generate(toy, specs, per_prompt=1, steps=20, guidance=7.5, seed=1)
+    assert quality.measure(evaluator, run)["shape_drawn"] <= 0.25
