@@ -23,6 +23,12 @@ DataDir = Annotated[
 
 def _studio(data_dir: Path | None):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # read when huggingface_hub is imported: set it first
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    for lib in (diffusers_logging, transformers_logging):  # our own progress bar is the only one shown
+        lib.disable_progress_bar()
+        lib.set_verbosity_error()
     from app.settings import Settings
     from app.studio import Studio
 
