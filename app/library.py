@@ -168,7 +168,6 @@ class Library:
                     metadata_json=dict(lora.metadata),
                 )
                 info = AdapterInfo.of(adapter)
-                session.flush()
             except BaseException:
                 target.unlink(missing_ok=True)
                 raise

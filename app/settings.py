@@ -33,7 +33,3 @@ class Settings(BaseSettings):
     @property
     def lora_dir(self) -> Path:
         return self.root / "loras"
-
-    @property
-    def render_dir(self) -> Path:
-        return self.root / "renders"

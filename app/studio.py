@@ -101,8 +101,8 @@ class Studio:
             loaded.host.add(info.sha256, read_lora(Path(info.file_path)))
             loaded.resident[info.sha256] = None
         keep = {i.sha256 for i in infos}
-        while len(loaded.resident) > self.settings.max_resident_loras:
-            victim = next(k for k in loaded.resident if k not in keep)
+        evictable = [k for k in loaded.resident if k not in keep]  # least recently used first
+        for victim in evictable[: max(0, len(loaded.resident) - self.settings.max_resident_loras)]:
             loaded.host.remove(victim)
             del loaded.resident[victim]
 

@@ -71,9 +71,12 @@ def random_lora(unet, seed: int, rank: int, targets: list[str]) -> tuple[LoraFil
     return LoraFile(modules, "diffusers", "sdxl"), state
 
 
-def median_time(fn: Callable[[], object], repeat: int, sync: Callable[[], None] = lambda: None) -> float:
-    fn()  # warm-up
-    sync()
+def median_time(
+    fn: Callable[[], object], repeat: int, sync: Callable[[], None] = lambda: None, warmup: bool = True
+) -> float:
+    if warmup:
+        fn()
+        sync()
     times = []
     for _ in range(repeat):
         t = time.perf_counter()

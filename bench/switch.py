@@ -69,7 +69,7 @@ def main() -> None:
             for layer in unet.modules():
                 if hasattr(layer, "_stacks"):
                     layer._stacks.clear()
-            cold_times.append(_once(unet, inputs, sync))
+            cold_times.append(median_time(lambda: unet(**inputs), 1, sync, warmup=False))
         cold = sorted(cold_times)[1]
 
     figures = {
@@ -86,16 +86,6 @@ def main() -> None:
         {"set_adapters_over_ours": ">= 20"},
         {"config": args.config, "rank": args.rank, "loras_per_set": 2},
     )
-
-
-def _once(model, inputs, sync) -> float:
-    import time
-
-    sync()
-    t = time.perf_counter()
-    model(**inputs)
-    sync()
-    return time.perf_counter() - t
 
 
 if __name__ == "__main__":

@@ -240,3 +240,16 @@ def test_bad_render_requests(studio):
     with pytest.raises(StudioError, match="not a number"):
         LoraWeight.parse("inkwell:strong")
     assert LoraWeight.parse("a:b:0.5") == LoraWeight("a:b", 0.5)
+
+
+def test_resident_loras_are_evicted_least_recently_used(tmp_path, lora_files):
+    studio = Studio.open(
+        Settings(data_dir=tmp_path / "lru", backbone="sdxl", model="tiny", max_resident_loras=1)
+    )
+    studio.library.import_paths(list(lora_files.values()))
+    both = (LoraWeight("inkwell"), LoraWeight("pastel"))
+    studio.render(RenderRequest(prompt="x", num_inference_steps=1, loras=both))  # needs 2 > limit: both stay
+    loaded = studio.pipeline("sdxl", "tiny")
+    assert len(loaded.host.names) == 2
+    studio.render(RenderRequest(prompt="x", num_inference_steps=1, loras=(LoraWeight("pastel"),)))
+    assert loaded.host.names == [studio.library.get("pastel").sha256]

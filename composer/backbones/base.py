@@ -41,11 +41,8 @@ class Backbone:
 
     def components(self, pipe) -> dict[str, nn.Module]:
         """LoRA component name -> module, as LoRA files name them."""
-        names = {self.denoiser: self.denoiser}
-        names.update({te: te for te in self.text_encoders})
-        return {
-            comp: getattr(pipe, attr) for comp, attr in names.items() if getattr(pipe, attr, None) is not None
-        }
+        names = (self.denoiser, *self.text_encoders)
+        return {name: getattr(pipe, name) for name in names if getattr(pipe, name, None) is not None}
 
     def target_modules(self, denoiser: nn.Module) -> list[str]:
         """Names of the denoiser's Linear layers that plain LoRA training targets by default."""
