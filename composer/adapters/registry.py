@@ -9,6 +9,7 @@ from torch import nn
 from composer.adapters.kron import KronAdapter
 from composer.adapters.lora import LoraAdapter
 from composer.adapters.lycoris import LohaAdapter, LokrAdapter
+from composer.adapters.tensor import TensorAdapter
 from composer.errors import AdapterError
 from composer.formats.model import ModuleDelta
 
@@ -22,6 +23,7 @@ ADAPTER_TYPES: dict[str, Callable[[nn.Module, ModuleDelta], nn.Module]] = {
     "kron": KronAdapter.from_delta,
     "lokr": LokrAdapter.from_delta,
     "loha": LohaAdapter.from_delta,
+    "tensor": TensorAdapter.from_delta,
 }
 
 

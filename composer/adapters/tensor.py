@@ -1,0 +1,259 @@
+"""Tensor-decomposed adapter, TLoRA (Tao et al., ICCV 2025): y = (W0 T + D) x on Linear layers.
+
+The delta at scale 1 is dW = W0 (T - I) + D, so forward_delta(x) = W0 (T x - x) + D x.
+
+Both T (d_in x d_in) and D (d_out x d_in) are tensor-ring matrices: with the input tensorised as
+d_in = J_1 ... J_D and the output as d_out = O_1 ... O_D (row-major multi-indices), cores G_k of shape
+(O_k, J_k, R_k, R_{k+1}) with R_{D+1} = R_1 give M[o, j] = trace(G_1[o_1, j_1] @ ... @ G_D[o_D, j_D]).
+A matrix-vector product contracts the tensorised input core by core and traces at the end, so neither
+matrix is built in forward; `delta_weight` materialises them, once, to fuse.
+
+Initialisation (`create`): T = I exactly and D = 0, so a fresh adapter leaves the layer unchanged.
+T's diagonal slices G_k[i, i] are c * I_R and its off-diagonal slices 0, with c = R_t ** (-1 / D), so
+T[i, i] = trace(c^D I_R) = 1 and any off-diagonal entry takes at least one zero slice. (METHODS writes
+"every slice I/R", which traces to R^(1-D); c is the per-core root that makes it 1. It is exact for R_t = 1,
+the recipe default, and whenever R_t^(1/D) is a power of two; otherwise T = I to float rounding.)
+D's first core is zero and the others N(0, 1/R): a product of R x R matrices with variance-1/R entries keeps
+its scale, so D's entries grow at the rate of the first core whatever the order and rank.
+
+W0 is read from the base layer at call time, so with another adapter fused into the same layer T
+transforms the fused weight: TLoRA is multiplicative and composes with whatever lies below it.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from composer.errors import AdapterError
+
+if TYPE_CHECKING:
+    from composer.formats.model import ModuleDelta
+
+_NAME = re.compile(r"tr_([td])\.(0|[1-9][0-9]*)")
+
+
+def tensor_modes(n: int, order: int = 3) -> tuple[int, ...]:
+    """The most balanced factorisation of n into `order` ascending factors (1280 -> (8, 10, 16)).
+
+    Balanced means the least sum of squared factors, which is what a transform core costs
+    (R^2 * sum I_k^2). Factors of 1 fill in where n has too few prime factors: 7 -> (1, 1, 7).
+    """
+    if n < 1 or order < 1:
+        raise AdapterError(f"cannot tensorise {n} features into {order} modes")
+
+    def ascending(m: int, k: int, low: int) -> Iterator[tuple[int, ...]]:
+        """Every m = f_1 ... f_k with low <= f_1 <= ... <= f_k."""
+        if k == 1:
+            yield from [(m,)] if m >= low else []
+            return
+        f = low
+        while f**k <= m:
+            if m % f == 0:
+                yield from ((f, *rest) for rest in ascending(m // f, k - 1, f))
+            f += 1
+
+    return min(ascending(n, order, 1), key=lambda fs: (sum(f * f for f in fs), fs))
+
+
+def tr_matvec(x: torch.Tensor, cores: Sequence[torch.Tensor]) -> torch.Tensor:
+    """M x for the tensor-ring matrix M with these cores, never building M.
+
+    Args:
+        x: (..., J_1 * ... * J_D) input.
+        cores: G_k of shape (O_k, J_k, R_k, R_{k+1}), R_{D+1} = R_1.
+
+    Returns:
+        (..., O_1 * ... * O_D), row-major in (o_1, ..., o_D).
+    """
+    lead = x.shape[:-1]
+    g = cores[0]
+    z = x.reshape(-1, g.shape[1], x.shape[-1] // g.shape[1])  # (B, J_1, rest)
+    z = torch.einsum("bjr,ojac->boacr", z, g)  # (B, P = O_1, R_1, R_2, rest)
+    for g in cores[1:]:
+        b, p, ra, rb, _ = z.shape
+        z = z.reshape(b, p, ra, rb, g.shape[1], -1)  # (B, P, R_1, R_k, J_k, rest)
+        z = torch.einsum("bpacjr,ojcd->bpoadr", z, g).reshape(b, p * g.shape[0], ra, g.shape[3], -1)
+    y = z[..., 0].diagonal(dim1=2, dim2=3).sum(-1)  # close the ring: (B, O_1 * ... * O_D)
+    return y.reshape(*lead, y.shape[-1])
+
+
+def tr_matrix(cores: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The dense (prod O_k, prod J_k) tensor-ring matrix; for merging only."""
+    cols = math.prod(g.shape[1] for g in cores)
+    eye = torch.eye(cols, dtype=cores[0].dtype, device=cores[0].device)
+    return tr_matvec(eye, cores).T  # row c of tr_matvec(I) is M[:, c]
+
+
+def _linear_sizes(base: nn.Module) -> tuple[int, int]:
+    if not isinstance(base, nn.Linear):
+        raise AdapterError(f"a tensor (TLoRA) adapter adapts Linear layers only, not a {type(base).__name__}")
+    return base.out_features, base.in_features
+
+
+def _check_ring(what: str, cores: Sequence[torch.Tensor], rows: int, cols: int, layer: str) -> None:
+    if not cores:
+        raise AdapterError(f"TLoRA {what} has no cores ({layer})")
+    for k, g in enumerate(cores):
+        if g.ndim != 4:
+            raise AdapterError(
+                f"TLoRA {what} core {k} {tuple(g.shape)} is not 4-d (rows, cols, R_k, R_k+1) ({layer})"
+            )
+    for k, g in enumerate(cores):
+        nxt = cores[(k + 1) % len(cores)]
+        if g.shape[3] != nxt.shape[2]:
+            raise AdapterError(
+                f"TLoRA {what} core {k} {tuple(g.shape)} does not chain to core {(k + 1) % len(cores)} "
+                f"{tuple(nxt.shape)}: cores are (rows, cols, R_k, R_k+1), ring ranks must match ({layer})"
+            )
+    got = (math.prod(g.shape[0] for g in cores), math.prod(g.shape[1] for g in cores))
+    if got != (rows, cols):
+        shapes = ", ".join(str(tuple(g.shape)) for g in cores)
+        raise AdapterError(
+            f"TLoRA {what} cores [{shapes}] give a {got[0]}x{got[1]} matrix; {layer} needs {rows}x{cols}"
+        )
+
+
+class TensorAdapter(nn.Module):
+    """TLoRA on a Linear: a tensor-ring transform T of the input side plus a tensor-ring residual D."""
+
+    kind = "tensor"
+
+    def __init__(
+        self,
+        base: nn.Module,
+        t_cores: Sequence[torch.Tensor],
+        d_cores: Sequence[torch.Tensor],
+        *,
+        trainable: bool = False,
+    ):
+        super().__init__()
+        d_out, d_in = _linear_sizes(base)
+        layer = f"Linear {d_in}->{d_out}"
+        _check_ring("T", t_cores, d_in, d_in, layer)
+        _check_ring("D", d_cores, d_out, d_in, layer)
+        for k, g in enumerate(t_cores):
+            if g.shape[0] != g.shape[1]:
+                raise AdapterError(f"TLoRA T core {k} {tuple(g.shape)} is not square in its modes ({layer})")
+        weight = base.weight
+        self.t_cores = nn.ParameterList(
+            nn.Parameter(g.detach().to(weight).contiguous(), requires_grad=trainable) for g in t_cores
+        )  # (J_k, J_k, R_t, R_t)
+        self.d_cores = nn.ParameterList(
+            nn.Parameter(g.detach().to(weight).contiguous(), requires_grad=trainable) for g in d_cores
+        )  # (O_k, J_k, R, R)
+        self._base = [base]  # a plain list: W0 is neither this module's parameter nor in its state dict
+
+    @classmethod
+    def create(
+        cls,
+        base: nn.Module,
+        rank: int = 1,
+        transform_rank: int = 1,
+        order: int = 3,
+        generator: torch.Generator | None = None,
+    ) -> TensorAdapter:
+        """A fresh trainable adapter with T = I and D = 0 (see the module docstring for the init).
+
+        Args:
+            rank: D's ring rank R.
+            transform_rank: T's ring rank R_t.
+            order: modes per side, chosen by `tensor_modes`.
+            generator: draws D's cores 2..order (on CPU, so a meta-device layer works too).
+
+        Raises:
+            AdapterError: the layer is not a Linear, or a rank or order is below 1.
+        """
+        d_out, d_in = _linear_sizes(base)
+        if rank < 1 or transform_rank < 1:
+            raise AdapterError(f"TLoRA ranks must be >= 1, got rank={rank}, transform_rank={transform_rank}")
+        ins, outs = tensor_modes(d_in, order), tensor_modes(d_out, order)
+        c = transform_rank ** (-1.0 / order)
+        eye_r = torch.eye(transform_rank)
+        t_cores = [c * torch.eye(j)[:, :, None, None] * eye_r for j in ins]  # (J, J, R_t, R_t)
+        d_cores = [torch.zeros(outs[0], ins[0], rank, rank)]  # drawn on CPU: generator-stable, meta-safe
+        for o, j in zip(outs[1:], ins[1:], strict=True):
+            d_cores.append(torch.randn(o, j, rank, rank, generator=generator) / math.sqrt(rank))
+        return cls(base, t_cores, d_cores, trainable=True)
+
+    @classmethod
+    def from_delta(cls, base: nn.Module, delta: ModuleDelta) -> TensorAdapter:
+        """Build from a ModuleDelta of kind "tensor": tensors tr_t.0, tr_t.1, ... and tr_d.0, ...; no alpha."""
+        found: dict[str, dict[int, torch.Tensor]] = {"t": {}, "d": {}}
+        unknown = []
+        for name, tensor in delta.tensors.items():
+            m = _NAME.fullmatch(name)
+            if m is None:
+                unknown.append(name)
+            else:
+                found[m[1]][int(m[2])] = tensor
+        missing = [
+            f"tr_{s}.{k}" for s, got in found.items() for k in range(max(got, default=0) + 1) if k not in got
+        ]
+        if missing or unknown:
+            raise AdapterError(
+                f"tensor delta needs tensors tr_t.0, tr_t.1, ... and tr_d.0, tr_d.1, ... "
+                f"(missing: {', '.join(missing) or 'none'}; unknown: {', '.join(sorted(unknown)) or 'none'})"
+            )
+        if delta.alpha is not None and float(delta.alpha) != 1.0:
+            raise AdapterError(
+                f"a tensor (TLoRA) adapter has no alpha scaling; the delta carries alpha={delta.alpha}"
+            )
+        t_cores, d_cores = ([got[k] for k in sorted(got)] for got in found.values())
+        return cls(base, t_cores, d_cores)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The cores under their file names (detached copies), the inverse of `from_delta`."""
+        out = {f"tr_t.{k}": g.detach().clone() for k, g in enumerate(self.t_cores)}
+        return out | {f"tr_d.{k}": g.detach().clone() for k, g in enumerate(self.d_cores)}
+
+    @property
+    def t_modes(self) -> tuple[int, ...]:
+        """How the input is tensorised for T (T is square: the same modes on both sides)."""
+        return tuple(g.shape[1] for g in self.t_cores)
+
+    @property
+    def d_modes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """D's (output modes, input modes)."""
+        return tuple(g.shape[0] for g in self.d_cores), tuple(g.shape[1] for g in self.d_cores)
+
+    @property
+    def rank(self) -> int:
+        return self.d_cores[0].shape[2]
+
+    @property
+    def transform_rank(self) -> int:
+        return self.t_cores[0].shape[2]
+
+    def delta_weight(self) -> torch.Tensor:
+        w0 = self._base[0].weight  # (d_out, d_in), as it stands now
+        t = tr_matrix(self.t_cores)  # (d_in, d_in)
+        t_minus_i = t - torch.eye(t.shape[0], dtype=t.dtype, device=t.device)
+        return w0 @ t_minus_i + tr_matrix(self.d_cores)  # (d_out, d_in)
+
+    def forward_delta(self, x: torch.Tensor) -> torch.Tensor:
+        w0 = self._base[0].weight
+        return nn.functional.linear(tr_matvec(x, self.t_cores) - x, w0) + tr_matvec(x, self.d_cores)
+
+    def identity_regulariser(self) -> torch.Tensor:
+        """||T - I||_F^2 from the cores, without building T (an optional loss term).
+
+        ||T||^2 = trace(prod_k E_k) with E_k = sum_ij G_k[i, j] kron G_k[i, j] (trace(A)^2 = trace(A kron A)),
+        and trace(T) = trace(prod_k sum_i G_k[i, i]). Computed in float64: at T = I the two terms cancel to
+        d_in - 2 d_in + d_in, which float32 would leave as noise of order d_in * 1e-7.
+        """
+        cores = [g.double() for g in self.t_cores]
+        ra = cores[0].shape[2]
+        sq = torch.eye(ra * ra, dtype=torch.float64, device=cores[0].device)
+        tr = torch.eye(ra, dtype=torch.float64, device=cores[0].device)
+        for g in cores:
+            r1, r2 = g.shape[2:]
+            sq = sq @ torch.einsum("ijab,ijcd->acbd", g, g).reshape(r1 * r1, r2 * r2)
+            tr = tr @ g.diagonal(dim1=0, dim2=1).sum(-1)  # (R_k, R_k+1)
+        d_in = math.prod(self.t_modes)
+        return (sq.trace() - 2 * tr.trace() + d_in).to(self.t_cores[0].dtype)
