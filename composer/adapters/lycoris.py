@@ -16,7 +16,7 @@ Tensor names, layouts and the alpha rule follow LyCORIS (`lycoris/functional/lok
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import TYPE_CHECKING
 
 import torch
@@ -101,10 +101,38 @@ def _conv_args(base: nn.Module, what: str) -> dict | None:
     return dict(stride=base.stride, padding=base.padding, dilation=base.dilation)
 
 
-def _check_names(tensors: Mapping[str, torch.Tensor], known: tuple[str, ...], what: str) -> None:
-    unknown = sorted(set(tensors) - set(known))
+def _check_names(names: Collection[str], known: tuple[str, ...], what: str) -> None:
+    unknown = sorted(set(names) - set(known))
     if unknown:
         raise AdapterError(f"{what} tensors not supported: {', '.join(unknown)} (known: {', '.join(known)})")
+
+
+def _require(names: Collection[str], wanted: tuple[str, ...], what: str) -> None:
+    missing = [n for n in wanted if n not in names]
+    if missing:
+        raise AdapterError(f"{what} weights missing: {', '.join(missing)}")
+
+
+def check_lokr_names(names: Collection[str]) -> None:
+    """Raise AdapterError unless the tensor names form a LoKr: lokr_w1 or lokr_w1_a + lokr_w1_b, and
+    lokr_w2 or lokr_w2_a + lokr_w2_b (the latter optionally with lokr_t2)."""
+    _check_names(names, LOKR_TENSORS, "LoKr")
+    for side in ("1", "2"):
+        full, low = f"lokr_w{side}", (f"lokr_w{side}_a", f"lokr_w{side}_b")
+        if (full in names) == any(n in names for n in low):
+            raise AdapterError(f"LoKr needs exactly one of {full} or {low[0]}/{low[1]}")
+        if full not in names:
+            _require(names, low, "LoKr")
+    if "lokr_t2" in names and "lokr_w2" in names:
+        raise AdapterError("LoKr lokr_t2 (Tucker) comes with lokr_w2_a/lokr_w2_b, not with lokr_w2")
+
+
+def check_loha_names(names: Collection[str]) -> None:
+    """Raise AdapterError unless the tensor names form a LoHa: hada_w1_a/_b, hada_w2_a/_b (+ both hada_t1/t2)."""
+    _check_names(names, LOHA_TENSORS, "LoHa")
+    _require(names, ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"), "LoHa")
+    if ("hada_t1" in names) != ("hada_t2" in names):
+        raise AdapterError("LoHa Tucker needs both hada_t1 and hada_t2")
 
 
 def _shape(t: torch.Tensor | None) -> tuple[int, ...] | None:
@@ -117,11 +145,12 @@ class _LycorisAdapter(nn.Module):
     kind = ""
     title = ""  # for messages: "LoKr", "LoHa"
     names: tuple[str, ...] = ()
+    check_names: Callable[[Collection[str]], None]  # raises AdapterError unless the names form this kind
 
     def __init__(self, base: nn.Module, tensors: Mapping[str, torch.Tensor], alpha: float | None):
         super().__init__()
         self._conv = _conv_args(base, self.title)
-        _check_names(tensors, self.names, self.title)
+        self.check_names(set(tensors))
         weight = base.weight
         for name in self.names:
             t = tensors.get(name)
@@ -130,11 +159,6 @@ class _LycorisAdapter(nn.Module):
         self.shape = weight.shape  # (out, in) or (out, in, kh, kw)
         self.kernel = tuple(weight.shape[2:])  # () for a Linear
         self.alpha = None if alpha is None else float(alpha)
-
-    def _require(self, *names: str) -> None:
-        missing = [n for n in names if getattr(self, n) is None]
-        if missing:
-            raise AdapterError(f"{self.title} weights missing: {', '.join(missing)}")
 
     def _check_kernel(self, name: str, kernel: tuple[int, ...]) -> None:
         """A trailing kernel (kh, kw) of a factor must be the layer's; a Linear takes only 1x1 (or none)."""
@@ -163,15 +187,10 @@ class LokrAdapter(_LycorisAdapter):
     kind = "lokr"
     title = "LoKr"
     names = LOKR_TENSORS
+    check_names = staticmethod(check_lokr_names)
 
     def __init__(self, base: nn.Module, tensors: Mapping[str, torch.Tensor], alpha: float | None = None):
         super().__init__(base, tensors, alpha)
-        if (self.lokr_w1 is None) == (self.lokr_w1_a is None and self.lokr_w1_b is None):
-            raise AdapterError("LoKr needs exactly one of lokr_w1 or lokr_w1_a/lokr_w1_b")
-        if (self.lokr_w2 is None) == (self.lokr_w2_a is None and self.lokr_w2_b is None):
-            raise AdapterError("LoKr needs exactly one of lokr_w2 or lokr_w2_a/lokr_w2_b")
-        if self.lokr_t2 is not None and self.lokr_w2 is not None:
-            raise AdapterError("LoKr lokr_t2 (Tucker) comes with lokr_w2_a/lokr_w2_b, not with lokr_w2")
         rank = None
         # w1 (out_l, in_m)
         if self.lokr_w1 is not None:
@@ -179,7 +198,6 @@ class LokrAdapter(_LycorisAdapter):
                 raise AdapterError(f"LoKr lokr_w1 must be a matrix, has shape {_shape(self.lokr_w1)}")
             out_l, in_m = self.lokr_w1.shape
         else:
-            self._require("lokr_w1_a", "lokr_w1_b")
             a, b = self.lokr_w1_a, self.lokr_w1_b
             if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
                 raise AdapterError(f"LoKr lokr_w1_a {_shape(a)} and lokr_w1_b {_shape(b)} do not chain")
@@ -190,7 +208,6 @@ class LokrAdapter(_LycorisAdapter):
             self._check_kernel("lokr_w2", tuple(w2.shape[2:]))
             out_k, cols = w2.shape[0], math.prod(w2.shape[1:])
         else:
-            self._require("lokr_w2_a", "lokr_w2_b")
             a, b, t = self.lokr_w2_a, self.lokr_w2_b, self.lokr_t2
             w2_rank = b.shape[0]
             if t is None:  # (out_k, r) @ (r, in_n * kh * kw)
@@ -248,12 +265,10 @@ class LohaAdapter(_LycorisAdapter):
     kind = "loha"
     title = "LoHa"
     names = LOHA_TENSORS
+    check_names = staticmethod(check_loha_names)
 
     def __init__(self, base: nn.Module, tensors: Mapping[str, torch.Tensor], alpha: float | None = None):
         super().__init__(base, tensors, alpha)
-        self._require("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
-        if (self.hada_t1 is None) != (self.hada_t2 is None):
-            raise AdapterError("LoHa Tucker needs both hada_t1 and hada_t2")
         for side in ("1", "2"):
             a, b = getattr(self, f"hada_w{side}_a"), getattr(self, f"hada_w{side}_b")
             t = getattr(self, f"hada_t{side}")
@@ -289,22 +304,42 @@ class LohaAdapter(_LycorisAdapter):
 
 
 # --- Kronecker <-> LoKr -----------------------------------------------------------------------------
-def kron_to_lokr_tensors(adapter: KronAdapter) -> dict[str, torch.Tensor]:
-    """A Kronecker adapter as LoKr tensors: lokr_w1 = A (small factor), lokr_w2 = B (large), alpha.
+def kron_factors_to_lokr(a: torch.Tensor, b: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Kronecker factors A (a1, a2), B (d_out / a1, d_in / a2) as LoKr tensors: lokr_w1 = A (small factor),
+    lokr_w2 = B (large), alpha.
 
     Both factors are full, so every LoKr reader applies scale 1; alpha = 1 is written as a placeholder.
     LyCORIS keeps the small factor in w1, so A must be no larger than B on either side.
 
     Raises:
-        AdapterError: A is larger than B on a side (LoKr's w1/w2 roles would be swapped).
+        AdapterError: A or B is not a matrix, or A is larger than B on a side (LoKr's w1/w2 roles would be
+            swapped).
     """
-    a, b = adapter.a.detach(), adapter.b.detach()
+    if a.ndim != 2 or b.ndim != 2:
+        raise AdapterError(f"Kronecker factors must be matrices, got A {_shape(a)} and B {_shape(b)}")
     if a.shape[0] > b.shape[0] or a.shape[1] > b.shape[1]:
         raise AdapterError(
-            f"Kronecker A {tuple(a.shape)} is larger than B {tuple(b.shape)} on a side; LoKr keeps the small "
+            f"Kronecker A {_shape(a)} is larger than B {_shape(b)} on a side; LoKr keeps the small "
             f"factor in lokr_w1, so this (a1, a2) cannot be exported as LoKr"
         )
-    return {"lokr_w1": a.clone(), "lokr_w2": b.clone(), "alpha": torch.tensor(1.0)}
+    return {"lokr_w1": a.detach().clone(), "lokr_w2": b.detach().clone(), "alpha": torch.tensor(1.0)}
+
+
+def kron_to_lokr_tensors(adapter: KronAdapter) -> dict[str, torch.Tensor]:
+    """A Kronecker adapter as LoKr tensors (see kron_factors_to_lokr)."""
+    return kron_factors_to_lokr(adapter.a, adapter.b)
+
+
+def lokr_kron_factors(tensors: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(A, B) = (lokr_w1, lokr_w2) when LoKr tensors are a textbook Kronecker product as stored, else None.
+
+    That is: full matrices lokr_w1 and lokr_w2 and no other weights ("alpha" may be present): with both
+    factors full there is no rank, so every LoKr reader applies scale 1 whatever alpha says.
+    """
+    weights = {k: v for k, v in tensors.items() if k != "alpha"}
+    if set(weights) != {"lokr_w1", "lokr_w2"} or weights["lokr_w1"].ndim != 2 or weights["lokr_w2"].ndim != 2:
+        return None
+    return weights["lokr_w1"], weights["lokr_w2"]
 
 
 def lokr_tensors_to_kron(
@@ -312,7 +347,8 @@ def lokr_tensors_to_kron(
 ) -> KronAdapter:
     """A Linear LoKr as a Kronecker adapter: A = scale * w1, B = w2 (low-rank factors multiplied out).
 
-    A LoKr with full factors and scale 1 is a textbook Kronecker adapter: then A, B are its tensors as they are.
+    A LoKr with full factors is a textbook Kronecker adapter: then A, B are its tensors as they are
+    (`lokr_kron_factors`).
     `tensors` may hold "alpha" (as `kron_to_lokr_tensors` returns); it wins over the argument.
 
     Raises:
@@ -325,7 +361,9 @@ def lokr_tensors_to_kron(
     weights = {k: v for k, v in tensors.items() if k != "alpha"}
     if "alpha" in tensors:
         alpha = float(tensors["alpha"])
-    lokr = LokrAdapter(base, weights, alpha)
+    lokr = LokrAdapter(base, weights, alpha)  # checks the factors against the layer
+    if (exact := lokr_kron_factors(weights)) is not None:
+        return KronAdapter(base, *(t.detach() for t in exact))
     w1, w2 = lokr.factors()
     a = w1 if lokr.scale == 1.0 else w1 * lokr.scale
     return KronAdapter(base, a.detach(), w2.detach())

@@ -25,7 +25,9 @@ class ModuleDelta:
 
     kind "lora": tensors["down"] (r, in) or (r, in, kh, kw); tensors["up"] (out, r) or (out, r, 1, 1);
     effective delta = (alpha / r) * up @ down, alpha None meaning alpha = r (scale 1).
-    Other kinds (LyCORIS "lokr", "loha") keep their own tensor names.
+    kind "kron": tensors["kron_a"] (a1, a2), ["kron_b"] (d_out / a1, d_in / a2); delta = kron(a, b), no alpha.
+    kind "tensor": cores "tr_t.<k>" (I_k, J_k, R_t, R_t) and "tr_d.<k>" (O_k, J_k, R, R), k = 0, 1, ...; no alpha.
+    LyCORIS kinds ("lokr", "loha") keep their own tensor names (lokr_w1, hada_w1_a, ...).
     """
 
     component: str  # one of COMPONENTS

@@ -232,6 +232,7 @@ _BFL_TOP = {
     "guidance_in_out_layer": "time_text_embed.guidance_embedder.linear_2",
     "final_layer_linear": "proj_out",
 }
+_BFL_SWAPPED = "final_layer_adaLN_modulation_1"  # norm_out.linear, its two halves of rows swapped
 _BFL_BLOCK = re.compile(r"^(double_blocks|single_blocks)_(\d+)_(.+)$")
 BFL_ROOTS = ("double_blocks_", "single_blocks_", "img_in", "txt_in", "time_in_", "vector_in_", "guidance_in_",
              "final_layer_")  # fmt: skip
@@ -260,7 +261,7 @@ def bfl_to_paths(name: str, rows: int, key: str | None = None) -> RowPieces:
     whole = (slice(None),)
     if name in _BFL_TOP:
         return ((_BFL_TOP[name], whole),)
-    if name == "final_layer_adaLN_modulation_1":
+    if name == _BFL_SWAPPED:
         h = _even(rows, 2, key)
         return (("norm_out.linear", (slice(h, 2 * h), slice(0, h))),)
     m = _BFL_BLOCK.match(name)
@@ -305,6 +306,11 @@ class BflTarget:
     def fused(self) -> bool:
         return len(self.group) > 1
 
+    @property
+    def whole_rows(self) -> bool:
+        """True when the layer's output rows are exactly its one path's, in order (not fused, no row swap)."""
+        return not self.fused and self.name != _BFL_SWAPPED
+
 
 _BFL_LINEAR1 = ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")
 _DOUBLE_PATH = re.compile(r"^transformer_blocks\.(\d+)\.(.+)$")
@@ -331,6 +337,6 @@ def path_to_bfl(path: str) -> BflTarget | None:
         bfl = next((b for b, t in _BFL_SINGLE.items() if t == rest), None)
         return None if bfl is None else BflTarget(f"single_blocks_{i}_{bfl}", (path,), (1,))
     if path == "norm_out.linear":
-        return BflTarget("final_layer_adaLN_modulation_1", (path,), (1,))
+        return BflTarget(_BFL_SWAPPED, (path,), (1,))
     bfl = next((b for b, p in _BFL_TOP.items() if p == path), None)
     return None if bfl is None else BflTarget(bfl, (path,), (1,))

@@ -15,6 +15,15 @@ import torch
 from composer.errors import LoraFileError, UnknownKeysError
 from composer.formats import names
 from composer.formats.family import family_from_metadata, family_from_string, family_from_structure
+from composer.formats.kinds import (
+    LYCORIS_ROLES,
+    as_kron,
+    check_cores,
+    core_suffix,
+    is_core,
+    kron_declared,
+    role_kind,
+)
 from composer.formats.model import COMPONENTS, LoraFile, ModuleDelta
 from composer.formats.safetensors_io import file_hashes, load_tensors
 from composer.formats.triggers import read_sidecars, trigger_words
@@ -24,18 +33,13 @@ LORA_ROLES = {
     "lora.down.weight": "down", "lora.up.weight": "up", "lora_linear_layer.down.weight": "down",
     "lora_linear_layer.up.weight": "up", "alpha": "alpha",
 }  # fmt: skip
-LYCORIS_ROLES = {
-    "hada_w1_a": "loha", "hada_w1_b": "loha", "hada_w2_a": "loha", "hada_w2_b": "loha", "hada_t1": "loha",
-    "hada_t2": "loha", "lokr_w1": "lokr", "lokr_w1_a": "lokr", "lokr_w1_b": "lokr", "lokr_w2": "lokr",
-    "lokr_w2_a": "lokr", "lokr_w2_b": "lokr", "lokr_t2": "lokr",
-}  # fmt: skip
 REFUSED = {
     "dora_scale": "DoRA (dora_scale) is not supported yet",
     "lora_magnitude_vector": "DoRA (lora_magnitude_vector) is not supported yet",
     "lora_magnitude_vector.weight": "DoRA (lora_magnitude_vector) is not supported yet",
     "lora_mid.weight": "LoCon Tucker decomposition (lora_mid) is not supported yet",
 }
-_SUFFIXES = sorted({*LORA_ROLES, *LYCORIS_ROLES, *REFUSED}, key=len, reverse=True)
+_SUFFIXES = sorted({*LORA_ROLES, *LYCORIS_ROLES, *REFUSED}, key=len, reverse=True)  # plus tr_t.<k>, tr_d.<k>
 _KOHYA = re.compile(r"^(lora_unet|lora_transformer|lora_te[123]?|lycoris)_([^.]+)\.(.+)$")
 _LEGACY = re.compile(r"^(.+)_lora\.(down|up)\.weight$")  # unet.<...>.processor.to_q_lora.down.weight
 _KOHYA_TEXT = {"lora_te": "text_encoder", "lora_te1": "text_encoder", "lora_te2": "text_encoder_2",
@@ -60,15 +64,18 @@ def _listed(keys: list[str]) -> str:
 
 
 def _split_key(key: str) -> tuple[str, str, str | None, str, str] | None:
-    """(group id, style, prefix, module name, role) of a key, or None when it fits no convention."""
+    """(group id, style, prefix, module name, role) of a key, or None when it fits no convention.
+
+    Tensor cores (tr_t.<k>, tr_d.<k>) are ours: only kohya names and dotted diffusers names carry them.
+    """
     m = _KOHYA.match(key)
-    if m and m.group(3) in _SUFFIXES:
+    if m and (m.group(3) in _SUFFIXES or is_core(m.group(3))):
         return f"{m.group(1)}_{m.group(2)}", "kohya", m.group(1), m.group(2), m.group(3)
     if legacy := _LEGACY.match(key):
         module, role = legacy.group(1), f"lora.{legacy.group(2)}.weight"
         module = module + ".0" if module.endswith(".to_out") else module
     else:
-        role = next((s for s in _SUFFIXES if key.endswith(f".{s}")), None)
+        role = next((s for s in _SUFFIXES if key.endswith(f".{s}")), None) or core_suffix(key)
         if role is None:
             return None
         module = key[: -len(role) - 1]
@@ -76,6 +83,8 @@ def _split_key(key: str) -> tuple[str, str, str | None, str, str] | None:
     first, _, rest = module.partition(".")
     if first in COMPONENTS and rest:
         return module, "diffusers", first, rest, role
+    if is_core(role):
+        return None
     for strip in ("diffusion_model.", "base_model.model."):
         if module.startswith(strip):
             return module, "peft", None, module[len(strip) :], role
@@ -218,8 +227,7 @@ def _group_keys(tensors: Mapping[str, torch.Tensor], source: str) -> tuple[dict[
 
 def _kind(g: _Group, source: str) -> str:
     first_key = next(iter(g.keys.values()))
-    kinds = {LYCORIS_ROLES[r] for r in g.keys if r in LYCORIS_ROLES}
-    kinds |= {"lora"} if {"down", "up"} & set(g.keys) else set()
+    kinds = {k for r in g.keys if (k := role_kind(r)) is not None}
     if len(kinds) > 1:
         raise LoraFileError(f"{source}: {first_key}: module mixes {' and '.join(sorted(kinds))} weights")
     if not kinds:
@@ -290,6 +298,8 @@ def _deltas(
                 module_tensors = {"down": down[lo:hi].contiguous(), "up": rows_of[n][:, lo:hi].contiguous()}
         else:
             module_tensors = {r: tensors[k] for r, k in g.keys.items() if r != "alpha"}
+            if kind == "tensor":
+                check_cores(module_tensors, f"{source}: {first_key}")
         rank = int(down.shape[0]) if kind == "lora" else 0
         alpha = _peft_alpha(config, path, rank, source) if config else None
         if alpha is None and alpha_t is not None:
@@ -309,24 +319,31 @@ def convert_state_dict(
 ) -> tuple[dict[str, ModuleDelta], str]:
     """Convert a LoRA state dict of any supported convention to ModuleDelta entries.
 
+    Kinds: "lora", LyCORIS "lokr" / "loha", "tensor" (tr_t.<k> / tr_d.<k> cores), and "kron" for a LoKr
+    module with full lokr_w1, lokr_w2 that the metadata declares a Kronecker adapter (see formats.kinds).
+
     Returns:
         (modules by ModuleDelta.key, source format "diffusers" | "peft" | "kohya" | "lycoris")
     Raises:
         UnknownKeysError: keys that fit no convention (up to 10 named, with the count of the rest).
-        LoraFileError: DoRA / Tucker keys, incomplete or mis-shaped modules, duplicates, bad peft metadata.
+        LoraFileError: DoRA / Tucker keys, incomplete or mis-shaped modules, duplicates, bad peft metadata,
+            tensor cores not numbered 0, 1, ... without gaps.
     """
     metadata = metadata or {}
     groups, unknown = _group_keys(tensors, source)
     layout = _sgm_layout(list(groups.values()), metadata)
     peft = _peft_configs(metadata, source)
+    kron = kron_declared(metadata, source)
     modules: dict[str, ModuleDelta] = {}
     origin: dict[str, str] = {}
-    for g in groups.values():
+    for gid, g in groups.items():
         try:
             deltas = _deltas(g, tensors, layout, peft, source)
         except UnknownKeysError:
             unknown.extend(g.keys.values())  # collected, so that one error names them all
             continue
+        if kron(gid):
+            deltas = [as_kron(d) for d in deltas]
         first_key = next(iter(g.keys.values()))
         for delta in deltas:
             if delta.key in modules:
@@ -342,7 +359,7 @@ def convert_state_dict(
 
 
 def _source_format(groups, modules) -> str:
-    if any(m.kind != "lora" for m in modules) or any(g.prefix == "lycoris" for g in groups):
+    if any(m.kind in ("lokr", "loha", "kron") for m in modules) or any(g.prefix == "lycoris" for g in groups):
         return "lycoris"
     styles = {g.style for g in groups}
     return "kohya" if "kohya" in styles else "diffusers" if "diffusers" in styles else "peft"

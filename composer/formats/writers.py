@@ -13,6 +13,7 @@ import torch
 
 from composer.errors import LoraFileError, UnknownKeysError
 from composer.formats import names
+from composer.formats.kinds import KIND_KEYS, kohya_keys, kohya_metadata
 from composer.formats.model import LoraFile, ModuleDelta
 from composer.formats.readers import PEFT_METADATA_KEY
 from composer.formats.safetensors_io import serialize, tensor_bytes_sha256, write_bytes_atomic
@@ -23,19 +24,24 @@ ARCHITECTURE = {
     "sd15": "stable-diffusion-v1/lora",
     "flux": "flux-1-dev/lora",
 }
-# Hashes of the source file no longer describe a rewritten file.
-STALE_KEYS = (PEFT_METADATA_KEY, "sshs_model_hash", "sshs_legacy_hash", "modelspec.hash_sha256")
+# Hashes and adapter kinds of the source file no longer describe a rewritten file.
+STALE_KEYS = (PEFT_METADATA_KEY, "sshs_model_hash", "sshs_legacy_hash", "modelspec.hash_sha256", *KIND_KEYS)
+
+
+def _modules(lora: LoraFile, path: Path) -> list[ModuleDelta]:
+    if not lora.modules:
+        raise LoraFileError(f"{path}: no modules to write")
+    return list(lora.modules.values())
 
 
 def _plain_loras(lora: LoraFile, path: Path) -> list[ModuleDelta]:
     other = sorted(m.key for m in lora.modules.values() if m.kind != "lora")
     if other:
         raise LoraFileError(
-            f"{path}: only plain LoRA can be written; {other[0]} is {lora.modules[other[0]].kind}"
+            f"{path}: diffusers files hold plain LoRA only; {other[0]} is {lora.modules[other[0]].kind} "
+            f"(use --format kohya: write_kohya writes every adapter kind)"
         )
-    if not lora.modules:
-        raise LoraFileError(f"{path}: no modules to write")
-    return list(lora.modules.values())
+    return _modules(lora, path)
 
 
 def _alpha(m: ModuleDelta) -> float:
@@ -215,9 +221,26 @@ def _bfl_layer(
     return down.contiguous(), up, alpha
 
 
-def _kohya_tensors(lora: LoraFile, mods: list[ModuleDelta], p: Path) -> dict[str, torch.Tensor]:
+def _other_name(m: ModuleDelta, family: str | None, components: set[str], p: Path) -> str:
+    """The kohya name of a non-LoRA delta; FLUX layers that BFL fuses or reorders cannot hold one."""
+    target = names.path_to_bfl(m.path) if _uses_bfl(m, family) else None
+    if target is not None and not target.whole_rows:
+        why = f"fuses {', '.join(target.group)}" if target.fused else "reorders its output rows"
+        raise LoraFileError(
+            f"{p}: {m.key} is {m.kind}: the FLUX layer {target.name} {why}, which only plain LoRA can "
+            f"express losslessly"
+        )
+    return kohya_name(m, family, components)
+
+
+def _kohya_tensors(
+    lora: LoraFile, mods: list[ModuleDelta], p: Path
+) -> tuple[dict[str, torch.Tensor], dict[str, str], dict[str, ModuleDelta]]:
+    """(tensors by key, kind by kohya module name, the "tensor" deltas by kohya module name)."""
     components = {m.component for m in mods}
     tensors: dict[str, torch.Tensor] = {}
+    kinds: dict[str, str] = {}
+    cores: dict[str, ModuleDelta] = {}
 
     def put(name: str, down: torch.Tensor, up: torch.Tensor, alpha: float | None) -> None:
         tensors[f"{name}.lora_down.weight"] = down
@@ -228,8 +251,16 @@ def _kohya_tensors(lora: LoraFile, mods: list[ModuleDelta], p: Path) -> dict[str
     bfl: dict[str, tuple[names.BflTarget, dict[str, ModuleDelta]]] = {}
     unnamed: list[str] = []
     for m in mods:
-        if not _uses_bfl(m, lora.family):
-            put(kohya_name(m, lora.family, components), m.tensors["down"], m.tensors["up"], m.alpha)
+        if m.kind != "lora":
+            name = _other_name(m, lora.family, components, p)
+            tensors.update({f"{name}.{k}": t for k, t in kohya_keys(m, f"{p}: {m.key} is {m.kind}").items()})
+            kinds[name] = m.kind
+            if m.kind == "tensor":
+                cores[name] = m
+        elif not _uses_bfl(m, lora.family):
+            name = kohya_name(m, lora.family, components)
+            put(name, m.tensors["down"], m.tensors["up"], m.alpha)
+            kinds[name] = "lora"
         elif (target := names.path_to_bfl(m.path)) is None:
             unnamed.append(m.key)
         else:
@@ -241,7 +272,8 @@ def _kohya_tensors(lora: LoraFile, mods: list[ModuleDelta], p: Path) -> dict[str
         )
     for name, (target, parts) in bfl.items():
         put(f"lora_unet_{name}", *_bfl_layer(target, parts, str(p)))
-    return tensors
+        kinds[f"lora_unet_{name}"] = "lora"
+    return tensors, kinds, cores
 
 
 def write_kohya(
@@ -255,7 +287,7 @@ def write_kohya(
     date: datetime | None = None,
 ) -> None:
     """Write kohya keys (`<prefix>_<name>.lora_down.weight` / `.lora_up.weight` / `.alpha`) with ss_* and
-    ModelSpec metadata.
+    ModelSpec metadata; other adapter kinds under the same module names with their own suffixes.
 
     Names are diffusers paths with "_" for ".": the UNet as `lora_unet_down_blocks_...` (not SGM names). FLUX
     (family "flux", or None, component "transformer") is written in the BFL layout that sd-scripts, ComfyUI,
@@ -272,19 +304,30 @@ def write_kohya(
     without alpha gets no `.alpha` key. `modelspec.hash_sha256` is "0x" + the SHA-256 of the tensor bytes.
     `title` (default: the file stem) and `trigger_words` (default: the LoRA's own) as in write_diffusers.
 
+    Other kinds (one per module; a file may mix them), see composer.formats.kinds: "kron" as LyCORIS LoKr
+    (`lokr_w1` = A, `lokr_w2` = B, `alpha`), which every UI reads; "lokr" / "loha" with their LyCORIS tensors;
+    "tensor" as `tr_t.<k>` / `tr_d.<k>` cores, our own layout that community tools do not read. Metadata:
+    `lora_studio.adapter_type` (the kind, or "mixed"), `ss_network_module` ("networks.lora", "lycoris.kohya"
+    with `ss_network_args` {"algo": ...} for kron/lokr/loha, or "composer.adapters.tensor"),
+    `lora_studio.kron_modules` in a mixed file, `lora_studio.tensor_modes` (core shapes). ss_network_dim /
+    ss_network_alpha come from the plain LoRA modules (kept from the source when there are none).
+    On FLUX, non-LoRA kinds go under BFL names only where BFL neither fuses nor reorders the layer.
+
     Raises:
-        LoraFileError: a module is not plain LoRA; members of a fused FLUX layer whose shapes do not fuse.
+        LoraFileError: members of a fused FLUX layer whose shapes do not fuse; a non-LoRA delta on a fused or
+            reordered FLUX layer; a Kronecker A larger than B (LoKr cannot hold it); tensors a kind does not
+            hold; tensor cores not numbered 0, 1, ...
         UnknownKeysError: a module path has no kohya name that reads back (FLUX: no BFL name; all are named).
     """
     p = Path(path)
-    mods = _plain_loras(lora, p)
-    tensors = _kohya_tensors(lora, mods, p)
-    meta = _base_metadata(lora, title, trigger_words)
+    mods = _modules(lora, p)
+    tensors, kinds, cores = _kohya_tensors(lora, mods, p)
+    meta = kohya_metadata(_base_metadata(lora, title, trigger_words), kinds, cores)
+    if loras := [m for m in mods if m.kind == "lora"]:
+        meta["ss_network_dim"] = str(_most_common([m.rank for m in loras]))
+        meta["ss_network_alpha"] = str(_num(_most_common([_alpha(m) for m in loras])))
     meta.update(
         {
-            "ss_network_module": "networks.lora",
-            "ss_network_dim": str(_most_common([m.rank for m in mods])),
-            "ss_network_alpha": str(_num(_most_common([_alpha(m) for m in mods]))),
             "modelspec.sai_model_spec": "1.0.0",
             "modelspec.implementation": "diffusers",
             "modelspec.title": meta.get("modelspec.title") or p.stem,

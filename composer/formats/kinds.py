@@ -1,0 +1,218 @@
+"""Key suffixes of the adapter kinds beyond plain LoRA in kohya-named files, both directions.
+
+One kind per module; a file may mix kinds. What write_kohya writes after `<prefix>_<name>.`:
+
+- "kron" (DiffuseKronA): LyCORIS LoKr keys `lokr_w1` = A (small factor), `lokr_w2` = B (large), `alpha` (a
+  placeholder: full factors mean scale 1), so every LoKr reader (LyCORIS, ComfyUI, A1111, Forge) applies it.
+  Metadata says which LoKr modules were Kronecker adapters, so read_lora gives kind "kron" back.
+- "lokr", "loha": the LyCORIS tensors as they are, and `alpha`.
+- "tensor" (TLoRA): `tr_t.<k>` (transform cores (I_k, J_k, R_t, R_t)) and `tr_d.<k>` (residual cores
+  (O_k, J_k, R, R)), k = 0, 1, ...; the core shapes (the tensorisation) go to metadata. This is our own
+  layout: community tools do not read it.
+
+Metadata: `lora_studio.adapter_type` (the kind, or "mixed"), `lora_studio.kron_modules` (JSON list of module
+names holding a Kronecker adapter, in a mixed file), `lora_studio.tensor_modes` (JSON {module name: {"tr_t":
+[shapes], "tr_d": [shapes]}}), and kohya's `ss_network_module` / `ss_network_args` as LyCORIS writes them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Collection, Iterable, Mapping
+
+import torch
+
+from composer.adapters.lycoris import (
+    LOHA_TENSORS,
+    LOKR_TENSORS,
+    check_loha_names,
+    check_lokr_names,
+    kron_factors_to_lokr,
+    lokr_kron_factors,
+)
+from composer.errors import AdapterError, LoraFileError
+from composer.formats.model import ModuleDelta
+
+ADAPTER_TYPE_KEY = "lora_studio.adapter_type"
+KRON_MODULES_KEY = "lora_studio.kron_modules"
+TENSOR_MODES_KEY = "lora_studio.tensor_modes"
+KIND_KEYS = (ADAPTER_TYPE_KEY, KRON_MODULES_KEY, TENSOR_MODES_KEY)  # describe one written file only
+
+LYCORIS_ROLES = {n: "lokr" for n in LOKR_TENSORS} | {n: "loha" for n in LOHA_TENSORS}
+TENSOR_CORES = ("tr_t", "tr_d")
+_CORE = re.compile(r"^(tr_t|tr_d)\.(\d+)$")
+_CORE_AT_END = re.compile(r"\.((?:tr_t|tr_d)\.\d+)$")
+_ALGO = {"kron": "lokr", "lokr": "lokr", "loha": "loha"}  # LyCORIS algorithm that holds each kind
+_NETWORK_MODULE = {"lora": "networks.lora", "lycoris": "lycoris.kohya", "tensor": "composer.adapters.tensor"}
+
+
+# --- reading ----------------------------------------------------------------------------------------
+def is_core(role: str) -> bool:
+    """True for an indexed tensor-ring core name, tr_t.<k> or tr_d.<k>."""
+    return _CORE.match(role) is not None
+
+
+def core_suffix(key: str) -> str | None:
+    """The trailing "tr_t.<k>" / "tr_d.<k>" of a dotted key, or None."""
+    m = _CORE_AT_END.search(key)
+    return m.group(1) if m else None
+
+
+def role_kind(role: str) -> str | None:
+    """The kind a module role belongs to ("down"/"up": lora); None for alpha."""
+    if role in ("down", "up"):
+        return "lora"
+    if role in LYCORIS_ROLES:
+        return LYCORIS_ROLES[role]
+    return "tensor" if is_core(role) else None
+
+
+def check_cores(names: Iterable[str], where: str) -> None:
+    """Raise LoraFileError unless each core family present (tr_t, tr_d) is numbered 0, 1, ... without gaps."""
+    found: dict[str, list[int]] = {}
+    for name in names:
+        m = _CORE.match(name)
+        if m is None:
+            raise LoraFileError(f"{where}: {name!r} is not a tensor core name (tr_t.<k> or tr_d.<k>)")
+        found.setdefault(m.group(1), []).append(int(m.group(2)))
+    if not found:
+        raise LoraFileError(f"{where}: tensor delta holds no tr_t/tr_d cores")
+    for family, idx in sorted(found.items()):
+        if sorted(idx) != list(range(len(idx))):
+            listed = ", ".join(str(i) for i in sorted(idx))
+            raise LoraFileError(
+                f"{where}: {family} cores are numbered {listed}; they must run 0, 1, ... without gaps"
+            )
+
+
+def kron_declared(metadata: Mapping[str, str], source: str) -> Callable[[str], bool]:
+    """Which module names (kohya names, or dotted paths) the file says hold a Kronecker adapter as LoKr."""
+    if metadata.get(ADAPTER_TYPE_KEY) == "kron":
+        return lambda name: True
+    raw = metadata.get(KRON_MODULES_KEY)
+    if not raw:
+        return lambda name: False
+    try:
+        listed = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise LoraFileError(f"{source}: {KRON_MODULES_KEY} is not valid JSON ({e})") from e
+    if not isinstance(listed, list) or not all(isinstance(n, str) for n in listed):
+        raise LoraFileError(f"{source}: {KRON_MODULES_KEY} is not a JSON list of module names")
+    return frozenset(listed).__contains__
+
+
+def as_kron(d: ModuleDelta) -> ModuleDelta:
+    """A LoKr delta that is a textbook Kronecker product (full lokr_w1, lokr_w2) as kind "kron"; else d."""
+    factors = lokr_kron_factors(d.tensors) if d.kind == "lokr" else None
+    if factors is None:
+        return d
+    a, b = factors  # (a1, a2), (d_out / a1, d_in / a2)
+    return ModuleDelta(d.component, d.path, "kron", {"kron_a": a, "kron_b": b})
+
+
+# --- writing ----------------------------------------------------------------------------------------
+def _kron_keys(m: ModuleDelta, where: str) -> dict[str, torch.Tensor]:
+    if set(m.tensors) != {"kron_a", "kron_b"}:
+        raise LoraFileError(
+            f"{where}: a kron delta holds kron_a and kron_b, not {', '.join(sorted(m.tensors))}"
+        )
+    if m.alpha is not None and float(m.alpha) != 1.0:
+        raise LoraFileError(
+            f"{where}: a Kronecker adapter has no alpha scaling; the delta carries alpha={m.alpha}"
+        )
+    try:
+        return kron_factors_to_lokr(m.tensors["kron_a"], m.tensors["kron_b"])
+    except AdapterError as e:
+        raise LoraFileError(f"{where}: {e}") from e
+
+
+def _lycoris_keys(
+    check: Callable[[Collection[str]], None],
+) -> Callable[[ModuleDelta, str], dict[str, torch.Tensor]]:
+    def keys(m: ModuleDelta, where: str) -> dict[str, torch.Tensor]:
+        try:
+            check(set(m.tensors))  # a file every LyCORIS reader loads, not one that fails there
+        except AdapterError as e:
+            raise LoraFileError(f"{where}: {e}") from e
+        return _with_alpha(m)
+
+    return keys
+
+
+def _core_keys(m: ModuleDelta, where: str) -> dict[str, torch.Tensor]:
+    check_cores(m.tensors, where)
+    return _with_alpha(m)
+
+
+def _with_alpha(m: ModuleDelta) -> dict[str, torch.Tensor]:
+    alpha = {} if m.alpha is None else {"alpha": torch.tensor(float(m.alpha), dtype=torch.float32)}
+    return dict(m.tensors) | alpha
+
+
+KOHYA_KEYS: dict[str, Callable[[ModuleDelta, str], dict[str, torch.Tensor]]] = {
+    "kron": _kron_keys,
+    "lokr": _lycoris_keys(check_lokr_names),
+    "loha": _lycoris_keys(check_loha_names),
+    "tensor": _core_keys,
+}
+
+
+def kohya_keys(m: ModuleDelta, where: str) -> dict[str, torch.Tensor]:
+    """Key suffix -> tensor of one non-LoRA module, alpha included (a float32 scalar).
+
+    Raises:
+        LoraFileError: an unknown kind, tensors the kind does not hold, a Kronecker A larger than B (LoKr
+            cannot hold it), tensor cores not numbered 0, 1, ...
+    """
+    try:
+        keys = KOHYA_KEYS[m.kind]
+    except KeyError:
+        raise LoraFileError(
+            f"{where}: adapter kind {m.kind!r} has no kohya layout (known: lora, {', '.join(KOHYA_KEYS)})"
+        ) from None
+    return keys(m, where)
+
+
+def _core_shapes(m: ModuleDelta) -> dict[str, list[list[int]]]:
+    def index(name: str) -> int:
+        return int(name.rsplit(".", 1)[1])
+
+    return {
+        family: [list(m.tensors[n].shape) for n in sorted(m.tensors, key=index) if n.startswith(f"{family}.")]
+        for family in TENSOR_CORES
+    }
+
+
+def kohya_metadata(
+    source: Mapping[str, str], kinds: Mapping[str, str], tensors: Mapping[str, ModuleDelta]
+) -> dict[str, str]:
+    """The source metadata with the keys that name the file's adapter kinds set (or dropped when stale).
+
+    Args:
+        source: metadata carried over from the source file (without our KIND_KEYS).
+        kinds: kind by kohya module name, for every module of the file.
+        tensors: the "tensor" deltas by kohya module name.
+    """
+    meta = dict(source)
+    present = set(kinds.values())
+    meta[ADAPTER_TYPE_KEY] = next(iter(present)) if len(present) == 1 else "mixed"
+    algos = {_ALGO[k] for k in present if k in _ALGO}
+    family = "lycoris" if algos else "tensor" if "tensor" in present else "lora"
+    meta["ss_network_module"] = _NETWORK_MODULE[family]
+    args = meta.pop("ss_network_args", None)
+    try:
+        kept = json.loads(args) if args else None
+    except json.JSONDecodeError:
+        kept = None
+    algo = algos.pop() if len(algos) == 1 else None
+    if algo is not None:
+        keep = isinstance(kept, dict) and kept.get("algo") == algo
+        meta["ss_network_args"] = args if keep else json.dumps({"algo": algo})
+    elif args and not (isinstance(kept, dict) and "algo" in kept):
+        meta["ss_network_args"] = args  # a plain network's arguments; a LyCORIS algo would be stale
+    if "kron" in present and meta[ADAPTER_TYPE_KEY] == "mixed":
+        meta[KRON_MODULES_KEY] = json.dumps(sorted(n for n, k in kinds.items() if k == "kron"))
+    if tensors:
+        meta[TENSOR_MODES_KEY] = json.dumps({n: _core_shapes(m) for n, m in sorted(tensors.items())})
+    return meta
