@@ -68,16 +68,41 @@ class AdapterHost:
             )
         if not built:
             raise AdapterError(f"LoRA {name!r} holds no adapter weights")
+        self.attach(name, [(key, adapter) for key, _, adapter in built])
+
+    def attach(self, name: str, built: list[tuple[str, nn.Module]]) -> None:
+        """Make ready-built adapter modules resident under `name`: ("component.path" key, adapter) pairs.
+
+        The trainer attaches fresh trainable adapters this way; `add` attaches the ones it built from a file.
+        """
+        if name in self._resident:
+            raise AdapterError(f"an adapter named {name!r} is already resident")
         wrappers = []
         paths: dict[str, dict[int, str]] = {}  # component -> id(module) -> the model's own path
-        for key, target, adapter in built:
-            component = key.split(".", 1)[0]
+        for key, adapter in built:
+            component, _, path = key.partition(".")
+            target = self._find(component, path)
+            if target is None:
+                raise UnknownKeysError(f"adapter {name!r}: {key} matches nothing in this model", [key])
             if component not in paths:
                 paths[component] = {id(m): n for n, m in self.components[component].named_modules()}
             wrapper = self._wrap(component, paths[component][id(target)], target)
             wrapper.add(name, adapter)
             wrappers.append(wrapper)
         self._resident[name] = wrappers
+
+    def find(self, key: str) -> nn.Module | None:
+        """The module a "component.path" key names (the original, also when it is already wrapped)."""
+        component, _, path = key.partition(".")
+        target = self._find(component, path)
+        return target.base if isinstance(target, AdaptedModule) else target
+
+    def adapter_modules(self, name: str) -> dict[str, nn.Module]:
+        """The resident adapter `name` by "component.path" key of the module it adapts."""
+        if name not in self._resident:
+            raise AdapterError(f"not resident: {name}")
+        keys = {id(w): k for k, w in self._wrapped.items()}
+        return {keys[id(w)]: w.adapters[name] for w in self._resident[name]}
 
     def remove(self, name: str) -> None:
         """Drop a resident adapter and free its weights."""
@@ -138,9 +163,12 @@ class AdapterHost:
         unknown = [n for n in scales if n not in self._resident]
         if unknown:
             raise AdapterError(f"not resident: {', '.join(unknown)}")
+        per_wrapper: dict[int, tuple[AdaptedModule, dict[str, float]]] = {}
         for name, scale in scales.items():
             for wrapper in self._resident[name]:
-                wrapper.fuse({name: float(scale)})
+                per_wrapper.setdefault(id(wrapper), (wrapper, {}))[1][name] = float(scale)
+        for wrapper, todo in per_wrapper.values():  # all of one layer's deltas at once, from its base weight
+            wrapper.fuse(todo)
         self.context.fused = {n: float(s) for n, s in scales.items()}
 
     def unfuse(self) -> None:

@@ -111,6 +111,10 @@ class KronAdapter(nn.Module):
             )
         return cls(base, delta.tensors["kron_a"], delta.tensors["kron_b"])
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The state as ModuleDelta tensors ("kron_a", "kron_b"); no alpha."""
+        return {"kron_a": self.a.detach().clone(), "kron_b": self.b.detach().clone()}
+
     @property
     def a1(self) -> int:
         return self.a.shape[0]

@@ -50,8 +50,10 @@ class AdaptedModule(nn.Module):
         if self._backup is None:
             self._backup = self.base.weight.detach().clone()
         weight = self.base.weight
-        for name, scale in todo.items():
-            weight.add_(self.adapters[name].delta_weight().to(weight), alpha=float(scale))
+        # every delta first, then add: a delta that reads the base weight (TLoRA) sees the original
+        deltas = [(self.adapters[n].delta_weight().to(weight), float(s)) for n, s in todo.items()]
+        for delta, scale in deltas:
+            weight.add_(delta, alpha=scale)
 
     @torch.no_grad()
     def unfuse(self) -> None:

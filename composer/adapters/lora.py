@@ -55,6 +55,35 @@ class LoraAdapter(nn.Module):
                     f"LoRA on a Conv2d with padding_mode={base.padding_mode!r} is not supported"
                 )
 
+    @classmethod
+    def create(
+        cls, base: nn.Module, rank: int, alpha: float | None = None, generator: torch.Generator | None = None
+    ) -> LoraAdapter:
+        """A fresh trainable LoRA: down ~ U(-1/sqrt(in), 1/sqrt(in)) (peft's Kaiming-uniform), up = 0.
+
+        Raises:
+            AdapterError: the layer is not a Linear/Conv2d, or the rank exceeds the layer's dimensions.
+        """
+        if isinstance(base, nn.Linear):
+            shape_down, shape_up = (rank, base.in_features), (base.out_features, rank)
+        elif isinstance(base, nn.Conv2d):
+            shape_down = (rank, base.in_channels // base.groups, *base.kernel_size)
+            shape_up = (base.out_channels, rank, 1, 1)
+        else:
+            raise AdapterError(f"LoRA cannot adapt a {type(base).__name__}")
+        if rank < 1:
+            raise AdapterError(f"LoRA rank must be at least 1, got {rank}")
+        fan_in = int(torch.tensor(shape_down[1:]).prod())
+        bound = 1.0 / fan_in**0.5
+        down = (torch.rand(shape_down, generator=generator) * 2 - 1) * bound  # drawn on CPU: generator-stable
+        adapter = cls(base, down, torch.zeros(shape_up), alpha)
+        adapter.requires_grad_(True)
+        return adapter
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The state as ModuleDelta tensors ("down", "up"); alpha is `self.alpha`."""
+        return {"down": self.down.detach().clone(), "up": self.up.detach().clone()}
+
     @property
     def scale(self) -> float:
         return self.alpha / self.rank

@@ -1,0 +1,114 @@
+"""What a training run is: one dataclass for every adapter type, validated before any work starts."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+from composer.errors import StudioError
+
+ADAPTER_KINDS = ("lora", "blora", "kron", "tensor")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+
+
+class TrainConfigError(StudioError):
+    """A training setting out of range or inconsistent; the message names it."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run. Defaults follow each method's recipe where METHODS.md gives one.
+
+    kind: "lora" (rank, alpha on the backbone's attention targets), "blora" (LoRA on the backbone's two
+    B-LoRA blocks only), "kron" (DiffuseKronA, factor (a1, a2)), "tensor" (TLoRA, rank and transform rank).
+    prompt: the instance prompt ("a photo of sks dog"); a caption file next to an image (IMG.txt) wins.
+    class_prompt + prior_weight > 0: DreamBooth prior preservation with `class_images` images the base model
+    renders for the class prompt before training.
+    """
+
+    kind: str = "lora"
+    prompt: str = ""
+    steps: int = 500
+    learning_rate: float | None = None  # None: the kind's recipe (see recipe_lr)
+    batch_size: int = 1
+    seed: int = 0
+    resolution: int | None = None  # None: the model's native size
+    rank: int = 4
+    alpha: float | None = None  # None: alpha = rank (scale 1)
+    kron_factors: tuple[int, int] = (16, 16)  # (a1, a2); a1 * a2 = 256 is DiffuseKronA's headline
+    tensor_rank: int = 1
+    transform_rank: int = 1
+    class_prompt: str = ""
+    prior_weight: float = 0.0
+    class_images: int = 8
+    checkpoint_every: int = 100
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    flip: bool = False  # horizontal flip augmentation (off: positions are part of many prompts)
+    min_images: int = 1
+
+    def recipe_lr(self) -> float:
+        if self.learning_rate is not None:
+            return self.learning_rate
+        return {"lora": 1e-4, "blora": 5e-5, "kron": 1e-3, "tensor": 1e-4}[self.kind]
+
+    def validate(self) -> TrainConfig:
+        """Raise TrainConfigError naming the first bad setting; return self."""
+        if self.kind not in ADAPTER_KINDS:
+            raise TrainConfigError(
+                f"adapter type {self.kind!r} is not trainable; choose {', '.join(ADAPTER_KINDS)}"
+            )
+        if not self.prompt.strip():
+            raise TrainConfigError(
+                "the instance prompt is empty; say what the images show, e.g. 'a photo of sks dog'"
+            )
+        checks = [
+            ("steps", self.steps, 1, 1_000_000),
+            ("batch_size", self.batch_size, 1, 256),
+            ("rank", self.rank, 1, 4096),
+            ("tensor_rank", self.tensor_rank, 1, 64),
+            ("transform_rank", self.transform_rank, 1, 64),
+            ("class_images", self.class_images, 1, 10_000),
+            ("checkpoint_every", self.checkpoint_every, 1, 1_000_000),
+            ("min_images", self.min_images, 1, 10_000),
+        ]
+        for name, value, low, high in checks:
+            if not isinstance(value, int) or not low <= value <= high:
+                raise TrainConfigError(f"{name} must be an integer in {low}..{high}, got {value!r}")
+        lr = self.recipe_lr()
+        if not 0 < lr < 1:
+            raise TrainConfigError(f"learning_rate must be in (0, 1), got {lr}")
+        if self.alpha is not None and self.alpha <= 0:
+            raise TrainConfigError(f"alpha must be positive, got {self.alpha}")
+        a1, a2 = self.kron_factors
+        if a1 < 1 or a2 < 1:
+            raise TrainConfigError(f"kron_factors must be positive, got {self.kron_factors}")
+        if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
+            raise TrainConfigError(f"resolution must be a multiple of 8, at least 8; got {self.resolution}")
+        if self.prior_weight < 0:
+            raise TrainConfigError(f"prior_weight must be >= 0, got {self.prior_weight}")
+        if self.prior_weight > 0 and not self.class_prompt.strip():
+            raise TrainConfigError(
+                "prior preservation (prior_weight > 0) needs a class prompt, e.g. 'a photo of a dog'"
+            )
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise TrainConfigError(
+                f"mixed_precision {self.mixed_precision!r}: choose {', '.join(MIXED_PRECISION)}"
+            )
+        return self
+
+    def to_json(self) -> dict:
+        out = asdict(self)
+        out["kron_factors"] = list(self.kron_factors)
+        out["learning_rate"] = self.recipe_lr()
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise TrainConfigError(f"unknown training settings: {', '.join(unknown)}")
+        values = dict(data)
+        if "kron_factors" in values:
+            values["kron_factors"] = tuple(values["kron_factors"])
+        return cls(**values)

@@ -1,0 +1,124 @@
+"""The denoising loss of each backbone family, on cached latents and text embeddings.
+
+SDXL: DDPM noise at a uniform timestep; the UNet predicts epsilon (or v, by the scheduler's config).
+FLUX: rectified flow; x_t = (1 - t) x0 + t noise at t = sigmoid(N(0, 1)) and the transformer predicts
+noise - x0 on packed 2x2 latent patches, as diffusers' FLUX LoRA trainer does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from composer.errors import StudioError
+
+
+@dataclass
+class Conditioning:
+    """Text conditioning of one caption, computed once (text encoders are frozen)."""
+
+    embeds: torch.Tensor  # (1, seq, dim)
+    pooled: torch.Tensor  # (1, dim)
+    text_ids: torch.Tensor | None = None  # FLUX only
+
+
+class Objective:
+    """Encodes images and captions for one pipeline and computes the training loss of a batch."""
+
+    def __init__(self, pipe, family: str, size: int):
+        self.pipe, self.family, self.size = pipe, family, size
+        if family == "sdxl":
+            from diffusers import DDPMScheduler
+
+            self.noise = DDPMScheduler.from_config(pipe.scheduler.config)
+        elif family != "flux":
+            raise StudioError(f"training on a {family} backbone is not supported (sdxl, flux)")
+
+    @property
+    def denoiser(self):
+        return self.pipe.unet if self.family == "sdxl" else self.pipe.transformer
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) of the VAE posterior of (N, 3, H, W) pixels; sampled afresh each step."""
+        vae = self.pipe.vae
+        dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+        return dist.mean.float(), dist.std.float()
+
+    def latents(self, mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        cfg = self.pipe.vae.config
+        x = mean + std * torch.randn(mean.shape, generator=generator).to(mean)
+        shift = getattr(cfg, "shift_factor", None) or 0.0
+        return (x - shift) * cfg.scaling_factor
+
+    @torch.no_grad()
+    def encode_caption(self, caption: str, device) -> Conditioning:
+        if self.family == "sdxl":
+            embeds, _, pooled, _ = self.pipe.encode_prompt(
+                caption, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
+            )
+            return Conditioning(embeds.float(), pooled.float())
+        max_len = getattr(self.pipe, "tokenizer_max_length", 77)
+        embeds, pooled, text_ids = self.pipe.encode_prompt(
+            caption, prompt_2=None, device=device, max_sequence_length=min(512, max(max_len, 77))
+        )
+        return Conditioning(embeds.float(), pooled.float(), text_ids)
+
+    def loss(
+        self, x0: torch.Tensor, cond: list[Conditioning], generator: torch.Generator, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """Mean squared error of the denoiser's prediction on a batch of latents x0 (B, C, h, w)."""
+        if self.family == "sdxl":
+            return self._sdxl(x0, cond, generator, dtype)
+        return self._flux(x0, cond, generator, dtype)
+
+    def _sdxl(self, x0, cond, generator, dtype) -> torch.Tensor:
+        b, device = x0.shape[0], x0.device
+        noise = torch.randn(x0.shape, generator=generator).to(x0)
+        steps = self.noise.config.num_train_timesteps
+        t = torch.randint(0, steps, (b,), generator=generator).to(device)
+        noisy = self.noise.add_noise(x0, noise, t)
+        kind = self.noise.config.prediction_type
+        target = noise if kind == "epsilon" else self.noise.get_velocity(x0, noise, t)
+        h = w = self.size
+        time_ids = torch.tensor([[h, w, 0, 0, h, w]], device=device, dtype=dtype).repeat(b, 1)
+        embeds = torch.cat([c.embeds for c in cond]).to(device, dtype)
+        pooled = torch.cat([c.pooled for c in cond]).to(device, dtype)
+        pred = self.pipe.unet(
+            noisy.to(dtype),
+            t,
+            embeds,
+            added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids},
+        ).sample
+        return F.mse_loss(pred.float(), target.float())
+
+    def _flux(self, x0, cond, generator, dtype) -> torch.Tensor:
+        pipe = self.pipe
+        b, c, h, w = x0.shape
+        device = x0.device
+        noise = torch.randn(x0.shape, generator=generator).to(x0)
+        t = torch.sigmoid(torch.randn((b,), generator=generator)).to(x0)
+        tb = t.view(-1, 1, 1, 1)
+        noisy = (1 - tb) * x0 + tb * noise
+        pack = pipe._pack_latents
+        img_ids = pipe._prepare_latent_image_ids(b, h // 2, w // 2, device, dtype)
+        transformer = pipe.transformer
+        guidance = (
+            torch.ones((b,), device=device, dtype=torch.float32)
+            if getattr(transformer.config, "guidance_embeds", False)
+            else None
+        )
+        pred = transformer(
+            hidden_states=pack(noisy, b, c, h, w).to(dtype),
+            timestep=t.to(dtype),
+            guidance=guidance,
+            pooled_projections=torch.cat([k.pooled for k in cond]).to(device, dtype),
+            encoder_hidden_states=torch.cat([k.embeds for k in cond]).to(device, dtype),
+            txt_ids=cond[0].text_ids,
+            img_ids=img_ids,
+            return_dict=False,
+        )[0]
+        target = pack(noise - x0, b, c, h, w)
+        return F.mse_loss(pred.float(), target.float())

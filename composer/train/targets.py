@@ -1,0 +1,76 @@
+"""Which modules a run adapts, fresh trainable adapters for them, and the trained result as a LoraFile."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from torch import nn
+
+from composer.adapters import blora
+from composer.adapters.kron import KronAdapter
+from composer.adapters.lora import LoraAdapter
+from composer.adapters.tensor import TensorAdapter
+from composer.backbones.base import Backbone
+from composer.errors import AdapterError
+from composer.formats.model import LoraFile, ModuleDelta
+from composer.train.config import TrainConfig, TrainConfigError
+
+KIND_OF = {"lora": "lora", "blora": "lora", "kron": "kron", "tensor": "tensor"}  # config kind -> file kind
+
+
+def target_keys(backbone: Backbone, pipe, config: TrainConfig) -> list[str]:
+    """ "component.path" keys of the modules to adapt: the backbone's attention targets (B-LoRA: its blocks)."""
+    denoiser = getattr(pipe, backbone.denoiser)
+    names = backbone.target_modules(denoiser)
+    if config.kind == "blora":
+        if not backbone.blora_blocks:
+            raise TrainConfigError(f"the {backbone.family} backbone declares no B-LoRA content/style blocks")
+        names = blora.block_targets(names, backbone.blora_blocks)
+        if not names:
+            raise TrainConfigError(
+                f"this {backbone.family} model has no attention layers in the B-LoRA blocks "
+                f"{', '.join(backbone.blora_blocks.values())}"
+            )
+    if not names:
+        raise TrainConfigError(f"no target modules match {backbone.target_pattern!r} in this model")
+    return [f"{backbone.denoiser}.{n}" for n in names]
+
+
+def create(base: nn.Module, config: TrainConfig, generator: torch.Generator) -> nn.Module:
+    """A fresh trainable adapter of the run's kind whose delta is zero."""
+    if config.kind in ("lora", "blora"):
+        return LoraAdapter.create(base, config.rank, config.alpha, generator=generator)
+    if config.kind == "kron":
+        return KronAdapter.create(base, *config.kron_factors, generator=generator)
+    return TensorAdapter.create(
+        base, rank=config.tensor_rank, transform_rank=config.transform_rank, generator=generator
+    )
+
+
+def create_all(host_find, keys: list[str], config: TrainConfig, generator) -> list[tuple[str, nn.Module]]:
+    """One fresh adapter per key; an impossible setting names the module it does not fit."""
+    built = []
+    for key in keys:
+        try:
+            built.append((key, create(host_find(key), config, generator)))
+        except AdapterError as exc:
+            raise TrainConfigError(f"{config.kind} adapter on {key}: {exc}") from None
+    return built
+
+
+def to_lora_file(
+    adapters: dict[str, nn.Module], config: TrainConfig, backbone: Backbone, metadata: dict[str, str]
+) -> LoraFile:
+    """The trained adapters as a LoraFile (tensors in the adapter's dtype, detached copies)."""
+    modules = {}
+    kind = KIND_OF[config.kind]
+    for key, adapter in adapters.items():
+        component, _, path = key.partition(".")
+        alpha = adapter.alpha if kind == "lora" else None
+        tensors = {n: t.float().cpu() for n, t in adapter.tensors().items()}
+        modules[key] = ModuleDelta(component=component, path=path, kind=kind, tensors=tensors, alpha=alpha)
+    meta = dict(metadata)  # the writer records the file kind; a B-LoRA is a LoRA file naming its blocks
+    if config.kind == "blora":
+        meta[blora.BLOCKS_KEY] = json.dumps(backbone.blora_blocks)
+    return LoraFile(modules=modules, source_format="kohya", family=backbone.family, metadata=meta)

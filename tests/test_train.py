@@ -1,0 +1,178 @@
+"""The trainer: every adapter type learns, the pipeline comes back unchanged, resume is exact, bad input is named."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from composer.adapters import blora
+from composer.adapters.layer import AdaptedModule
+from composer.errors import AdapterError
+from composer.formats import read_lora, write_kohya
+from composer.train import TrainConfig, TrainConfigError, Trainer, TrainingDataError, load_images
+from composer.train.checkpoint import CheckpointError
+
+
+def _images(n: int, size: int = 32, seed: int = 0) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        arr = np.zeros((size, size, 3), np.uint8)
+        arr[:] = rng.integers(0, 255, 3)
+        x0, y0 = rng.integers(0, size // 2, 2)
+        arr[y0 : y0 + size // 2, x0 : x0 + size // 2] = rng.integers(0, 255, 3)
+        out.append(Image.fromarray(arr))
+    return out
+
+
+def _unet_out(pipe) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    unet = pipe.unet
+    size = unet.config.sample_size
+    x = torch.randn(1, unet.config.in_channels, size, size, generator=g)
+    cond = torch.randn(1, 77, unet.config.cross_attention_dim, generator=g)
+    pooled = torch.randn(1, pipe.text_encoder_2.config.projection_dim, generator=g)
+    ids = torch.tensor([[size * 8, size * 8, 0, 0, size * 8, size * 8]], dtype=torch.float32)
+    with torch.no_grad():
+        return unet(x, 10, cond, added_cond_kwargs={"text_embeds": pooled, "time_ids": ids}).sample
+
+
+@pytest.fixture(scope="module")
+def sdxl(tiny_sdxl_factory):
+    backbone, make = tiny_sdxl_factory
+    return backbone, make()
+
+
+def _train(sdxl, tmp_path, **overrides):
+    backbone, pipe = sdxl
+    settings = dict(kind="lora", prompt="a photo of sks", steps=4, learning_rate=1e-2, batch_size=2, rank=2)
+    settings.update(overrides)
+    config = TrainConfig(**settings)
+    trainer = Trainer(pipe, backbone, config, tmp_path / config.kind)
+    return trainer.run(load_images(_images(3), config.prompt, trainer.size), samples=1, sample_steps=2)
+
+
+@pytest.mark.parametrize(
+    "kind, extra",
+    [("lora", {}), ("blora", {}), ("kron", {"kron_factors": (2, 4)}), ("tensor", {"learning_rate": 1e-2})],
+)
+def test_every_kind_learns_and_the_pipeline_comes_back(sdxl, tmp_path, kind, extra):
+    backbone, pipe = sdxl
+    before = _unet_out(pipe)
+    result = _train(sdxl, tmp_path, kind=kind, **extra)
+    assert torch.equal(_unet_out(pipe), before), "training left the pipeline changed"
+    assert not any(isinstance(m, AdaptedModule) for m in pipe.unet.modules())
+    assert len(result.losses) == result.steps == 4 and all(np.isfinite(result.losses))
+    assert result.parameters > 0 and len(result.samples) == 1
+    # the trained adapter changes the model: its deltas are no longer zero
+    from composer.adapters.host import AdapterHost
+
+    host = AdapterHost.for_pipeline(pipe, backbone)
+    try:
+        host.add("trained", result.lora)
+        norms = [a.delta_weight().abs().max().item() for a in host.adapter_modules("trained").values()]
+        assert max(norms) > 0
+        with host.activate({"trained": 1.0}):
+            assert not torch.allclose(_unet_out(pipe), before)
+    finally:
+        host.detach()
+    if kind == "blora":
+        paths = {m.path for m in result.lora.modules.values()}
+        assert paths and all(
+            p.startswith(("up_blocks.0.attentions.0.", "up_blocks.0.attentions.1.")) for p in paths
+        )
+
+
+@pytest.mark.parametrize(
+    "kind, extra", [("lora", {}), ("blora", {}), ("kron", {"kron_factors": (2, 4)}), ("tensor", {})]
+)
+def test_trained_file_round_trips(sdxl, tmp_path, kind, extra):
+    result = _train(sdxl, tmp_path, kind=kind, steps=2, **extra)
+    path = tmp_path / f"{kind}.safetensors"
+    write_kohya(result.lora, path, title=kind)
+    back = read_lora(path)
+    assert set(back.modules) == set(result.lora.modules)
+    for key, m in result.lora.modules.items():
+        assert back.modules[key].kind == m.kind
+        for name, t in m.tensors.items():
+            assert torch.equal(back.modules[key].tensors[name], t), (key, name)
+    assert back.metadata["ss_seed"] == "0"
+    if kind == "blora":
+        content, style = blora.half(back, "content"), blora.half(back, "style")
+        assert len(content.modules) + len(style.modules) == len(back.modules)
+        assert all(m.path.startswith("up_blocks.0.attentions.1.") for m in style.modules.values())
+
+
+def test_resume_after_interruption_equals_an_uninterrupted_run(sdxl, tmp_path):
+    backbone, pipe = sdxl
+    config = TrainConfig(kind="lora", prompt="a photo of sks", steps=6, learning_rate=1e-2, batch_size=2, rank=2,
+                         checkpoint_every=3)  # fmt: skip
+    images = load_images(_images(3), config.prompt, 32)
+    whole = Trainer(pipe, backbone, config, tmp_path / "whole").run(images, samples=0)
+
+    def interrupt(step, total, loss):
+        if step == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(pipe, backbone, config, tmp_path / "cut", progress=interrupt).run(images, samples=0)
+    assert not any(isinstance(m, AdaptedModule) for m in pipe.unet.modules()), "interrupted run left adapters"
+    with pytest.raises(TrainConfigError, match="resume"):
+        Trainer(pipe, backbone, config, tmp_path / "cut").run(images, samples=0)
+    resumed = Trainer(pipe, backbone, config, tmp_path / "cut").run(images, resume=True, samples=0)
+    assert resumed.losses == whole.losses
+    for key, m in whole.lora.modules.items():
+        for name, t in m.tensors.items():
+            assert torch.equal(resumed.lora.modules[key].tensors[name], t)
+    changed = TrainConfig(**{**config.to_json(), "kron_factors": (16, 16), "steps": 9})
+    with pytest.raises(CheckpointError, match="steps"):
+        Trainer(pipe, backbone, changed, tmp_path / "cut").run(images, resume=True, samples=0)
+
+
+def test_bad_input_is_named(sdxl, tmp_path):
+    backbone, pipe = sdxl
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    _images(1)[0].save(folder / "a.png")
+    (folder / "b.png").write_bytes(b"not a png at all")
+    with pytest.raises(TrainingDataError, match="b.png"):
+        load_images(folder, "a photo of sks", 32)
+    (folder / "b.png").unlink()
+    with pytest.raises(TrainingDataError, match="1 image.*at least 4"):
+        load_images(folder, "a photo of sks", 32, min_images=4)
+    with pytest.raises(TrainingDataError, match="not a folder"):
+        load_images(tmp_path / "missing", "x", 32)
+    with pytest.raises(TrainConfigError, match=r"kron adapter on unet\..*does not fit"):
+        _train(sdxl, tmp_path, kind="kron", kron_factors=(3, 7))
+    with pytest.raises(TrainConfigError, match="rank 4096 exceeds"):
+        _train(sdxl, tmp_path, rank=4096)
+    with pytest.raises(TrainConfigError, match="prompt is empty"):
+        TrainConfig(prompt=" ").validate()
+    with pytest.raises(TrainConfigError, match="adapter type 'dora'"):
+        TrainConfig(kind="dora", prompt="x").validate()
+    with pytest.raises(TrainConfigError, match="class prompt"):
+        TrainConfig(prompt="x", prior_weight=1.0).validate()
+    with pytest.raises(TrainConfigError, match="needs a GPU"):
+        Trainer(pipe, backbone, TrainConfig(prompt="x", mixed_precision="fp16"), tmp_path / "mp")
+    with pytest.raises(AdapterError, match="not a B-LoRA"):
+        blora.half(_train(sdxl, tmp_path / "plain", steps=1).lora, "style")
+
+
+def test_prior_preservation_renders_and_reuses_class_images(sdxl, tmp_path):
+    result = _train(sdxl, tmp_path, steps=2, class_prompt="a photo", prior_weight=1.0, class_images=2)
+    assert result.steps == 2
+    assert sorted(p.name for p in (tmp_path / "lora" / "class_images").iterdir()) == ["0000.png", "0001.png"]
+
+
+def test_flux_lora_trains(tiny_flux_factory, tmp_path):
+    backbone, make = tiny_flux_factory
+    pipe = make()
+    config = TrainConfig(kind="lora", prompt="a photo of sks", steps=3, learning_rate=1e-2, rank=2)
+    trainer = Trainer(pipe, backbone, config, tmp_path / "flux")
+    result = trainer.run(load_images(_images(2), config.prompt, trainer.size), samples=0)
+    assert len(result.losses) == 3 and all(np.isfinite(result.losses))
+    ups = [m.tensors["up"].abs().max().item() for m in result.lora.modules.values()]
+    assert max(ups) > 0, "no gradient reached the FLUX adapters"
+    assert result.lora.family == "flux"
