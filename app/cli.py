@@ -200,6 +200,101 @@ def render_(
         typer.echo(str(p))
 
 
+@app.command()
+@_guard
+def train(
+    images: Annotated[
+        Path, typer.Option("--images", help="folder of training images (IMG.txt captions optional)")
+    ],
+    prompt: Annotated[str, typer.Option(help="instance prompt, e.g. 'a photo of sks dog'")],
+    name: Annotated[str, typer.Option(help="catalog name of the new adapter")],
+    type_: Annotated[str, typer.Option("--type", help="lora, blora, kron or tensor")] = "lora",
+    steps: int = 500,
+    lr: Annotated[
+        float | None, typer.Option("--lr", help="learning rate (default: the type's recipe)")
+    ] = None,
+    batch_size: int = 1,
+    rank: Annotated[int, typer.Option(help="LoRA / B-LoRA rank")] = 4,
+    alpha: Annotated[float | None, typer.Option(help="LoRA alpha (default: rank)")] = None,
+    kron: Annotated[str, typer.Option(help="Kronecker factor A1xA2, e.g. 16x16")] = "16x16",
+    tensor_rank: Annotated[int, typer.Option(help="TLoRA residual rank")] = 1,
+    transform_rank: Annotated[int, typer.Option(help="TLoRA transform rank")] = 1,
+    resolution: Annotated[
+        int | None, typer.Option(help="training size (default: the model's native)")
+    ] = None,
+    seed: int = 0,
+    class_prompt: Annotated[str, typer.Option(help="prior preservation class prompt")] = "",
+    prior_weight: Annotated[float, typer.Option(help="prior preservation loss weight (0: off)")] = 0.0,
+    checkpoint_every: int = 100,
+    mixed_precision: Annotated[str, typer.Option(help="no, fp16 or bf16 (GPU)")] = "no",
+    gradient_checkpointing: bool = False,
+    trigger: Annotated[list[str] | None, typer.Option("--trigger", help="trigger word (repeatable)")] = None,
+    tag: Annotated[list[str] | None, typer.Option("--tag", help="tag (repeatable)")] = None,
+    description: str = "",
+    resume: Annotated[bool, typer.Option(help="continue the run's last checkpoint")] = False,
+    backbone: Annotated[str | None, typer.Option(help="toy, sdxl or flux")] = None,
+    model: Annotated[str | None, typer.Option(help="'tiny', a diffusers directory or a hub id")] = None,
+    data_dir: DataDir = None,
+):
+    """Train an adapter on a folder of images and add it to the catalog."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from app.training import train as run_training
+    from composer.train import TrainConfig
+
+    try:
+        a1, a2 = (int(x) for x in kron.lower().split("x"))
+    except ValueError:
+        _fail(f"--kron {kron!r}: write the factor as A1xA2, e.g. 16x16")
+    config = TrainConfig(
+        kind=type_,
+        prompt=prompt,
+        steps=steps,
+        learning_rate=lr,
+        batch_size=batch_size,
+        seed=seed,
+        resolution=resolution,
+        rank=rank,
+        alpha=alpha,
+        kron_factors=(a1, a2),
+        tensor_rank=tensor_rank,
+        transform_rank=transform_rank,
+        class_prompt=class_prompt,
+        prior_weight=prior_weight,
+        checkpoint_every=checkpoint_every,
+        mixed_precision=mixed_precision,
+        gradient_checkpointing=gradient_checkpointing,
+    ).validate()
+    studio = _studio(data_dir)
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}"),
+        TimeElapsedColumn(),
+        transient=not sys.stderr.isatty(),
+    ) as bar:
+        task = bar.add_task(f"training {name}", total=steps, loss=float("nan"))
+        outcome = run_training(
+            studio,
+            config,
+            images,
+            name,
+            backbone=backbone,
+            model=model,
+            trigger_words=trigger or [],
+            tags=tag or [],
+            description=description,
+            resume=resume,
+            progress=lambda done, total, loss: bar.update(task, completed=done, total=total, loss=loss),
+        )
+    typer.echo(
+        f"{outcome.adapter.name}: {outcome.adapter.adapter_type}, {outcome.parameters:,} parameters, "
+        f"{outcome.steps} steps in {outcome.seconds:.0f} s, final loss {outcome.final_loss:.4f}"
+    )
+    typer.echo(f"run folder {outcome.run_dir}")
+
+
 def main() -> None:
     logging.basicConfig(level=os.environ.get("LORA_STUDIO_LOG", "WARNING"))
     app()

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from composer.adapters import blora
 from composer.errors import LoraFileError, StudioError
 from composer.formats.readers import read_lora
 from composer.formats.writers import write_diffusers, write_kohya
@@ -46,6 +47,8 @@ class AdapterInfo:
     tags: list[str] = field(default_factory=list)
     description: str = ""
     metadata: dict[str, str] = field(default_factory=dict)
+    training_config: dict | None = None
+    preview_path: str | None = None
     created_at: datetime | None = None
     updated_at: datetime | None = None
 
@@ -67,6 +70,8 @@ class AdapterInfo:
             tags=list(a.tags or []),
             description=a.description or "",
             metadata=dict(a.metadata_json or {}),
+            training_config=dict(a.training_config) if a.training_config else None,
+            preview_path=a.preview_path,
             created_at=a.created_at,
             updated_at=a.updated_at,
         )
@@ -80,6 +85,14 @@ class ImportOutcome:
     status: str
     name: str | None = None
     message: str = ""
+
+
+def adapter_type_of(lora) -> str:
+    """The catalog's adapter type: "blora" for a B-LoRA file, else the file's one kind ("lora" when mixed)."""
+    if blora.blocks_of(lora) is not None:
+        return "blora"
+    kinds = lora.network_kinds
+    return next(iter(kinds)) if len(kinds) == 1 else "lora"
 
 
 def safe_name(stem: str) -> str:
@@ -119,8 +132,21 @@ class Library:
         self.sessions = sessions
         self.lora_dir = lora_dir
 
-    def import_file(self, path: Path, name: str | None = None, tags: list[str] | None = None) -> AdapterInfo:
+    def import_file(
+        self,
+        path: Path,
+        name: str | None = None,
+        tags: list[str] | None = None,
+        *,
+        exact_name: bool = False,
+        description: str = "",
+        training_config: dict | None = None,
+        preview: Path | None = None,
+    ) -> AdapterInfo:
         """Validate `path`, copy it into the data dir and catalog it. Nothing is written on any error.
+
+        A taken name gets a numeric suffix, unless exact_name (then NameTakenError). A preview image is
+        copied beside the file.
 
         Raises:
             LoraFileError: unreadable, corrupt, pickle, non-finite or unrecognised keys (named).
@@ -143,18 +169,23 @@ class Library:
                     f"{path.name} is already in the catalog as {existing.name!r} (same tensors)",
                     existing.name,
                 )
-            final_name = _unique_name(repo, safe_name(name or path.stem))
+            # an exact name that is taken makes repo.add raise NameTakenError
+            final_name = (
+                (name or path.stem) if exact_name else _unique_name(repo, safe_name(name or path.stem))
+            )
             self.lora_dir.mkdir(parents=True, exist_ok=True)
             target = self.lora_dir / f"{hashes.sha256[:16]}.safetensors"
-            kinds = lora.network_kinds
-            adapter_type = next(iter(kinds)) if len(kinds) == 1 else "lora"
             alphas = {m.alpha for m in lora.modules.values()}
+            preview_target = None
+            if preview is not None:
+                preview_target = self.lora_dir / f"{hashes.sha256[:16]}.preview{Path(preview).suffix}"
+                _copy_atomic(Path(preview), preview_target)
             _copy_atomic(path, target)
             try:
                 adapter = repo.add(
                     name=final_name,
                     family=lora.family,
-                    adapter_type=adapter_type,
+                    adapter_type=adapter_type_of(lora),
                     source_format=lora.source_format,
                     rank=lora.rank,
                     alpha=next(iter(alphas)) if len(alphas) == 1 else None,
@@ -166,10 +197,15 @@ class Library:
                     trigger_words=list(lora.trigger_words),
                     tags=list(tags or []),
                     metadata_json=dict(lora.metadata),
+                    description=description,
+                    training_config=training_config,
+                    preview_path=str(preview_target) if preview_target else None,
                 )
                 info = AdapterInfo.of(adapter)
             except BaseException:
                 target.unlink(missing_ok=True)
+                if preview_target is not None:
+                    preview_target.unlink(missing_ok=True)
                 raise
         log.info("imported %s as %r", path, info.name)
         return info

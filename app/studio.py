@@ -14,11 +14,13 @@ from PIL import PngImagePlugin
 import toyworld
 from app.library import AdapterInfo, Library
 from app.settings import Settings
+from composer.adapters import blora
 from composer.adapters.host import AdapterHost
 from composer.backbones import TINY, Backbone, get_backbone, load_pipeline
-from composer.errors import FamilyMismatchError
+from composer.errors import FamilyMismatchError, StudioError
 from composer.formats.readers import read_lora
 from composer.render import Progress, RenderRequest, render
+from db.errors import AdapterNotFoundError
 from db.repository import RenderRepository
 from db.session import default_sqlite_url, make_engine, make_session_factory, unit_of_work, upgrade
 
@@ -93,18 +95,43 @@ class Studio:
             self._pipelines[key] = _Loaded(pipe, AdapterHost.for_pipeline(pipe, bb))
         return self._pipelines[key]
 
-    def _make_resident(self, loaded: _Loaded, infos: list[AdapterInfo]) -> None:
-        for info in infos:
-            if info.sha256 in loaded.resident:
-                loaded.resident.move_to_end(info.sha256)
+    def resolve_lora(self, name: str) -> tuple[AdapterInfo, str | None]:
+        """A stack entry: a catalog name, or NAME.content / NAME.style for one half of a B-LoRA.
+
+        Raises:
+            AdapterNotFoundError: no such adapter (close names suggested).
+            StudioError: a half asked of an adapter that is not a B-LoRA.
+        """
+        try:
+            return self.library.get(name), None
+        except AdapterNotFoundError:
+            stem, dot, role = name.rpartition(".")
+            if not dot or role not in blora.ROLES:
+                raise
+            info = self.library.get(stem)
+            if info.adapter_type != "blora":
+                raise StudioError(
+                    f"{stem!r} is a {info.adapter_type} adapter, not a B-LoRA; it has no {role} half"
+                ) from None
+            return info, role
+
+    def _make_resident(self, loaded: _Loaded, entries: list[tuple[AdapterInfo, str | None]]) -> list[str]:
+        """Make the entries resident (LRU beyond max_resident_loras); their resident names, in order."""
+        keys = []
+        for info, role in entries:
+            key = info.sha256 if role is None else f"{info.sha256}#{role}"
+            keys.append(key)
+            if key in loaded.resident:
+                loaded.resident.move_to_end(key)
                 continue
-            loaded.host.add(info.sha256, read_lora(Path(info.file_path)))
-            loaded.resident[info.sha256] = None
-        keep = {i.sha256 for i in infos}
-        evictable = [k for k in loaded.resident if k not in keep]  # least recently used first
+            lora = read_lora(Path(info.file_path))
+            loaded.host.add(key, lora if role is None else blora.half(lora, role))
+            loaded.resident[key] = None
+        evictable = [k for k in loaded.resident if k not in set(keys)]  # least recently used first
         for victim in evictable[: max(0, len(loaded.resident) - self.settings.max_resident_loras)]:
             loaded.host.remove(victim)
             del loaded.resident[victim]
+        return keys
 
     # --- rendering ------------------------------------------------------------------------------------
     def render(
@@ -125,15 +152,16 @@ class Studio:
         request.validate()
         backbone = backbone or self.settings.backbone
         bb, model = resolve_backbone(backbone, model or self.settings.model)
-        infos = [self.library.get(lw.name) for lw in request.loras]
+        entries = [self.resolve_lora(lw.name) for lw in request.loras]
+        infos = [info for info, _ in entries]
         for info in infos:
             if info.family != bb.family:
                 raise FamilyMismatchError(
                     f"LoRA {info.name!r} is for {info.family}; the backbone is {bb.family}"
                 )
         loaded = self.pipeline(backbone, model)
-        self._make_resident(loaded, infos)
-        names = {info.name: info.sha256 for info in infos}
+        keys = self._make_resident(loaded, entries)
+        names = {lw.name: key for lw, key in zip(request.loras, keys, strict=True)}
         images = render(loaded.pipe, bb, loaded.host, request, adapter_names=names, progress=progress)
         provenance = {
             "backbone": backbone,
@@ -149,8 +177,8 @@ class Studio:
             "height": images[0].height,
             "width": images[0].width,
             "loras": [
-                {"name": i.name, "sha256": i.sha256, "autov2": i.autov2, "weight": lw.weight}
-                for i, lw in zip(infos, request.loras, strict=True)
+                {"name": lw.name, "sha256": i.sha256, "autov2": i.autov2, "weight": lw.weight}
+                for (i, _), lw in zip(entries, request.loras, strict=True)
             ],
         }
         paths = save_images(images, out, provenance) if out is not None else []

@@ -47,7 +47,12 @@ class Backbone:
     def target_modules(self, denoiser: nn.Module) -> list[str]:
         """Names of the denoiser's Linear layers that plain LoRA training targets by default."""
         pattern = re.compile(self.target_pattern)
-        return [n for n, m in denoiser.named_modules() if isinstance(m, nn.Linear) and pattern.search(n)]
+        found = []
+        for n, m in denoiser.named_modules():
+            layer = getattr(m, "base", m)  # a layer an adapter host has wrapped counts under its own name
+            if isinstance(layer, nn.Linear) and pattern.search(n):
+                found.append(n)
+        return found
 
 
 def pipeline_cls(name: str):

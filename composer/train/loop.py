@@ -58,8 +58,12 @@ class Trainer:
         config: TrainConfig,
         run_dir: Path,
         progress: Progress | None = None,
+        host: AdapterHost | None = None,
     ):
+        """`host`: the AdapterHost already on this pipeline, if any (a studio's); the run adds its adapter
+        there and removes it at the end, leaving resident LoRAs alone. Without one the trainer makes its own."""
         self.pipe, self.backbone, self.config = pipe, backbone, config.validate()
+        self.host = host
         self.run_dir = Path(run_dir)
         self.progress = progress
         self.size = config.resolution or native_size(pipe, backbone.family)
@@ -91,7 +95,8 @@ class Trainer:
         mean, std, cond = self._encode(images, generator)
         prior = self._prior(generator) if cfg.prior_weight > 0 else None
 
-        host = AdapterHost.for_pipeline(self.pipe, self.backbone)
+        host = self.host or AdapterHost.for_pipeline(self.pipe, self.backbone)
+        previous = dict(host.context.active)
         keys = targets.target_keys(self.backbone, self.pipe, cfg)
         built = targets.create_all(host.find, keys, cfg, generator)
         denoiser = self.objective.denoiser
@@ -121,7 +126,11 @@ class Trainer:
             denoiser.train(was_training)
             if cfg.gradient_checkpointing and hasattr(denoiser, "disable_gradient_checkpointing"):
                 denoiser.disable_gradient_checkpointing()
-            host.detach()
+            if self.host is None:
+                host.detach()
+            else:
+                host.remove(TRAINING)
+                host.context.active = previous
         return TrainResult(lora, losses, step, seconds, sample_images, n_params)
 
     # --- steps --------------------------------------------------------------------------------------
