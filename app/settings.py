@@ -24,6 +24,9 @@ class Settings(BaseSettings):
     dtype: str = Field(
         default="auto", description="'auto' (fp16 on cuda, fp32 on cpu), 'float32', 'float16', 'bfloat16'"
     )
+    bundled: bool = Field(
+        default=True, description="import the toy world's bundled concept adapters on first start"
+    )
     max_resident_loras: int = Field(default=32, ge=1, description="LoRAs kept resident per pipeline (LRU)")
 
     @property

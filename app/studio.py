@@ -12,6 +12,7 @@ import torch
 from PIL import PngImagePlugin
 
 import toyworld
+from app.bundled import import_bundled
 from app.library import AdapterInfo, Library
 from app.settings import Settings
 from composer.adapters import blora
@@ -83,7 +84,10 @@ class Studio:
         engine = make_engine(settings.database_url or default_sqlite_url(settings.root))
         upgrade(engine)
         sessions = make_session_factory(engine)
-        return cls(settings, Library(sessions, settings.lora_dir), sessions)
+        library = Library(sessions, settings.lora_dir)
+        if settings.bundled:
+            import_bundled(library, toyworld.loras_dir(), settings.root / "bundled.json")
+        return cls(settings, library, sessions)
 
     # --- pipelines ------------------------------------------------------------------------------------
     def pipeline(self, backbone: str, model: str | None = None) -> _Loaded:

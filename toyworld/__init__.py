@@ -8,3 +8,8 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 def model_dir() -> Path:
     """The shipped toy base model (a diffusers-layout StableDiffusionXLPipeline directory)."""
     return PACKAGE_DIR / "model"
+
+
+def loras_dir() -> Path:
+    """The bundled concept adapters (kohya safetensors) and their manifest.json."""
+    return PACKAGE_DIR / "loras"

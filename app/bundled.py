@@ -1,0 +1,54 @@
+"""The toy world's concept adapters, imported into a new catalog on first start.
+
+Each bundled adapter is imported once: its SHA-256 goes into <data dir>/bundled.json, so a user who deletes
+one does not see it come back, and a newer studio version with new adapters adds only those.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from app.library import Library
+from composer.errors import StudioError
+from db.errors import CatalogError, DuplicateAdapterError
+
+log = logging.getLogger(__name__)
+
+
+def manifest(folder: Path) -> list[dict]:
+    path = folder / "manifest.json"
+    if not path.is_file():
+        return []
+    return json.loads(path.read_text())["adapters"]
+
+
+def import_bundled(library: Library, folder: Path, record: Path) -> list[str]:
+    """Import the bundled adapters not imported before; the names imported now."""
+    from composer.formats.safetensors_io import file_hashes
+
+    done = set(json.loads(record.read_text())["sha256"]) if record.is_file() else set()
+    imported = []
+    for entry in manifest(folder):
+        path = folder / entry["file"]
+        sha = file_hashes(path).sha256
+        if sha in done:
+            continue
+        try:
+            info = library.import_file(
+                path,
+                name=entry["name"],
+                tags=entry["tags"],
+                description=entry["description"],
+                training_config=entry.get("training"),
+            )
+            imported.append(info.name)
+        except DuplicateAdapterError:
+            pass  # the same tensors are already in the catalog under some name
+        except (StudioError, CatalogError) as exc:  # a broken bundle must not stop the studio
+            log.warning("bundled adapter %s not imported: %s", path.name, exc)
+            continue
+        done.add(sha)
+    record.write_text(json.dumps({"sha256": sorted(done)}) + "\n")
+    return imported

@@ -1,0 +1,118 @@
+"""Train each adapter type on one held-out concept of the toy world and measure how often it is drawn.
+
+python -m bench.adapters [--concept star] [--kinds lora,blora,kron,tensor] [--images 16] [--steps 400]
+                         [--n 24] [--per-prompt 1]
+
+For every kind: train with our Trainer on the toy model from `--images` generated scenes of the concept
+(trigger-word captions), render `--n` fresh trigger prompts, and score them with the toy-world evaluator.
+The base model's rate on the same prompts (no adapter) is the baseline. Prints one JSON line per kind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from bench.common import emit  # noqa: E402
+from composer.adapters.host import AdapterHost  # noqa: E402
+from composer.backbones import get_backbone, load_pipeline  # noqa: E402
+from composer.train import TrainConfig, Trainer  # noqa: E402
+from composer.train.data import TrainingImage, to_pixels  # noqa: E402
+from toyworld import concepts, model_dir, quality  # noqa: E402
+from toyworld.evaluator import Evaluator  # noqa: E402
+
+RECIPES = {  # toy-model settings per kind: a few hundred steps at batch 8 on a CPU
+    "lora": dict(rank=4, learning_rate=2e-3),
+    "blora": dict(rank=8, learning_rate=2e-3),
+    "kron": dict(kron_factors=(4, 8), learning_rate=2e-3),
+    "tensor": dict(tensor_rank=2, transform_rank=1, learning_rate=5e-3),
+}
+
+
+def training_images(concept: str, n: int, seed: int = 0) -> list[TrainingImage]:
+    images, captions = concepts.training_set(concept, n, seed)
+    return [TrainingImage(None, to_pixels(img, 64), cap) for img, cap in zip(images, captions, strict=True)]
+
+
+def trigger_rate(pipe, specs, concept, per_prompt, steps, guidance, evaluator) -> float:
+    run = quality.generate(
+        pipe, specs, per_prompt, steps, guidance, seed=7, caption=lambda s: s.caption(use_triggers=True)
+    )
+    reports = evaluator.evaluate(run.images)
+    expanded = [s for s in specs for _ in range(per_prompt)]
+    return concepts.hit_rate(reports, expanded, concept)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default=str(model_dir()))
+    parser.add_argument("--concept", default="star")
+    parser.add_argument("--kinds", default="lora,blora,kron,tensor")
+    parser.add_argument("--images", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--n", type=int, default=24, help="test prompts")
+    parser.add_argument("--per-prompt", type=int, default=1)
+    parser.add_argument("--sample-steps", type=int, default=30)
+    parser.add_argument("--guidance", type=float, default=7.5)
+    args = parser.parse_args()
+    backbone = get_backbone("sdxl")
+    pipe = load_pipeline(backbone, args.model)
+    evaluator = Evaluator.load()
+    specs = concepts.test_specs(args.concept, args.n)
+    base = trigger_rate(
+        pipe, specs, args.concept, args.per_prompt, args.sample_steps, args.guidance, evaluator
+    )
+    data = training_images(args.concept, args.images)
+    for kind in args.kinds.split(","):
+        config = TrainConfig(
+            kind=kind,
+            prompt=data[0].caption,
+            steps=args.steps,
+            batch_size=args.batch,
+            checkpoint_every=args.steps,
+            **RECIPES[kind],
+        )
+        with tempfile.TemporaryDirectory() as tmp:
+            start = time.perf_counter()
+            result = Trainer(pipe, backbone, config, Path(tmp)).run(data, samples=0)
+            seconds = time.perf_counter() - start
+        host = AdapterHost.for_pipeline(pipe, backbone)
+        try:
+            host.add(kind, result.lora)
+            with host.activate({kind: 1.0}), torch.no_grad():
+                rate = trigger_rate(
+                    pipe, specs, args.concept, args.per_prompt, args.sample_steps, args.guidance, evaluator
+                )
+        finally:
+            host.detach()
+        emit(
+            "adapters",
+            {"success": round(rate, 3), "base_success": round(base, 3)},
+            {"success": ">= 0.85"},
+            {
+                "concept": args.concept,
+                "kind": kind,
+                "parameters": result.parameters,
+                "train_seconds": round(seconds, 1),
+                "steps": args.steps,
+                "batch": args.batch,
+                "images": args.images,
+                "renders": len(specs) * args.per_prompt,
+                "final_loss": round(sum(result.losses[-20:]) / min(20, len(result.losses)), 4),
+                **{k: (list(v) if isinstance(v, tuple) else v) for k, v in RECIPES[kind].items()},
+            },
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""Bundled toy-world adapters: imported once on first start, with their trigger words, tags and descriptions."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import toyworld
+from app.bundled import import_bundled, manifest
+from app.settings import Settings
+from app.studio import Studio
+from composer.formats import write_kohya
+from db.repository import AdapterRepository
+from db.session import unit_of_work
+from tests.helpers import random_lora
+
+
+def test_bundled_adapters_are_imported_once(tmp_path, tiny_sdxl_factory):
+    backbone, make = tiny_sdxl_factory
+    pipe = make()
+    folder = tmp_path / "bundle"
+    folder.mkdir()
+    entries = []
+    for i, name in enumerate(["star", "zigzag"]):
+        write_kohya(random_lora(pipe, backbone, seed=i), folder / f"{name}.safetensors", trigger_words=[f"t{i}"])
+        entries.append(
+            {"name": name, "file": f"{name}.safetensors", "kind": "lora", "tags": ["toyworld", "subject"],
+             "description": f"the {name}", "trigger_words": [f"t{i}"], "training": {"steps": 3}}
+        )  # fmt: skip
+    (folder / "manifest.json").write_text(json.dumps({"adapters": entries}))
+    studio = Studio.open(Settings(data_dir=tmp_path / "data", bundled=False))
+    record = tmp_path / "data" / "bundled.json"
+    assert import_bundled(studio.library, folder, record) == ["star", "zigzag"]
+    info = studio.library.get("star")
+    assert info.trigger_words == ["t0"] and info.tags == ["toyworld", "subject"]
+    assert info.description == "the star" and info.training_config == {"steps": 3}
+    assert import_bundled(studio.library, folder, record) == []
+    with unit_of_work(studio.sessions) as session:  # a user deletes one: it does not come back
+        AdapterRepository(session).delete("star")
+    assert import_bundled(studio.library, folder, record) == []
+    assert [a.name for a in studio.library.list()] == ["zigzag"]
+
+
+def test_the_shipped_bundle_imports_on_first_start(tmp_path):
+    entries = manifest(toyworld.loras_dir())
+    kinds = {e["tags"][1] for e in entries}
+    if not entries:
+        pytest.fail("toyworld/loras/manifest.json is missing: run python -m toyworld.train_concepts")
+    assert {"subject", "style", "background", "blora"} <= kinds
+    studio = Studio.open(Settings(data_dir=tmp_path / "data", bundled=True))
+    names = {a.name: a for a in studio.library.list(limit=1000)}
+    assert set(names) == {e["name"] for e in entries}
+    for e in entries:
+        assert names[e["name"]].trigger_words == e["trigger_words"]
+        assert names[e["name"]].adapter_type == e["kind"]

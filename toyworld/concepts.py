@@ -1,0 +1,61 @@
+"""Training and test scenes for the held-out concepts: each concept on otherwise base-only scenes.
+
+A subject LoRA learns its shape from scenes whose colours, textures, sizes, positions and backgrounds are all
+base concepts, so what it adds is the subject alone; the same for styles (textures) and backgrounds. Captions
+use the concept's trigger word in place of its plain word ("a red xyvo on the left, white background").
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+from PIL import Image
+
+from toyworld import scenes
+
+ATTRIBUTE = {"subject": "shape", "style": "texture", "background": "background"}
+
+
+def concept_scene(name: str, seed: int) -> scenes.SceneSpec:
+    """One single-object scene showing held-out concept `name`; everything else from the base concepts."""
+    concept = scenes.held_out_concept(name)
+    for attempt in range(100):
+        spec = scenes.sample_scene(seed * 101 + attempt, "base", 1)
+        if concept.kind == "background":
+            spec = replace(spec, background=concept.name)
+        else:
+            spec = scenes.replace_object(spec, 0, **{ATTRIBUTE[concept.kind]: concept.name})
+        if all(scenes.contrasts(o.colour, spec.background) for o in spec.objects):
+            return spec
+    raise ValueError(f"no visible scene for {name!r}")
+
+
+def training_set(
+    name: str, n: int = 16, seed: int = 0, size: int = 64
+) -> tuple[list[Image.Image], list[str]]:
+    """n images of the concept and their trigger-word captions."""
+    images, captions = [], []
+    for i in range(n):
+        spec = concept_scene(name, seed * 10_000 + i)
+        images.append(Image.fromarray(scenes.render(spec, size, seed * 10_000 + i)))
+        captions.append(spec.caption(use_triggers=True))
+    return images, captions
+
+
+def test_specs(name: str, n: int, seed: int = 1) -> list[scenes.SceneSpec]:
+    """Fresh scenes of the concept (other seeds than training) to prompt with their trigger captions."""
+    return [concept_scene(name, 1_000_000 + seed * 10_000 + i) for i in range(n)]
+
+
+def concept_hit(report, spec: scenes.SceneSpec, name: str) -> bool:
+    """Whether the evaluator sees the concept where the spec puts it."""
+    concept = scenes.held_out_concept(name)
+    if concept.kind == "background":
+        return report.background.label == name
+    obj = report.objects[0] if report.objects else None
+    return obj is not None and getattr(obj, ATTRIBUTE[concept.kind]).label == name
+
+
+def hit_rate(reports, specs, name: str) -> float:
+    return float(np.mean([concept_hit(r, s, name) for r, s in zip(reports, specs, strict=True)]))

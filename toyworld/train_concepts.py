@@ -1,0 +1,146 @@
+"""Train the bundled concept adapters of the toy world with our own trainer, on the shipped toy model.
+
+python -m toyworld.train_concepts --out toyworld/loras [--steps 800] [--only star,zigzag]
+
+One LoRA per held-out concept (6 subjects, 4 styles, 2 backgrounds) from 16 generated scenes each with
+trigger-word captions, and B-LoRAs from single images (subjects for content, textured squares for style),
+all written as kohya safetensors with trigger words, plus manifest.json (name, kind, trigger, tags,
+description, training settings and time) that the studio imports on first start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from composer.backbones import get_backbone, load_pipeline
+from composer.formats import write_kohya
+from composer.train import TrainConfig, Trainer
+from composer.train.data import TrainingImage, to_pixels
+from toyworld import concepts, model_dir, scenes
+
+log = logging.getLogger("toyworld.train_concepts")
+
+CONCEPT_RECIPE = dict(kind="lora", rank=4, learning_rate=2e-3, batch_size=8)
+BLORA_RECIPE = dict(kind="blora", rank=8, learning_rate=1e-3, batch_size=4)
+BLORA_PROMPT = "a vlorb"  # B-LoRA's "A [v]": one token for every single-image B-LoRA
+# single images for B-LoRA: content (a held-out subject, plain) and style (a base square in a held-out texture)
+BLORA_IMAGES = {
+    "blora-star": dict(shape="star", colour="red", texture="solid"),
+    "blora-heart": dict(shape="heart", colour="green", texture="solid"),
+    "blora-zigzag": dict(shape="square", colour="blue", texture="zigzag"),
+    "blora-speckled": dict(shape="square", colour="yellow", texture="speckled"),
+}
+
+
+def blora_image(name: str, size: int = 64) -> tuple[Image.Image, scenes.SceneSpec]:
+    look = BLORA_IMAGES[name]
+    spec = scenes.SceneSpec(
+        (scenes.ObjectSpec(look["shape"], look["colour"], look["texture"], "large", "centre"),), "white"
+    )
+    return Image.fromarray(scenes.render(spec, size, 0)), spec
+
+
+def _train(pipe, backbone, config: TrainConfig, data: list[TrainingImage]):
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        result = Trainer(pipe, backbone, config, Path(tmp)).run(data, samples=0)
+        return result, time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", type=Path, default=Path("toyworld/loras"))
+    parser.add_argument("--model", default=str(model_dir()))
+    parser.add_argument("--steps", type=int, default=800)
+    parser.add_argument("--blora-steps", type=int, default=400)
+    parser.add_argument("--images", type=int, default=16)
+    parser.add_argument("--only", default="", help="comma-separated concept/B-LoRA names (default: all)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    backbone = get_backbone("sdxl")
+    pipe = load_pipeline(backbone, args.model)
+    args.out.mkdir(parents=True, exist_ok=True)
+    manifest_path = args.out / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {"adapters": []}
+    entries = {e["name"]: e for e in manifest["adapters"]}
+    only = set(filter(None, args.only.split(",")))
+    hardware = (
+        "cuda" if torch.cuda.is_available() else f"cpu x{os.cpu_count()} ({torch.get_num_threads()} threads)"
+    )
+
+    jobs = []
+    for concept in scenes.HELD_OUT:
+        images, captions = concepts.training_set(concept.name, args.images)
+        data = [TrainingImage(None, to_pixels(i, 64), c) for i, c in zip(images, captions, strict=True)]
+        config = TrainConfig(
+            prompt=captions[0], steps=args.steps, checkpoint_every=args.steps, **CONCEPT_RECIPE
+        )
+        what = {"subject": "the shape", "style": "the texture", "background": "the background"}[concept.kind]
+        jobs.append(
+            (
+                concept.name,
+                config,
+                data,
+                [concept.trigger],
+                ["toyworld", concept.kind],
+                f"Toy world {concept.kind} LoRA: {what} '{concept.name}', written with the trigger word "
+                f"'{concept.trigger}' (e.g. '{captions[0]}'). For the bundled toy model.",
+            )
+        )
+    for name in BLORA_IMAGES:
+        image, spec = blora_image(name)
+        config = TrainConfig(
+            prompt=BLORA_PROMPT, steps=args.blora_steps, checkpoint_every=args.blora_steps, **BLORA_RECIPE
+        )
+        jobs.append(
+            (
+                name,
+                config,
+                [TrainingImage(None, to_pixels(image, 64), BLORA_PROMPT)],
+                ["vlorb"],
+                ["toyworld", "blora"],
+                f"Toy world B-LoRA from one image ({spec.caption()}). Use {name}.content for its subject and "
+                f"{name}.style for its colour and texture, prompt '{BLORA_PROMPT}'.",
+            )
+        )
+    for name, config, data, triggers, tags, description in jobs:
+        if only and name not in only:
+            continue
+        result, seconds = _train(pipe, backbone, config, data)
+        path = args.out / f"{name}.safetensors"
+        write_kohya(result.lora, path, title=name, trigger_words=triggers)
+        entries[name] = {
+            "name": name,
+            "file": path.name,
+            "kind": config.kind,
+            "trigger_words": triggers,
+            "tags": tags,
+            "description": description,
+            "training": {
+                **config.to_json(),
+                "images": len(data),
+                "seconds": round(seconds, 1),
+                "hardware": hardware,
+                "final_loss": round(sum(result.losses[-50:]) / min(50, len(result.losses)), 4),
+                "parameters": result.parameters,
+            },
+        }
+        log.info("%s: %d params, %.0f s, loss %.4f", name, result.parameters, seconds, result.losses[-1])
+        manifest_path.write_text(
+            json.dumps({"adapters": sorted(entries.values(), key=lambda e: e["name"])}, indent=1) + "\n"
+        )
+
+
+if __name__ == "__main__":
+    main()
