@@ -6,3 +6,4 @@ cd "$(dirname "$0")/.."
 PY="${PYTHON:-.venv/bin/python}"
 "$PY" -m bench.switch --config real --device cuda --dtype float16 --repeat 51
 "$PY" -m bench.overhead --configs real --device cuda --dtype float16 --repeat 20
+"$PY" -m bench.train_speed --config real --device cuda --latent 128 --repeat 20
