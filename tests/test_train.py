@@ -176,3 +176,44 @@ def test_flux_lora_trains(tiny_flux_factory, tmp_path):
     ups = [m.tensors["up"].abs().max().item() for m in result.lora.modules.values()]
     assert max(ups) > 0, "no gradient reached the FLUX adapters"
     assert result.lora.family == "flux"
+
+
+def test_parameter_counts_on_the_real_sdxl_unet_match_methods(capsys):
+    """Through the trainer's own target selection and adapter creation, on the meta device (METHODS.md table)."""
+    from types import SimpleNamespace
+
+    from composer.adapters.host import AdapterHost
+    from composer.backbones import get_backbone
+    from composer.train import targets
+
+    backbone = get_backbone("sdxl")
+    unet = backbone.build_meta_denoiser()
+    host = AdapterHost({"unet": unet}, "sdxl")
+    g = torch.Generator().manual_seed(0)
+
+    def count(**settings) -> dict[str, int]:
+        config = TrainConfig(prompt="x", **settings)
+        keys = targets.target_keys(backbone, SimpleNamespace(unet=unet), config)
+        built = targets.create_all(host.find, keys, config, g)
+        per_key = {k: sum(p.numel() for p in a.parameters()) for k, a in built}
+        return {"total": sum(per_key.values()), "layers": len(per_key), **{
+            role: sum(n for k, n in per_key.items() if k.startswith(f"unet.{block}."))
+            for role, block in backbone.blora_blocks.items()
+        }}  # fmt: skip
+
+    assert count(kind="lora", rank=4) == {
+        "total": 5_806_080,
+        "layers": 560,
+        "content": 880_640,
+        "style": 880_640,
+    }
+    b = count(kind="blora", rank=64)
+    assert (b["total"], b["layers"], b["content"], b["style"]) == (28_180_480, 160, 14_090_240, 14_090_240)
+    assert count(kind="kron", kron_factors=(16, 16))["total"] == 3_874_560
+    assert count(kind="kron", kron_factors=(64, 8))["total"] == 2_152_320
+    tensor = count(kind="tensor")["total"]
+    lora1 = count(kind="lora", rank=1)["total"]
+    assert lora1 == 1_451_520 and tensor < lora1
+    with capsys.disabled():
+        print(f"\nSDXL attention (560 linears): TLoRA rank 1/1 {tensor:,} params vs LoRA r=1 {lora1:,}"
+              f" ({tensor / lora1:.1%})")  # fmt: skip
