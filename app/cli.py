@@ -1,4 +1,4 @@
-"""`lora-studio`: import, list, show, export and render from the command line."""
+"""`lora-studio`: import, list, show, export, render and train from the command line; API keys; serve."""
 
 from __future__ import annotations
 
@@ -293,6 +293,82 @@ def train(
         f"{outcome.steps} steps in {outcome.seconds:.0f} s, final loss {outcome.final_loss:.4f}"
     )
     typer.echo(f"run folder {outcome.run_dir}")
+
+
+apikey_app = typer.Typer(no_args_is_help=True, help="API keys for the REST API (stored hashed).")
+app.add_typer(apikey_app, name="apikey")
+
+
+@apikey_app.command("create")
+@_guard
+def apikey_create(
+    name: Annotated[str, typer.Argument(help="a name to tell the key by, e.g. the client's")],
+    rate_limit: Annotated[int, typer.Option("--rate-limit", help="requests per minute")] = 60,
+    data_dir: DataDir = None,
+):
+    """Create a key and print its secret once (only its hash is kept)."""
+    from db.repository import ApiKeyRepository
+    from db.session import unit_of_work
+
+    with unit_of_work(_studio(data_dir).sessions) as session:
+        key, secret = ApiKeyRepository(session).create(name, rate_limit_per_minute=rate_limit)
+    typer.echo(secret)
+    typer.secho(
+        f"API key {key.name!r} ({rate_limit}/min): the secret above is shown only now; keep it safe",
+        err=True,
+        fg=typer.colors.YELLOW,
+    )
+
+
+@apikey_app.command("list")
+@_guard
+def apikey_list(data_dir: DataDir = None):
+    """List keys: name, prefix, rate limit, created, last used, revoked."""
+    from db.repository import ApiKeyRepository
+
+    with _studio(data_dir).sessions() as session:
+        keys = ApiKeyRepository(session).list()
+    if not keys:
+        typer.echo("no API keys")
+        return
+    width = max(len(k.name) for k in keys)
+
+    def day(t):
+        return f"{t:%Y-%m-%d %H:%M}" if t else "-"
+
+    for k in keys:
+        state = f"revoked {day(k.revoked_at)}" if k.revoked_at else "active"
+        typer.echo(
+            f"{k.name:{width}}  {k.prefix}...  {k.rate_limit_per_minute:>5}/min  created {day(k.created_at)}  "
+            f"used {day(k.last_used_at)}  {state}"
+        )
+
+
+@apikey_app.command("revoke")
+@_guard
+def apikey_revoke(name: Annotated[str, typer.Argument(help="the key's name")], data_dir: DataDir = None):
+    """Revoke a key: requests with it are refused from now on."""
+    from db.repository import ApiKeyRepository
+    from db.session import unit_of_work
+
+    with unit_of_work(_studio(data_dir).sessions) as session:
+        key = ApiKeyRepository(session).revoke(name)
+    typer.echo(f"revoked {key.name!r} ({key.prefix}...)")
+
+
+@app.command()
+@_guard
+def serve(
+    host: Annotated[str, typer.Option(help="interface to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port")] = 8000,
+    data_dir: DataDir = None,
+):
+    """Serve the REST API (/api/v1, docs at /api/v1/docs) over one Studio."""
+    import uvicorn
+
+    from app.api import create_app
+
+    uvicorn.run(create_app(_studio(data_dir)), host=host, port=port, log_level="info")
 
 
 def main() -> None:

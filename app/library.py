@@ -7,18 +7,17 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass, field
-from datetime import datetime
+from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.catalog import EDITABLE_FIELDS, AdapterInfo
 from composer.adapters import blora
 from composer.errors import LoraFileError, StudioError
 from composer.formats.readers import read_lora
 from composer.formats.writers import write_diffusers, write_kohya
 from db.errors import CatalogError, DuplicateAdapterError
-from db.models import Adapter
 from db.repository import AdapterRepository
 from db.session import unit_of_work
 
@@ -26,55 +25,6 @@ log = logging.getLogger(__name__)
 
 SERVED_FAMILIES = ("sdxl", "flux")
 EXPORT_FORMATS = ("kohya", "diffusers")
-
-
-@dataclass(frozen=True)
-class AdapterInfo:
-    """A catalog entry as the CLI, API and UI see it (a plain copy, safe outside a session)."""
-
-    name: str
-    family: str
-    adapter_type: str
-    source_format: str
-    rank: int | None
-    alpha: float | None
-    sha256: str
-    autov2: str
-    tensor_sha256: str
-    file_path: str
-    file_size: int
-    trigger_words: list[str] = field(default_factory=list)
-    tags: list[str] = field(default_factory=list)
-    description: str = ""
-    metadata: dict[str, str] = field(default_factory=dict)
-    training_config: dict | None = None
-    preview_path: str | None = None
-    created_at: datetime | None = None
-    updated_at: datetime | None = None
-
-    @classmethod
-    def of(cls, a: Adapter) -> AdapterInfo:
-        return cls(
-            name=a.name,
-            family=a.family,
-            adapter_type=a.adapter_type,
-            source_format=a.source_format,
-            rank=a.rank,
-            alpha=a.alpha,
-            sha256=a.sha256,
-            autov2=a.autov2,
-            tensor_sha256=a.tensor_sha256,
-            file_path=a.file_path,
-            file_size=a.file_size,
-            trigger_words=list(a.trigger_words or []),
-            tags=list(a.tags or []),
-            description=a.description or "",
-            metadata=dict(a.metadata_json or {}),
-            training_config=dict(a.training_config) if a.training_config else None,
-            preview_path=a.preview_path,
-            created_at=a.created_at,
-            updated_at=a.updated_at,
-        )
 
 
 @dataclass(frozen=True)
@@ -229,11 +179,73 @@ class Library:
             return AdapterInfo.of(AdapterRepository(session).resolve(ref))
 
     def list(
-        self, query: str | None = None, family: str | None = None, tag: str | None = None, limit: int = 100
-    ):
+        self,
+        query: str | None = None,
+        family: str | None = None,
+        tag: str | None = None,
+        limit: int = 100,
+        *,
+        adapter_type: str | None = None,
+        offset: int = 0,
+    ) -> list[AdapterInfo]:
+        """Entries sorted by name; `query` words must each appear in a name, trigger word, tag or description."""
         with self.sessions() as session:
-            rows = AdapterRepository(session).list(query=query, family=family, tag=tag, limit=limit)
+            rows = AdapterRepository(session).list(
+                query=query, family=family, adapter_type=adapter_type, tag=tag, limit=limit, offset=offset
+            )
             return [AdapterInfo.of(a) for a in rows]
+
+    def count(
+        self,
+        query: str | None = None,
+        family: str | None = None,
+        tag: str | None = None,
+        *,
+        adapter_type: str | None = None,
+    ) -> int:
+        """How many entries `list` finds without limit and offset."""
+        with self.sessions() as session:
+            return AdapterRepository(session).count(
+                query=query, family=family, adapter_type=adapter_type, tag=tag
+            )
+
+    def update(self, ref: str, **changes) -> AdapterInfo:
+        """Edit an entry's metadata (`EDITABLE_FIELDS`; `name=` renames it). The file is not touched.
+
+        Raises:
+            StudioError: a field that cannot be edited.
+            AdapterNotFoundError, NameTakenError, InvalidFieldError: from the catalog, nothing changed.
+        """
+        refused = sorted(set(changes) - set(EDITABLE_FIELDS))
+        if refused:
+            raise StudioError(
+                f"cannot edit {', '.join(refused)}; editable fields: {', '.join(EDITABLE_FIELDS)}"
+            )
+        with unit_of_work(self.sessions) as session:
+            repo = AdapterRepository(session)
+            adapter = repo.resolve(ref)
+            if changes:
+                adapter = repo.update(adapter.name, **changes)
+            return AdapterInfo.of(adapter)
+
+    def delete(self, ref: str) -> AdapterInfo:
+        """Remove an entry, then its stored file and preview (only files inside the LoRA folder are removed).
+
+        Raises:
+            AdapterNotFoundError: no such entry (close names suggested).
+        """
+        with unit_of_work(self.sessions) as session:
+            repo = AdapterRepository(session)
+            info = AdapterInfo.of(repo.delete(repo.resolve(ref).name))
+        # the row goes first: a file without a row is harmless, a row without its file is not
+        for stored in filter(None, (info.file_path, info.preview_path)):
+            path = Path(stored)
+            if path.resolve().is_relative_to(self.lora_dir.resolve()):
+                path.unlink(missing_ok=True)
+            else:
+                log.warning("deleted %r; kept %s, which is outside %s", info.name, path, self.lora_dir)
+        log.info("deleted %r", info.name)
+        return info
 
     def export(self, ref: str, fmt: str, out: Path) -> Path:
         """Write the adapter as a kohya- or diffusers-format safetensors file with metadata."""

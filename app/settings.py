@@ -28,6 +28,9 @@ class Settings(BaseSettings):
         default=True, description="import the toy world's bundled concept adapters on first start"
     )
     max_resident_loras: int = Field(default=32, ge=1, description="LoRAs kept resident per pipeline (LRU)")
+    max_upload_mb: int = Field(
+        default=512, ge=1, description="largest LoRA file the REST API accepts, in MiB"
+    )
 
     @property
     def root(self) -> Path:

@@ -53,5 +53,17 @@ class RenderNotFoundError(CatalogError, LookupError):
     """No render has this id."""
 
 
+class ApiKeyNotFoundError(CatalogError, LookupError):
+    """No API key has this name."""
+
+    def __init__(self, message: str, name: str):
+        super().__init__(message)
+        self.name = name
+
+
+class ApiKeyRefusedError(CatalogError):
+    """An API key is unknown, malformed or revoked."""
+
+
 class MigrationError(CatalogError):
     """The database schema cannot be brought to the version this code expects."""

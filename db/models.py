@@ -1,7 +1,8 @@
-"""Catalog tables: adapters (LoRA files and what we know about them) and renders (full provenance).
+"""Catalog tables: adapters (LoRA files and what we know about them), renders (full provenance) and API keys
+(stored as SHA-256 hashes, never the secret).
 
-Users, API keys, jobs and the audit log come later, each in a new Alembic revision; they attach to these tables
-by foreign key (e.g. `renders.user_id`), so nothing here needs to change shape for them.
+Users, jobs and the audit log come later, each in a new Alembic revision; they attach to these tables by
+foreign key (e.g. `renders.user_id`), so nothing here needs to change shape for them.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ ADAPTER_TYPES = ("lora", "lokr", "loha", "blora", "kron", "tensor")
 SOURCE_FORMATS = ("diffusers", "peft", "kohya", "lycoris")
 RENDER_STATUSES = ("pending", "running", "done", "failed", "cancelled")
 NAME_MAX = 128
+API_KEY_PREFIX_LEN = 8  # characters of the secret kept in clear, to tell keys apart in lists
 
 _NAME_RE = re.compile(r"[\w.\- ]+")  # \w: unicode letters, digits, underscore; no / or \ by construction
 _HEX_RE = re.compile(r"[0-9a-f]+")
@@ -95,26 +97,26 @@ class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
 
-def validate_name(name: object) -> str:
-    """Check an adapter name: 1-128 letters, digits, `-_.` and spaces; no path separators, no padding.
+def validate_name(name: object, what: str = "adapter name") -> str:
+    """Check a name: 1-128 letters, digits, `-_.` and spaces; no path separators, no padding.
 
     Raises:
-        InvalidFieldError: naming the offending value.
+        InvalidFieldError: naming the offending value (as `what`, e.g. "adapter name").
     """
     if not isinstance(name, str):
-        raise InvalidFieldError(f"adapter name must be a string, got {type(name).__name__}")
+        raise InvalidFieldError(f"{what} must be a string, got {type(name).__name__}")
     if not 1 <= len(name) <= NAME_MAX:
-        raise InvalidFieldError(f"adapter name {name!r}: must be 1-{NAME_MAX} characters, got {len(name)}")
+        raise InvalidFieldError(f"{what} {name!r}: must be 1-{NAME_MAX} characters, got {len(name)}")
     if not _NAME_RE.fullmatch(name):
         bad = sorted({c for c in name if not _NAME_RE.fullmatch(c)})
         raise InvalidFieldError(
-            f"adapter name {name!r}: characters {''.join(bad)!r} not allowed "
+            f"{what} {name!r}: characters {''.join(bad)!r} not allowed "
             "(letters, digits, '-', '_', '.', spaces)"
         )
     if name != name.strip():
-        raise InvalidFieldError(f"adapter name {name!r}: no leading or trailing spaces")
+        raise InvalidFieldError(f"{what} {name!r}: no leading or trailing spaces")
     if set(name) == {"."}:
-        raise InvalidFieldError(f"adapter name {name!r}: a name of only dots looks like a path")
+        raise InvalidFieldError(f"{what} {name!r}: a name of only dots looks like a path")
     return name
 
 
@@ -297,3 +299,46 @@ class Render(Base):
                 )
             out.append(dict(entry))
         return out
+
+
+class ApiKey(Base):
+    """A REST API key. Only the SHA-256 of the secret is stored; `prefix` (its first characters) is what
+    lists show and what verification looks up before comparing hashes in constant time."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(NAME_MAX), unique=True, index=True)
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    prefix: Mapped[str] = mapped_column(String(API_KEY_PREFIX_LEN), index=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, server_default=func.now())
+    last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    rate_limit_per_minute: Mapped[int] = mapped_column(Integer)
+
+    def __repr__(self) -> str:
+        return f"ApiKey(name={self.name!r}, prefix={self.prefix!r}, revoked={self.revoked_at is not None})"
+
+    @property
+    def revoked(self) -> bool:
+        return self.revoked_at is not None
+
+    @validates("name")
+    def _v_name(self, key: str, value: object) -> str:
+        return validate_name(value, "API key name")
+
+    @validates("key_hash")
+    def _v_key_hash(self, key: str, value: object) -> str:
+        return _check_hex(key, value, 64)
+
+    @validates("prefix")
+    def _v_prefix(self, key: str, value: object) -> str:
+        if not isinstance(value, str) or len(value) != API_KEY_PREFIX_LEN:
+            raise InvalidFieldError(f"prefix {value!r}: expected the first {API_KEY_PREFIX_LEN} characters")
+        return value
+
+    @validates("rate_limit_per_minute")
+    def _v_rate(self, key: str, value: object) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1_000_000:
+            raise InvalidFieldError(f"rate_limit_per_minute {value!r}: expected an integer in 1..1000000")
+        return value

@@ -8,7 +8,11 @@ array elements through each backend's table-valued function (`jsonb_array_elemen
 from __future__ import annotations
 
 import difflib
+import hashlib
+import hmac
+import secrets
 from collections.abc import Sequence
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import ColumnElement, Select, exists, func, literal, or_, select
@@ -19,13 +23,15 @@ from sqlalchemy.sql.expression import Exists
 from db.errors import (
     AdapterNotFoundError,
     AmbiguousHashError,
+    ApiKeyNotFoundError,
+    ApiKeyRefusedError,
     CatalogError,
     DuplicateAdapterError,
     InvalidFieldError,
     NameTakenError,
     RenderNotFoundError,
 )
-from db.models import Adapter, Base, Render
+from db.models import API_KEY_PREFIX_LEN, Adapter, ApiKey, Base, Render, utcnow
 
 ADAPTER_REQUIRED = frozenset(
     {"name", "family", "adapter_type", "source_format", "file_path", "file_size", "sha256", "tensor_sha256"}
@@ -33,6 +39,9 @@ ADAPTER_REQUIRED = frozenset(
 RENDER_REQUIRED = frozenset({"prompt", "backbone", "model", "method", "seed"})
 _MANAGED = frozenset({"id", "created_at", "updated_at"})  # set by the database or the model, never by callers
 MIN_HASH_PREFIX = 8
+API_KEY_MARK = "ls_"  # every secret starts so, which makes leaked keys easy to recognise in logs and scans
+DEFAULT_RATE_LIMIT = 60  # requests per minute per key
+LAST_USED_RESOLUTION = timedelta(minutes=1)  # last_used_at is written at most once a minute per key
 
 
 def _check_fields(model: type[Base], fields: dict[str, Any], required: frozenset[str] = frozenset()) -> None:
@@ -319,3 +328,93 @@ class RenderRepository:
             stmt = stmt.where(Render.status == status)
         stmt = stmt.order_by(Render.created_at.desc(), Render.id.desc()).limit(limit).offset(offset)
         return self.session.scalars(stmt).all()
+
+
+def hash_secret(secret: str) -> str:
+    """SHA-256 hex of an API key secret: what the catalog stores instead of the secret."""
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+class ApiKeyRepository:
+    """API keys: created with a secret shown once, verified by hash, revoked, listed."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def create(self, name: str, rate_limit_per_minute: int = DEFAULT_RATE_LIMIT) -> tuple[ApiKey, str]:
+        """A new key and its plain secret; the secret is not stored and cannot be shown again.
+
+        Raises:
+            NameTakenError: another key (revoked ones too) has this name.
+            InvalidFieldError: a malformed name or rate limit.
+        """
+        secret = API_KEY_MARK + secrets.token_urlsafe(32)
+        key = ApiKey(
+            name=name,
+            key_hash=hash_secret(secret),
+            prefix=secret[:API_KEY_PREFIX_LEN],
+            rate_limit_per_minute=rate_limit_per_minute,
+        )
+        taken = self.session.scalars(select(ApiKey.id).where(ApiKey.name == key.name)).first()
+        if taken is not None:
+            raise NameTakenError(f"API key name {name!r} is taken (revoked keys keep their names)", name)
+        self.session.add(key)
+        _flush(self.session, f"API key {name!r}")
+        return key, secret
+
+    def verify(self, secret: str, now: datetime | None = None) -> ApiKey:
+        """The live key whose secret this is. Candidates are found by prefix, then their hashes compared in
+        constant time; `last_used_at` moves (at most once a minute).
+
+        Raises:
+            ApiKeyRefusedError: unknown or revoked key (the message says which, never echoing the secret).
+        """
+        if not isinstance(secret, str) or len(secret) <= API_KEY_PREFIX_LEN:
+            raise ApiKeyRefusedError("invalid API key")
+        digest = hash_secret(secret)
+        candidates = self.session.scalars(
+            select(ApiKey).where(ApiKey.prefix == secret[:API_KEY_PREFIX_LEN])
+        ).all()
+        found = None
+        for candidate in candidates:  # no early exit: the time taken does not depend on which one matched
+            if hmac.compare_digest(candidate.key_hash, digest):
+                found = candidate
+        if found is None:
+            raise ApiKeyRefusedError("invalid API key")
+        if found.revoked_at is not None:
+            raise ApiKeyRefusedError(f"API key {found.name!r} was revoked on {found.revoked_at:%Y-%m-%d}")
+        now = now or utcnow()
+        if found.last_used_at is None or now - found.last_used_at >= LAST_USED_RESOLUTION:
+            found.last_used_at = now
+            _flush(self.session, f"API key {found.name!r}")
+        return found
+
+    def get_by_name(self, name: str) -> ApiKey:
+        """The key with this name (revoked or not).
+
+        Raises:
+            ApiKeyNotFoundError: naming `name`.
+        """
+        key = self.session.scalars(select(ApiKey).where(ApiKey.name == name)).one_or_none()
+        if key is None:
+            raise ApiKeyNotFoundError(f"no API key named {name!r}", name)
+        return key
+
+    def revoke(self, name: str, now: datetime | None = None) -> ApiKey:
+        """Revoke the key named `name` from now on; revoking a revoked key keeps its first revocation time.
+
+        Raises:
+            ApiKeyNotFoundError: naming `name`.
+        """
+        key = self.get_by_name(name)
+        if key.revoked_at is None:
+            key.revoked_at = now or utcnow()
+            _flush(self.session, f"API key {name!r}")
+        return key
+
+    def list(self, include_revoked: bool = True) -> Sequence[ApiKey]:
+        """Keys in creation order."""
+        stmt = select(ApiKey)
+        if not include_revoked:
+            stmt = stmt.where(ApiKey.revoked_at.is_(None))
+        return self.session.scalars(stmt.order_by(ApiKey.created_at, ApiKey.id)).all()

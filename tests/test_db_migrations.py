@@ -45,14 +45,42 @@ def test_models_and_migrations_agree(engine):
 
 
 def test_upgrade_is_idempotent_and_downgrade_empties(engine):
-    assert current_revision(engine) == head_revision() == "0001"
+    assert current_revision(engine) == head_revision() == "0002"
     upgrade(engine)  # a second start changes nothing
     assert current_revision(engine) == head_revision()
     with engine.begin() as connection:
         command.downgrade(alembic_config(connection), "base")
     assert set(inspect(engine).get_table_names()) <= {"alembic_version"}
     upgrade(engine)
-    assert {"adapters", "renders"} <= set(inspect(engine).get_table_names())
+    assert {"adapters", "renders", "api_keys"} <= set(inspect(engine).get_table_names())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_0002_adds_api_keys_to_a_0001_catalog_and_keeps_its_rows(backend, tmp_path):
+    with catalog_url(backend, tmp_path) as url:
+        engine = make_engine(url)
+        try:
+            upgrade(engine, "0001")
+            assert "api_keys" not in inspect(engine).get_table_names()
+            with engine.begin() as connection:
+                connection.exec_driver_sql(
+                    "INSERT INTO renders (prompt, negative_prompt, backbone, model, method, params, seed, "
+                    "loras, status) VALUES ('a cat', '', 'sdxl', 'tiny', 'merge', '{}', 7, '[]', 'done')"
+                )
+            upgrade(engine)
+            assert current_revision(engine) == "0002"
+            columns = {c["name"] for c in inspect(engine).get_columns("api_keys")}
+            assert columns == {
+                "id", "name", "key_hash", "prefix", "created_at", "last_used_at", "revoked_at",
+                "rate_limit_per_minute",
+            }  # fmt: skip
+            with engine.begin() as connection:
+                assert connection.exec_driver_sql("SELECT prompt, seed FROM renders").all() == [("a cat", 7)]
+                command.downgrade(alembic_config(connection), "0001")
+            assert "api_keys" not in inspect(engine).get_table_names()
+            assert current_revision(engine) == "0001"
+        finally:
+            engine.dispose()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -1,0 +1,33 @@
+"""The REST API under /api/v1: a thin layer over the Studio service (it never imports torch)."""
+
+from __future__ import annotations
+
+from fastapi import Depends, FastAPI
+
+from app.api import loras, search
+from app.api.auth import TokenBucket, authenticate
+from app.api.errors import install_error_handlers
+from app.api.service import StudioService
+
+API_PREFIX = "/api/v1"
+
+
+def create_app(studio: StudioService) -> FastAPI:
+    """The web application over one ready Studio; OpenAPI docs at /api/v1/docs."""
+    app = FastAPI(
+        title="LoRA Studio",
+        summary="Catalog, search and render diffusion-model LoRAs",
+        docs_url=f"{API_PREFIX}/docs",
+        openapi_url=f"{API_PREFIX}/openapi.json",
+        swagger_ui_oauth2_redirect_url=f"{API_PREFIX}/docs/oauth2-redirect",
+        redoc_url=None,
+    )
+    app.state.studio = studio
+    app.state.rate_limiter = TokenBucket()
+    install_error_handlers(app)
+    for router in (loras.router, search.router):
+        app.include_router(router, prefix=API_PREFIX, dependencies=[Depends(authenticate)])
+    return app
+
+
+__all__ = ["API_PREFIX", "create_app"]

@@ -1,0 +1,24 @@
+"""`/search`: LoRAs for a query. Keyword search over names, trigger words, tags and descriptions for now;
+retrieval by meaning will rank hits and fill their scores."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+
+from app.api.schemas import ErrorResponse, SearchHit, SearchResults, to_read
+from app.api.service import StudioDep
+
+router = APIRouter(tags=["search"], responses={401: {"model": ErrorResponse}, 429: {"model": ErrorResponse}})
+
+
+@router.get("/search", response_model=SearchResults)
+def search(
+    studio: StudioDep,
+    q: Annotated[str, Query(min_length=1, max_length=500, description="words to find")],
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+) -> SearchResults:
+    """LoRAs whose name, trigger words, tags or description contain every word of the query."""
+    items = studio.library.list(query=q, limit=limit)
+    return SearchResults(query=q, results=[SearchHit(lora=to_read(info)) for info in items])
