@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 from app.library import Library
@@ -28,11 +29,27 @@ def import_bundled(library: Library, folder: Path, record: Path) -> list[str]:
     """Import the bundled adapters not imported before; the names imported now."""
     from composer.formats.safetensors_io import file_hashes
 
-    done = set(json.loads(record.read_text())["sha256"]) if record.is_file() else set()
+    done: set[str] = set()
+    if record.is_file():
+        try:
+            done = set(json.loads(record.read_text())["sha256"])
+        except (ValueError, KeyError, TypeError) as exc:  # a damaged record only means "imported nothing yet"
+            log.warning(
+                "%s unreadable (%s); bundled adapters already in the catalog stay as they are", record, exc
+            )
     imported = []
-    for entry in manifest(folder):
-        path = folder / entry["file"]
-        sha = file_hashes(path).sha256
+    try:
+        entries = manifest(folder)
+    except (ValueError, KeyError, OSError) as exc:
+        log.warning("bundled manifest in %s unreadable: %s", folder, exc)
+        return []
+    for entry in entries:
+        try:
+            path = folder / entry["file"]
+            sha = file_hashes(path).sha256
+        except (KeyError, TypeError, OSError, StudioError) as exc:
+            log.warning("bundled entry %s skipped: %s", entry, exc)
+            continue
         if sha in done:
             continue
         try:
@@ -50,5 +67,7 @@ def import_bundled(library: Library, folder: Path, record: Path) -> list[str]:
             log.warning("bundled adapter %s not imported: %s", path.name, exc)
             continue
         done.add(sha)
-    record.write_text(json.dumps({"sha256": sorted(done)}) + "\n")
+    tmp = record.with_name(record.name + ".tmp")
+    tmp.write_text(json.dumps({"sha256": sorted(done)}) + "\n")
+    os.replace(tmp, record)
     return imported

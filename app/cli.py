@@ -209,12 +209,14 @@ def train(
     prompt: Annotated[str, typer.Option(help="instance prompt, e.g. 'a photo of sks dog'")],
     name: Annotated[str, typer.Option(help="catalog name of the new adapter")],
     type_: Annotated[str, typer.Option("--type", help="lora, blora, kron or tensor")] = "lora",
-    steps: int = 500,
+    steps: Annotated[
+        int | None, typer.Option(help="default: the type's recipe (500; B-LoRA 1000; TLoRA 2000)")
+    ] = None,
     lr: Annotated[
         float | None, typer.Option("--lr", help="learning rate (default: the type's recipe)")
     ] = None,
     batch_size: int = 1,
-    rank: Annotated[int, typer.Option(help="LoRA / B-LoRA rank")] = 4,
+    rank: Annotated[int | None, typer.Option(help="LoRA / B-LoRA rank (default 4; B-LoRA 64)")] = None,
     alpha: Annotated[float | None, typer.Option(help="LoRA alpha (default: rank)")] = None,
     kron: Annotated[str, typer.Option(help="Kronecker factor A1xA2, e.g. 16x16")] = "16x16",
     tensor_rank: Annotated[int, typer.Option(help="TLoRA residual rank")] = 1,
@@ -274,7 +276,7 @@ def train(
         TimeElapsedColumn(),
         transient=not sys.stderr.isatty(),
     ) as bar:
-        task = bar.add_task(f"training {name}", total=steps, loss=float("nan"))
+        task = bar.add_task(f"training {name}", total=config.steps, loss=float("nan"))
         outcome = run_training(
             studio,
             config,

@@ -173,6 +173,11 @@ class Library:
                 outcomes.append(ImportOutcome(p, "failed", None, str(exc)))
         return outcomes
 
+    def names(self) -> list[str]:
+        """Every catalog name, sorted."""
+        with self.sessions() as session:
+            return list(AdapterRepository(session).names())
+
     def get(self, ref: str) -> AdapterInfo:
         """By name, or by hash (SHA-256, AutoV2, tensor hash, or a prefix of 8+ hex)."""
         with self.sessions() as session:

@@ -112,7 +112,14 @@ class Studio:
             stem, dot, role = name.rpartition(".")
             if not dot or role not in blora.ROLES:
                 raise
-            info = self.library.get(stem)
+            try:
+                info = self.library.get(stem)
+            except AdapterNotFoundError:
+                raise AdapterNotFoundError(
+                    f"no adapter named {name!r}, nor a B-LoRA named {stem!r} to take the {role} half of",
+                    name,
+                    [],
+                ) from None
             if info.adapter_type != "blora":
                 raise StudioError(
                     f"{stem!r} is a {info.adapter_type} adapter, not a B-LoRA; it has no {role} half"

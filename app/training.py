@@ -15,6 +15,7 @@ from app.library import AdapterInfo
 from app.studio import resolve_backbone
 from composer.formats.writers import write_kohya
 from composer.train import TrainConfig, Trainer, load_images
+from composer.train.data import count_images
 from composer.train.loop import Progress
 from db.errors import NameTakenError
 from db.models import validate_name
@@ -62,22 +63,18 @@ def train(
         TrainConfigError, TrainingDataError: bad settings or images (named).
     """
     validate_name(name)
-    try:
-        studio.library.get(name)
-    except Exception:  # noqa: BLE001 - not found is what we want
-        pass
-    else:
+    if name in studio.library.names():
         raise NameTakenError(f"adapter name {name!r} is taken; choose another name", name)
-    config.validate()
+    config = config.validate()
+    needed = max(config.min_images, min_images(config.kind))
+    count_images(images, needed)  # before loading a model: a bad folder fails in a second
     backbone = backbone or studio.settings.backbone
     bb, _ = resolve_backbone(backbone, model or studio.settings.model)
     loaded = studio.pipeline(backbone, model or studio.settings.model)
     trainer = Trainer(
         loaded.pipe, bb, config, studio.settings.root / "training" / name, progress=progress, host=loaded.host
     )
-    data = load_images(
-        images, config.prompt, trainer.size, min_images=max(config.min_images, min_images(config.kind))
-    )
+    data = load_images(images, config.prompt, trainer.size, min_images=needed)
     result = trainer.run(data, resume=resume)
     run_dir = trainer.run_dir
     samples = []

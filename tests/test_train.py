@@ -163,7 +163,19 @@ def test_bad_input_is_named(sdxl, tmp_path):
 def test_prior_preservation_renders_and_reuses_class_images(sdxl, tmp_path):
     result = _train(sdxl, tmp_path, steps=2, class_prompt="a photo", prior_weight=1.0, class_images=2)
     assert result.steps == 2
-    assert sorted(p.name for p in (tmp_path / "lora" / "class_images").iterdir()) == ["0000.png", "0001.png"]
+    folder = tmp_path / "lora" / "class_images"
+    assert sorted(p.name for p in folder.iterdir()) == ["0000.png", "0001.png"]
+    (folder / "0000.png").write_bytes(
+        (folder / "0001.png").read_bytes()
+    )  # a resumed run reuses, not re-renders
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    backbone, pipe = sdxl
+    config = TrainConfig(kind="lora", prompt="a photo of sks", steps=2, learning_rate=1e-2, batch_size=2, rank=2,
+                         class_prompt="a photo", prior_weight=1.0, class_images=2)  # fmt: skip
+    Trainer(pipe, backbone, config, tmp_path / "lora").run(
+        load_images(_images(3), "x", 32), resume=True, samples=0
+    )
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
 
 
 def test_flux_lora_trains(tiny_flux_factory, tmp_path):
@@ -217,3 +229,64 @@ def test_parameter_counts_on_the_real_sdxl_unet_match_methods(capsys):
     with capsys.disabled():
         print(f"\nSDXL attention (560 linears): TLoRA rank 1/1 {tensor:,} params vs LoRA r=1 {lora1:,}"
               f" ({tensor / lora1:.1%})")  # fmt: skip
+
+
+def test_fp16_model_trains_fp32_adapters_and_renders_samples(tiny_sdxl_factory, tmp_path):
+    """An fp16 pipeline (a GPU's default) with --mixed-precision no: adapters train in fp32, samples render."""
+    backbone, make = tiny_sdxl_factory
+    pipe = make().to(torch.float16)
+    config = TrainConfig(
+        kind="lora", prompt="a photo of sks", steps=3, learning_rate=1e-2, batch_size=2, rank=2
+    )
+    trainer = Trainer(pipe, backbone, config, tmp_path / "fp16")
+    result = trainer.run(load_images(_images(3), config.prompt, trainer.size), samples=1, sample_steps=2)
+    assert all(np.isfinite(result.losses)) and len(result.samples) == 1
+    ups = [m.tensors["up"] for m in result.lora.modules.values()]
+    assert all(u.dtype == torch.float32 for u in ups) and max(u.abs().max().item() for u in ups) > 0
+
+
+def test_training_on_a_studio_host_keeps_its_resident_loras(sdxl, tmp_path, make_lora):
+    from composer.adapters.host import AdapterHost
+
+    backbone, pipe = sdxl
+    host = AdapterHost.for_pipeline(pipe, backbone)
+    try:
+        host.add("resident", make_lora(pipe, backbone, seed=5))
+        host.set_active({"resident": 0.7})
+        with_resident = _unet_out(pipe)
+        config = TrainConfig(kind="lora", prompt="a photo of sks", steps=2, learning_rate=1e-2, rank=2)
+        Trainer(pipe, backbone, config, tmp_path / "shared", host=host).run(
+            load_images(_images(3), config.prompt, 32), samples=0
+        )
+        assert host.names == ["resident"] and host.context.active == {"resident": 0.7}
+        assert torch.equal(_unet_out(pipe), with_resident)
+        with pytest.raises(AdapterError, match="another AdapterHost"):  # a second host on the same pipeline
+            Trainer(pipe, backbone, config, tmp_path / "other").run(
+                load_images(_images(3), "x", 32), samples=0
+            )
+        assert host.names == ["resident"] and torch.equal(_unet_out(pipe), with_resident)
+    finally:
+        host.detach()
+
+
+def test_unsavable_settings_fail_before_training_and_bad_checkpoints_are_named(sdxl, tmp_path):
+    backbone, pipe = sdxl
+    images = load_images(_images(3), "x", 32)
+    # A (8, 8) is larger than B on the tiny model's 32-wide layers: LoKr cannot hold it, found before step 1
+    config = TrainConfig(kind="kron", prompt="x", steps=2, kron_factors=(8, 8))
+    with pytest.raises(TrainConfigError, match="could not be saved after training.*LoKr"):
+        Trainer(pipe, backbone, config, tmp_path / "kr").run(images, samples=0)
+    assert not (tmp_path / "kr" / "checkpoints").exists()
+    config = TrainConfig(kind="lora", prompt="x", steps=2, rank=2, checkpoint_every=1)
+    Trainer(pipe, backbone, config, tmp_path / "ok").run(images, samples=0)
+    latest = sorted((tmp_path / "ok" / "checkpoints").iterdir())[-1]
+    (latest / "optimizer.safetensors").write_bytes(b"\x00" * 12)
+    with pytest.raises(CheckpointError, match="unreadable checkpoint"):
+        Trainer(pipe, backbone, config, tmp_path / "ok").run(images, resume=True, samples=0)
+
+
+def test_recipe_defaults_fill_in_by_kind():
+    assert TrainConfig(kind="blora", prompt="x").validate().rank == 64
+    assert TrainConfig(kind="blora", prompt="x").validate().steps == 1000
+    assert TrainConfig(kind="tensor", prompt="x").validate().steps == 2000
+    assert TrainConfig(kind="lora", prompt="x", rank=8, steps=7).validate().rank == 8

@@ -77,18 +77,30 @@ class AdapterHost:
         """
         if name in self._resident:
             raise AdapterError(f"an adapter named {name!r} is already resident")
-        wrappers = []
-        paths: dict[str, dict[int, str]] = {}  # component -> id(module) -> the model's own path
-        for key, adapter in built:
+        resolved = []
+        for key, adapter in built:  # check everything before changing anything
             component, _, path = key.partition(".")
             target = self._find(component, path)
             if target is None:
                 raise UnknownKeysError(f"adapter {name!r}: {key} matches nothing in this model", [key])
-            if component not in paths:
-                paths[component] = {id(m): n for n, m in self.components[component].named_modules()}
-            wrapper = self._wrap(component, paths[component][id(target)], target)
-            wrapper.add(name, adapter)
-            wrappers.append(wrapper)
+            if isinstance(target, AdaptedModule) and target.context is not self.context:
+                raise AdapterError(
+                    f"{key} is already wrapped by another AdapterHost; use that host (one host per pipeline)"
+                )
+            resolved.append((component, target, adapter))
+        wrappers: list[AdaptedModule] = []
+        paths: dict[str, dict[int, str]] = {}  # component -> id(module) -> the model's own path
+        try:
+            for component, target, adapter in resolved:
+                if component not in paths:
+                    paths[component] = {id(m): n for n, m in self.components[component].named_modules()}
+                wrapper = self._wrap(component, paths[component][id(target)], target)
+                wrapper.add(name, adapter)
+                wrappers.append(wrapper)
+        except BaseException:  # all or nothing, also when interrupted
+            for wrapper in wrappers:
+                wrapper.remove(name)
+            raise
         self._resident[name] = wrappers
 
     def find(self, key: str) -> nn.Module | None:

@@ -13,6 +13,12 @@ from composer.errors import AdapterError
 _STACK_CACHE_SIZE = 4  # resident stacked LoRA sets kept per layer (switching back and forth costs nothing)
 
 
+def _param_dtype(module: nn.Module) -> torch.dtype | None:
+    for p in module.parameters():
+        return p.dtype
+    return None
+
+
 class AdaptedModule(nn.Module):
     """Wraps a Linear or Conv2d: y = base(x) + sum_i s_i * delta_i(x) over the context's active adapters.
 
@@ -74,7 +80,9 @@ class AdaptedModule(nn.Module):
         ):
             return y + self._stacked_delta(x, y, work)
         for name, scale in work:
-            delta = self.adapters[name].forward_delta(x)
+            adapter = self.adapters[name]
+            dtype = _param_dtype(adapter)  # fp32 trainable adapters on an fp16 model compute in fp32
+            delta = adapter.forward_delta(x if dtype in (None, x.dtype) else x.to(dtype)).to(y.dtype)
             y = y + broadcast_scale(scale, delta) * delta
         return y
 
@@ -84,10 +92,11 @@ class AdaptedModule(nn.Module):
         adapters = [self.adapters[n] for n, _ in work]
         # parameter versions in the key: an in-place update (an optimizer step) invalidates the stack
         names = tuple((n, a.down._version, a.up._version) for (n, _), a in zip(work, adapters, strict=True))
+        names = (*names, x.dtype)
         stack = self._stacks.get(names)
         if stack is None:
-            down = torch.cat([a.down for a in adapters], dim=0)  # (R, in)
-            up = torch.cat([a.up for a in adapters], dim=1)  # (out, R)
+            down = torch.cat([a.down for a in adapters], dim=0).to(x.dtype)  # (R, in)
+            up = torch.cat([a.up for a in adapters], dim=1).to(x.dtype)  # (out, R)
             stack = (down, up, [a.rank for a in adapters])
             if len(self._stacks) >= _STACK_CACHE_SIZE:
                 self._stacks.pop(next(iter(self._stacks)))

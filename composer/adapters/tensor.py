@@ -237,7 +237,7 @@ class TensorAdapter(nn.Module):
         return w0 @ t_minus_i + tr_matrix(self.d_cores)  # (d_out, d_in)
 
     def forward_delta(self, x: torch.Tensor) -> torch.Tensor:
-        w0 = self._base[0].weight
+        w0 = self._base[0].weight.to(x.dtype)  # an fp32 adapter on an fp16 layer computes in fp32
         return nn.functional.linear(tr_matvec(x, self.t_cores) - x, w0) + tr_matvec(x, self.d_cores)
 
     def identity_regulariser(self) -> torch.Tensor:

@@ -80,14 +80,29 @@ def load(path: Path) -> Checkpoint:
         state = json.loads((path / "state.json").read_text())
         adapter = load_file(path / "adapter.safetensors")
         tensors = load_file(path / "optimizer.safetensors")
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: unreadable checkpoint ({exc})") from None
-    generator_state = tensors.pop("generator_state")
-    return Checkpoint(
-        step=int(state["step"]),
-        adapter=adapter,
-        optimizer=_optimizer_state(tensors, state["optimizer"]),
-        generator_state=generator_state,
-        losses=[float(x) for x in state["losses"]],
-        config=state["config"],
-    )
+        generator_state = tensors.pop("generator_state")
+        return Checkpoint(
+            step=int(state["step"]),
+            adapter=adapter,
+            optimizer=_optimizer_state(tensors, state["optimizer"]),
+            generator_state=generator_state,
+            losses=[float(x) for x in state["losses"]],
+            config=state["config"],
+        )
+    except Exception as exc:  # noqa: BLE001 - safetensors, JSON, missing keys: all mean "unreadable"
+        raise CheckpointError(
+            f"{path}: unreadable checkpoint ({type(exc).__name__}: {exc}); delete it to resume from the one before"
+        ) from None
+
+
+def check_config(path: Path, config: dict) -> None:
+    """Refuse to resume a checkpoint made with other settings, naming them."""
+    try:
+        saved = json.loads((path / "state.json").read_text())["config"]
+    except Exception as exc:  # noqa: BLE001
+        raise CheckpointError(f"{path}: unreadable checkpoint state ({exc})") from None
+    changed = sorted(k for k in set(saved) | set(config) if saved.get(k) != config.get(k))
+    if changed:
+        raise CheckpointError(
+            f"{path} was made with other settings ({', '.join(changed)}); resume with the same settings"
+        )

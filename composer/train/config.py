@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 from composer.errors import StudioError
 
 ADAPTER_KINDS = ("lora", "blora", "kron", "tensor")
 MIXED_PRECISION = ("no", "fp16", "bf16")
+RECIPE_STEPS = {"lora": 500, "blora": 1000, "kron": 500, "tensor": 2000}  # METHODS.md
+RECIPE_RANK = {"lora": 4, "blora": 64, "kron": 4, "tensor": 4}  # rank only matters for lora/blora
 
 
 class TrainConfigError(StudioError):
@@ -27,12 +29,12 @@ class TrainConfig:
 
     kind: str = "lora"
     prompt: str = ""
-    steps: int = 500
+    steps: int | None = None  # None: the kind's recipe (RECIPE_STEPS)
     learning_rate: float | None = None  # None: the kind's recipe (see recipe_lr)
     batch_size: int = 1
     seed: int = 0
     resolution: int | None = None  # None: the model's native size
-    rank: int = 4
+    rank: int | None = None  # None: 4 for LoRA, 64 for B-LoRA (its recipe)
     alpha: float | None = None  # None: alpha = rank (scale 1)
     kron_factors: tuple[int, int] = (16, 16)  # (a1, a2); a1 * a2 = 256 is DiffuseKronA's headline
     tensor_rank: int = 1
@@ -52,11 +54,17 @@ class TrainConfig:
         return {"lora": 1e-4, "blora": 5e-5, "kron": 1e-3, "tensor": 1e-4}[self.kind]
 
     def validate(self) -> TrainConfig:
-        """Raise TrainConfigError naming the first bad setting; return self."""
+        """Raise TrainConfigError naming the first bad setting; return the config with recipe defaults filled."""
         if self.kind not in ADAPTER_KINDS:
             raise TrainConfigError(
                 f"adapter type {self.kind!r} is not trainable; choose {', '.join(ADAPTER_KINDS)}"
             )
+        if self.steps is None or self.rank is None:
+            return replace(
+                self,
+                steps=RECIPE_STEPS[self.kind] if self.steps is None else self.steps,
+                rank=RECIPE_RANK[self.kind] if self.rank is None else self.rank,
+            ).validate()
         if not self.prompt.strip():
             raise TrainConfigError(
                 "the instance prompt is empty; say what the images show, e.g. 'a photo of sks dog'"

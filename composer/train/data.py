@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from composer.errors import StudioError
 
@@ -41,6 +41,30 @@ def to_pixels(image: Image.Image, size: int) -> torch.Tensor:
     return torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1.0
 
 
+def image_files(folder: Path) -> list[Path]:
+    """The images of a folder, sorted by name; hidden files (macOS ._x.png) are skipped.
+
+    Raises:
+        TrainingDataError: the folder does not exist.
+    """
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise TrainingDataError(f"{folder}: not a folder of training images")
+    return sorted(
+        p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+    )
+
+
+def count_images(folder: Path, needed: int) -> int:
+    """Raise TrainingDataError unless the folder holds at least `needed` image files."""
+    found = len(image_files(folder))
+    if found < needed:
+        raise TrainingDataError(
+            f"{folder}: {found} image(s); this run needs at least {needed} ({', '.join(IMAGE_SUFFIXES)})"
+        )
+    return found
+
+
 def load_images(
     source: Path | list[Image.Image], prompt: str, size: int, min_images: int = 1
 ) -> list[TrainingImage]:
@@ -57,18 +81,18 @@ def load_images(
         where = "the given images"
     else:
         folder = Path(source).expanduser()
-        if not folder.is_dir():
-            raise TrainingDataError(f"{folder}: not a folder of training images")
-        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        for path in files:
+        for path in image_files(folder):
             try:
                 with Image.open(path) as img:
                     img.load()
-                    pixels = to_pixels(img, size)
+                    pixels = to_pixels(ImageOps.exif_transpose(img), size)  # phone photos: EXIF rotation
             except (UnidentifiedImageError, OSError, ValueError) as exc:
                 raise TrainingDataError(f"{path}: not a readable image ({exc})") from None
             caption_file = path.with_suffix(".txt")
-            caption = caption_file.read_text(encoding="utf-8").strip() if caption_file.is_file() else ""
+            try:
+                caption = caption_file.read_text(encoding="utf-8").strip() if caption_file.is_file() else ""
+            except UnicodeDecodeError:
+                raise TrainingDataError(f"{caption_file}: caption is not UTF-8 text") from None
             items.append(TrainingImage(path, pixels, caption or prompt))
         where = str(folder)
     if len(items) < min_images:

@@ -67,7 +67,11 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.progress = progress
         self.size = config.resolution or native_size(pipe, backbone.family)
-        self.objective = Objective(pipe, backbone.family, self.size)
+        if backbone.family == "flux" and self.size % 16:
+            raise TrainConfigError(
+                f"FLUX trains on 2x2 latent patches: resolution must be a multiple of 16, got {self.size}"
+            )
+        self.objective = Objective(pipe, backbone.family, self.size, guidance=backbone.default_guidance)
         self.device = self.objective.denoiser.device
         self.dtype = self.objective.denoiser.dtype
         if config.mixed_precision != "no" and self.device.type != "cuda":
@@ -89,20 +93,29 @@ class Trainer:
         start_ckpt = checkpoint.latest(self.run_dir) if resume else None
         if start_ckpt is None and checkpoint.latest(self.run_dir) is not None:
             raise TrainConfigError(
-                f"{self.run_dir} already holds checkpoints of a run; resume it or choose another run folder"
+                f"{self.run_dir} already holds checkpoints of a run: resume it, or delete that folder to "
+                "start again"
             )
+        if start_ckpt is not None:  # refuse other settings before any work
+            checkpoint.check_config(start_ckpt, cfg.to_json())
         generator = torch.Generator().manual_seed(cfg.seed)
-        mean, std, cond = self._encode(images, generator)
-        prior = self._prior(generator) if cfg.prior_weight > 0 else None
-
         host = self.host or AdapterHost.for_pipeline(self.pipe, self.backbone)
-        previous = dict(host.context.active)
-        keys = targets.target_keys(self.backbone, self.pipe, cfg)
-        built = targets.create_all(host.find, keys, cfg, generator)
         denoiser = self.objective.denoiser
-        was_training = denoiser.training
+        previous = dict(host.context.active)
+        unfrozen = [p for p in denoiser.parameters() if p.requires_grad]
+        checkpointing = bool(getattr(denoiser, "is_gradient_checkpointing", False))
+        attached = False
         try:
+            host.context.active = {}  # resident LoRAs must not shape the captions, class images or steps
+            for p in unfrozen:
+                p.requires_grad_(False)
+            mean, std, cond = self._encode(images, generator)
+            prior = self._prior(generator) if cfg.prior_weight > 0 else None
+            keys = targets.target_keys(self.backbone, self.pipe, cfg)
+            built = targets.create_all(host.find, keys, cfg, generator)
+            targets.check_exportable(built, cfg, self.backbone, self.run_dir)  # fail now, not after training
             host.attach(TRAINING, built)
+            attached = True
             host.set_active({TRAINING: 1.0})
             adapters = host.adapter_modules(TRAINING)
             params = self._params(adapters)
@@ -112,35 +125,41 @@ class Trainer:
                 step, losses = self._restore(start_ckpt, adapters, optimizer, generator)
             if cfg.gradient_checkpointing and hasattr(denoiser, "enable_gradient_checkpointing"):
                 denoiser.enable_gradient_checkpointing()
-            denoiser.train()
             began = time.monotonic()
             step, losses = self._loop(
                 step, losses, mean, std, cond, prior, params, optimizer, generator, adapters
             )
             seconds = time.monotonic() - began
-            denoiser.train(was_training)
             sample_images = self._samples(samples, sample_steps) if samples else []
             lora = targets.to_lora_file(adapters, cfg, self.backbone, self._metadata(len(images), step))
             n_params = sum(p.numel() for p in params)
         finally:
-            denoiser.train(was_training)
-            if cfg.gradient_checkpointing and hasattr(denoiser, "disable_gradient_checkpointing"):
+            if (
+                cfg.gradient_checkpointing
+                and not checkpointing
+                and hasattr(denoiser, "disable_gradient_checkpointing")
+            ):
                 denoiser.disable_gradient_checkpointing()
+            for p in unfrozen:
+                p.requires_grad_(True)
             if self.host is None:
                 host.detach()
             else:
-                host.remove(TRAINING)
+                if attached:
+                    host.remove(TRAINING)
                 host.context.active = previous
         return TrainResult(lora, losses, step, seconds, sample_images, n_params)
 
     # --- steps --------------------------------------------------------------------------------------
+    def _autocast(self):
+        precision = self.config.mixed_precision
+        if precision == "no":
+            return contextlib.nullcontext()
+        return torch.autocast("cuda", dtype=torch.float16 if precision == "fp16" else torch.bfloat16)
+
     def _loop(self, step, losses, mean, std, cond, prior, params, optimizer, generator, adapters):
         cfg = self.config
-        autocast = (
-            torch.autocast("cuda", dtype=torch.float16 if cfg.mixed_precision == "fp16" else torch.bfloat16)
-            if cfg.mixed_precision != "no"
-            else contextlib.nullcontext()
-        )
+        autocast = self._autocast()
         scaler = torch.amp.GradScaler("cuda") if cfg.mixed_precision == "fp16" else None
         n = mean.shape[0]
         while step < cfg.steps:
@@ -160,8 +179,9 @@ class Trainer:
                     )
             if not torch.isfinite(loss):
                 raise TrainConfigError(
-                    f"the loss became {loss.item()} at step {step + 1}; lower the learning rate "
-                    f"({cfg.recipe_lr()}) or use bf16/fp32"
+                    f"the loss became {loss.item()} at step {step + 1}: lower the learning rate "
+                    f"({cfg.recipe_lr()}); on a GPU with an fp16 model use --mixed-precision bf16 or fp16 "
+                    "(adapter weights stay fp32), or load the model in float32"
                 )
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
@@ -183,8 +203,7 @@ class Trainer:
         params = []
         for adapter in adapters.values():
             for p in adapter.parameters():
-                if self.config.mixed_precision != "no":
-                    p.data = p.data.float()  # master weights in fp32; autocast runs the matmuls in half
+                p.data = p.data.float()  # trainable weights in fp32 always: AdamW's eps underflows in fp16
                 p.requires_grad_(True)
                 params.append(p)
         return params
@@ -251,14 +270,14 @@ class Trainer:
     @torch.no_grad()
     def _restore(self, path: Path, adapters, optimizer, generator) -> tuple[int, list[float]]:
         ckpt = checkpoint.load(path)
-        if ckpt.config != self.config.to_json():
-            changed = sorted(k for k in ckpt.config if ckpt.config[k] != self.config.to_json().get(k))
-            raise checkpoint.CheckpointError(
-                f"{path} was made with other settings ({', '.join(changed)}); resume with the same settings"
-            )
         for key, adapter in adapters.items():
             for name, p in adapter.named_parameters():
-                p.copy_(ckpt.adapter[f"{key}/{name}"])
+                saved = ckpt.adapter.get(f"{key}/{name}")
+                if saved is None or saved.shape != p.shape:
+                    raise checkpoint.CheckpointError(
+                        f"{path} does not hold {key}/{name} as this run makes it"
+                    )
+                p.copy_(saved)
         optimizer.load_state_dict(ckpt.optimizer)
         generator.set_state(ckpt.generator_state)
         log.info("resumed %s at step %d", self.run_dir, ckpt.step)
@@ -268,14 +287,15 @@ class Trainer:
     @torch.no_grad()
     def _samples(self, count: int, steps: int | None) -> list:
         g = [torch.Generator().manual_seed(self.config.seed + i) for i in range(count)]
-        out = self.pipe(
-            prompt=[self.config.prompt] * count,
-            height=self.size,
-            width=self.size,
-            num_inference_steps=steps or self.backbone.default_steps,
-            guidance_scale=self.backbone.default_guidance,
-            generator=g,
-        )
+        with self._autocast():
+            out = self.pipe(
+                prompt=[self.config.prompt] * count,
+                height=self.size,
+                width=self.size,
+                num_inference_steps=steps or self.backbone.default_steps,
+                guidance_scale=self.backbone.default_guidance,
+                generator=g,
+            )
         return list(out.images)
 
     def _metadata(self, n_images: int, steps: int) -> dict[str, str]:

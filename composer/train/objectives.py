@@ -1,8 +1,10 @@
 """The denoising loss of each backbone family, on cached latents and text embeddings.
 
 SDXL: DDPM noise at a uniform timestep; the UNet predicts epsilon (or v, by the scheduler's config).
-FLUX: rectified flow; x_t = (1 - t) x0 + t noise at t = sigmoid(N(0, 1)) and the transformer predicts
-noise - x0 on packed 2x2 latent patches, as diffusers' FLUX LoRA trainer does.
+FLUX: rectified flow; x_t = (1 - t) x0 + t noise and the transformer predicts noise - x0 on packed 2x2 latent
+patches (diffusers' FLUX trainer's target). t = sigmoid(N(0, 1)) (logit-normal, kohya sd-scripts' "sigmoid"
+sampling; diffusers defaults to uniform). Guided FLUX models get the backbone's guidance (3.5 for FLUX.1-dev)
+and T5 sees 512 tokens, as FluxPipeline renders.
 """
 
 from __future__ import annotations
@@ -27,12 +29,16 @@ class Conditioning:
 class Objective:
     """Encodes images and captions for one pipeline and computes the training loss of a batch."""
 
-    def __init__(self, pipe, family: str, size: int):
-        self.pipe, self.family, self.size = pipe, family, size
+    def __init__(self, pipe, family: str, size: int, guidance: float = 3.5):
+        self.pipe, self.family, self.size, self.guidance = pipe, family, size, guidance
         if family == "sdxl":
             from diffusers import DDPMScheduler
 
             self.noise = DDPMScheduler.from_config(pipe.scheduler.config)
+            if self.noise.config.prediction_type not in ("epsilon", "v_prediction"):
+                raise StudioError(
+                    f"cannot train a model predicting {self.noise.config.prediction_type!r} (epsilon, v_prediction)"
+                )
         elif family != "flux":
             raise StudioError(f"training on a {family} backbone is not supported (sdxl, flux)")
 
@@ -41,11 +47,32 @@ class Objective:
         return self.pipe.unet if self.family == "sdxl" else self.pipe.transformer
 
     @torch.no_grad()
-    def encode_images(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean, std) of the VAE posterior of (N, 3, H, W) pixels; sampled afresh each step."""
+    def encode_images(self, pixels: torch.Tensor, chunk: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) of the VAE posterior of (N, 3, H, W) pixels, a few at a time; sampled afresh each step.
+
+        A VAE that asks for it (`force_upcast`, SDXL's fp16 overflow) encodes in float32.
+        """
         vae = self.pipe.vae
-        dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
-        return dist.mean.float(), dist.std.float()
+        upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+        dtype = torch.float32 if upcast else vae.dtype
+        original = vae.dtype
+        if upcast:
+            vae.to(torch.float32)
+        try:
+            means, stds = [], []
+            for start in range(0, pixels.shape[0], chunk):
+                dist = vae.encode(pixels[start : start + chunk].to(vae.device, dtype)).latent_dist
+                means.append(dist.mean.float())
+                stds.append(dist.std.float())
+        finally:
+            if upcast:
+                vae.to(original)
+        mean, std = torch.cat(means), torch.cat(stds)
+        if not torch.isfinite(mean).all():
+            raise StudioError(
+                "the VAE gave non-finite latents for the training images; load the model in float32"
+            )
+        return mean, std
 
     def latents(self, mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         cfg = self.pipe.vae.config
@@ -60,9 +87,8 @@ class Objective:
                 caption, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
             )
             return Conditioning(embeds.float(), pooled.float())
-        max_len = getattr(self.pipe, "tokenizer_max_length", 77)
         embeds, pooled, text_ids = self.pipe.encode_prompt(
-            caption, prompt_2=None, device=device, max_sequence_length=min(512, max(max_len, 77))
+            caption, prompt_2=None, device=device, max_sequence_length=512
         )
         return Conditioning(embeds.float(), pooled.float(), text_ids)
 
@@ -106,7 +132,7 @@ class Objective:
         img_ids = pipe._prepare_latent_image_ids(b, h // 2, w // 2, device, dtype)
         transformer = pipe.transformer
         guidance = (
-            torch.ones((b,), device=device, dtype=torch.float32)
+            torch.full((b,), self.guidance, device=device, dtype=torch.float32)
             if getattr(transformer.config, "guidance_embeds", False)
             else None
         )

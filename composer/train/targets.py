@@ -74,3 +74,26 @@ def to_lora_file(
     if config.kind == "blora":
         meta[blora.BLOCKS_KEY] = json.dumps(backbone.blora_blocks)
     return LoraFile(modules=modules, source_format="kohya", family=backbone.family, metadata=meta)
+
+
+def check_exportable(
+    built: list[tuple[str, nn.Module]], config: TrainConfig, backbone: Backbone, run_dir
+) -> None:
+    """Write the fresh adapters once to a scratch file: shapes the file format cannot hold (a Kronecker A
+    larger than B for LoKr, a non-LoRA kind on a fused FLUX layer) fail before training, not after it."""
+    import tempfile
+    from pathlib import Path
+
+    from composer.errors import LoraFileError
+    from composer.formats.writers import write_kohya
+
+    lora = to_lora_file(dict(built), config, backbone, {})
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=run_dir, prefix=".export-check-") as tmp:
+        try:
+            write_kohya(lora, Path(tmp) / "check.safetensors")
+        except LoraFileError as exc:
+            message = str(exc).split(": ", 1)[-1]
+            raise TrainConfigError(
+                f"this {config.kind} adapter could not be saved after training: {message}"
+            ) from None
