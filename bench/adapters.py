@@ -64,7 +64,15 @@ def main() -> None:
     parser.add_argument("--per-prompt", type=int, default=1)
     parser.add_argument("--sample-steps", type=int, default=30)
     parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument("--lr", type=float, default=None, help="override the recipes' learning rate")
+    parser.add_argument("--rank", type=int, default=None, help="override the LoRA/B-LoRA rank")
+    parser.add_argument("--targets", default="attention", choices=["attention", "transformer"])
     args = parser.parse_args()
+    for recipe in RECIPES.values():
+        if args.lr is not None:
+            recipe["learning_rate"] = args.lr
+        if args.rank is not None and "rank" in recipe:
+            recipe["rank"] = args.rank
     backbone = get_backbone("sdxl")
     pipe = load_pipeline(backbone, args.model)
     evaluator = Evaluator.load()
@@ -80,6 +88,7 @@ def main() -> None:
             steps=args.steps,
             batch_size=args.batch,
             checkpoint_every=args.steps,
+            targets=args.targets if kind != "blora" else "attention",
             **RECIPES[kind],
         )
         with tempfile.TemporaryDirectory() as tmp:
@@ -108,6 +117,7 @@ def main() -> None:
                 "batch": args.batch,
                 "images": args.images,
                 "renders": len(specs) * args.per_prompt,
+                "targets": args.targets if kind != "blora" else "attention",
                 "final_loss": round(sum(result.losses[-20:]) / min(20, len(result.losses)), 4),
                 **{k: (list(v) if isinstance(v, tuple) else v) for k, v in RECIPES[kind].items()},
             },

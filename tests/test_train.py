@@ -272,8 +272,8 @@ def test_training_on_a_studio_host_keeps_its_resident_loras(sdxl, tmp_path, make
 def test_unsavable_settings_fail_before_training_and_bad_checkpoints_are_named(sdxl, tmp_path):
     backbone, pipe = sdxl
     images = load_images(_images(3), "x", 32)
-    # A (8, 8) is larger than B on the tiny model's 32-wide layers: LoKr cannot hold it, found before step 1
-    config = TrainConfig(kind="kron", prompt="x", steps=2, kron_factors=(8, 8))
+    # A (16, 16) is larger than B (4, 4) on the tiny model's 64-wide layers: LoKr cannot hold it, found before step 1
+    config = TrainConfig(kind="kron", prompt="x", steps=2, kron_factors=(16, 16))
     with pytest.raises(TrainConfigError, match="could not be saved after training.*LoKr"):
         Trainer(pipe, backbone, config, tmp_path / "kr").run(images, samples=0)
     assert not (tmp_path / "kr" / "checkpoints").exists()
@@ -290,3 +290,16 @@ def test_recipe_defaults_fill_in_by_kind():
     assert TrainConfig(kind="blora", prompt="x").validate().steps == 1000
     assert TrainConfig(kind="tensor", prompt="x").validate().steps == 2000
     assert TrainConfig(kind="lora", prompt="x", rank=8, steps=7).validate().rank == 8
+
+
+def test_transformer_targets_add_projections_and_feed_forward(sdxl):
+    from composer.train import targets
+
+    backbone, pipe = sdxl
+    attention = targets.target_keys(backbone, pipe, TrainConfig(prompt="x"))
+    wide = targets.target_keys(backbone, pipe, TrainConfig(prompt="x", targets="transformer"))
+    assert set(attention) < set(wide)
+    assert not any(k.endswith(("ff.net.2", "proj_in")) for k in attention)
+    assert any(k.endswith("proj_in") for k in wide) and any(k.endswith("ff.net.0.proj") for k in wide)
+    with pytest.raises(TrainConfigError, match="targets 'everything'"):
+        TrainConfig(prompt="x", targets="everything").validate()
