@@ -8,6 +8,8 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from composer.errors import AdapterError
+
 Scale = float | torch.Tensor  # a number, or one number per sample of the batch: shape (B,)
 
 
@@ -64,3 +66,9 @@ def broadcast_scale(scale: Scale, y: torch.Tensor) -> Scale:
 
 def is_trainable(module: nn.Module) -> bool:
     return any(p.requires_grad for p in module.parameters())
+
+
+def require_no_alpha(alpha: float | None, what: str) -> None:
+    """Kinds without alpha scaling (Kronecker, TLoRA) accept a missing alpha or 1, nothing else."""
+    if alpha is not None and float(alpha) != 1.0:
+        raise AdapterError(f"a {what} adapter has no alpha scaling; the delta carries alpha={alpha}")

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from composer.adapters.base import require_no_alpha
 from composer.errors import AdapterError
 
 if TYPE_CHECKING:
@@ -105,10 +106,7 @@ class KronAdapter(nn.Module):
                 f"kron delta needs tensors kron_a and kron_b "
                 f"(missing: {', '.join(missing) or 'none'}; unknown: {', '.join(extra) or 'none'})"
             )
-        if delta.alpha is not None and float(delta.alpha) != 1.0:
-            raise AdapterError(
-                f"a Kronecker adapter has no alpha scaling; the delta carries alpha={delta.alpha}"
-            )
+        require_no_alpha(delta.alpha, "Kronecker")
         return cls(base, delta.tensors["kron_a"], delta.tensors["kron_b"])
 
     def tensors(self) -> dict[str, torch.Tensor]:

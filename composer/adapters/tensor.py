@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from composer.adapters.base import require_no_alpha
 from composer.errors import AdapterError
 
 if TYPE_CHECKING:
@@ -200,10 +201,7 @@ class TensorAdapter(nn.Module):
                 f"tensor delta needs tensors tr_t.0, tr_t.1, ... and tr_d.0, tr_d.1, ... "
                 f"(missing: {', '.join(missing) or 'none'}; unknown: {', '.join(sorted(unknown)) or 'none'})"
             )
-        if delta.alpha is not None and float(delta.alpha) != 1.0:
-            raise AdapterError(
-                f"a tensor (TLoRA) adapter has no alpha scaling; the delta carries alpha={delta.alpha}"
-            )
+        require_no_alpha(delta.alpha, "tensor (TLoRA)")
         t_cores, d_cores = ([got[k] for k in sorted(got)] for got in found.values())
         return cls(base, t_cores, d_cores)
 
