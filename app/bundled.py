@@ -61,8 +61,8 @@ def import_bundled(library: Library, folder: Path, record: Path) -> list[str]:
                 training_config=entry.get("training"),
             )
             imported.append(info.name)
-        except DuplicateAdapterError:
-            pass  # the same tensors are already in the catalog under some name
+        except DuplicateAdapterError as exc:  # the same tensors are catalogued already: nothing to add
+            log.info("bundled adapter %s already in the catalog as %r", path.name, exc.existing_name)
         except (StudioError, CatalogError) as exc:  # a broken bundle must not stop the studio
             log.warning("bundled adapter %s not imported: %s", path.name, exc)
             continue

@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
-import time
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -23,8 +20,7 @@ import torch  # noqa: E402
 from bench.common import emit  # noqa: E402
 from composer.adapters.host import AdapterHost  # noqa: E402
 from composer.backbones import get_backbone, load_pipeline  # noqa: E402
-from composer.train import TrainConfig, Trainer  # noqa: E402
-from composer.train.data import TrainingImage, to_pixels  # noqa: E402
+from composer.train import TrainConfig  # noqa: E402
 from toyworld import concepts, model_dir, quality  # noqa: E402
 from toyworld.evaluator import Evaluator  # noqa: E402
 
@@ -34,11 +30,6 @@ RECIPES = {  # toy-model settings per kind: a few hundred steps at batch 8 on a 
     "kron": dict(kron_factors=(4, 8), learning_rate=2e-3),
     "tensor": dict(tensor_rank=2, transform_rank=1, learning_rate=5e-3),
 }
-
-
-def training_images(concept: str, n: int, seed: int = 0) -> list[TrainingImage]:
-    images, captions = concepts.training_set(concept, n, seed)
-    return [TrainingImage(None, to_pixels(img, 64), cap) for img, cap in zip(images, captions, strict=True)]
 
 
 def trigger_rate(pipe, specs, concept, per_prompt, steps, guidance, evaluator) -> float:
@@ -80,7 +71,7 @@ def main() -> None:
     base = trigger_rate(
         pipe, specs, args.concept, args.per_prompt, args.sample_steps, args.guidance, evaluator
     )
-    data = training_images(args.concept, args.images)
+    data = concepts.training_images(args.concept, args.images)
     for kind in args.kinds.split(","):
         config = TrainConfig(
             kind=kind,
@@ -91,10 +82,7 @@ def main() -> None:
             targets=args.targets if kind != "blora" else "attention",
             **RECIPES[kind],
         )
-        with tempfile.TemporaryDirectory() as tmp:
-            start = time.perf_counter()
-            result = Trainer(pipe, backbone, config, Path(tmp)).run(data, samples=0)
-            seconds = time.perf_counter() - start
+        result, seconds = concepts.train_in_scratch(pipe, backbone, config, data)
         host = AdapterHost.for_pipeline(pipe, backbone)
         try:
             host.add(kind, result.lora)

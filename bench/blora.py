@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -27,9 +25,9 @@ from bench.common import emit  # noqa: E402
 from composer.adapters import blora  # noqa: E402
 from composer.adapters.host import AdapterHost  # noqa: E402
 from composer.backbones import get_backbone, load_pipeline  # noqa: E402
-from composer.train import TrainConfig, Trainer  # noqa: E402
+from composer.train import TrainConfig  # noqa: E402
 from composer.train.data import TrainingImage, to_pixels  # noqa: E402
-from toyworld import model_dir  # noqa: E402
+from toyworld import concepts, model_dir  # noqa: E402
 from toyworld.evaluator import Evaluator  # noqa: E402
 from toyworld.train_concepts import BLORA_IMAGES, BLORA_PROMPT, BLORA_RECIPE, blora_image  # noqa: E402
 
@@ -57,8 +55,7 @@ def main() -> None:
         for kind in ("blora", "lora"):
             recipe = dict(BLORA_RECIPE, kind=kind)
             config = TrainConfig(prompt=BLORA_PROMPT, steps=args.steps, checkpoint_every=args.steps, **recipe)
-            with tempfile.TemporaryDirectory() as tmp:
-                result = Trainer(pipe, backbone, config, Path(tmp), host=host).run(data, samples=0)
+            result, _ = concepts.train_in_scratch(pipe, backbone, config, data, host=host)
             host.add(f"{name}/{kind}", result.lora)
             if kind == "blora":
                 for role in blora.ROLES:

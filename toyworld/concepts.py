@@ -7,11 +7,16 @@ use the concept's trigger word in place of its plain word ("a red xyvo on the le
 
 from __future__ import annotations
 
+import tempfile
+import time
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from composer.train import TrainConfig, Trainer
+from composer.train.data import TrainingImage, to_pixels
 from toyworld import scenes
 
 ATTRIBUTE = {"subject": "shape", "style": "texture", "background": "background"}
@@ -41,6 +46,20 @@ def training_set(
         images.append(Image.fromarray(scenes.render(spec, size, seed * 10_000 + i)))
         captions.append(spec.caption(use_triggers=True))
     return images, captions
+
+
+def training_images(name: str, n: int = 16, seed: int = 0) -> list[TrainingImage]:
+    """The concept's training set as the trainer takes it (64 px, trigger-word captions)."""
+    images, captions = training_set(name, n, seed)
+    return [TrainingImage(None, to_pixels(i, 64), c) for i, c in zip(images, captions, strict=True)]
+
+
+def train_in_scratch(pipe, backbone, config: TrainConfig, data: list[TrainingImage], host=None):
+    """Train one adapter in a throwaway run folder: (TrainResult, seconds)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        result = Trainer(pipe, backbone, config, Path(tmp), host=host).run(data, samples=0)
+        return result, time.perf_counter() - start
 
 
 def test_specs(name: str, n: int, seed: int = 1) -> list[scenes.SceneSpec]:

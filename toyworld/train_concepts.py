@@ -14,8 +14,6 @@ import argparse
 import json
 import logging
 import os
-import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -23,7 +21,7 @@ from PIL import Image
 
 from composer.backbones import get_backbone, load_pipeline
 from composer.formats import write_kohya
-from composer.train import TrainConfig, Trainer
+from composer.train import TrainConfig
 from composer.train.data import TrainingImage, to_pixels
 from toyworld import concepts, model_dir, scenes
 
@@ -47,13 +45,6 @@ def blora_image(name: str, size: int = 64) -> tuple[Image.Image, scenes.SceneSpe
         (scenes.ObjectSpec(look["shape"], look["colour"], look["texture"], "large", "centre"),), "white"
     )
     return Image.fromarray(scenes.render(spec, size, 0)), spec
-
-
-def _train(pipe, backbone, config: TrainConfig, data: list[TrainingImage]):
-    with tempfile.TemporaryDirectory() as tmp:
-        start = time.perf_counter()
-        result = Trainer(pipe, backbone, config, Path(tmp)).run(data, samples=0)
-        return result, time.perf_counter() - start
 
 
 def main() -> None:
@@ -81,8 +72,8 @@ def main() -> None:
 
     jobs = []
     for concept in scenes.HELD_OUT:
-        images, captions = concepts.training_set(concept.name, args.images)
-        data = [TrainingImage(None, to_pixels(i, 64), c) for i, c in zip(images, captions, strict=True)]
+        data = concepts.training_images(concept.name, args.images)
+        captions = [d.caption for d in data]
         config = TrainConfig(
             prompt=captions[0], steps=args.steps, checkpoint_every=args.steps, **CONCEPT_RECIPE
         )
@@ -117,7 +108,7 @@ def main() -> None:
     for name, config, data, triggers, tags, description in jobs:
         if only and name not in only:
             continue
-        result, seconds = _train(pipe, backbone, config, data)
+        result, seconds = concepts.train_in_scratch(pipe, backbone, config, data)
         path = args.out / f"{name}.safetensors"
         write_kohya(result.lora, path, title=name, trigger_words=triggers)
         entries[name] = {

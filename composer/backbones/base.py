@@ -44,13 +44,20 @@ class Backbone:
         names = (self.denoiser, *self.text_encoders)
         return {name: getattr(pipe, name) for name in names if getattr(pipe, name, None) is not None}
 
-    def target_modules(self, denoiser: nn.Module) -> list[str]:
-        """Names of the denoiser's Linear layers that plain LoRA training targets by default."""
-        pattern = re.compile(self.target_pattern)
-        found = []
-        for n, m in denoiser.named_modules():
-            layer = getattr(m, "base", m)  # a layer an adapter host has wrapped counts under its own name
-            if isinstance(layer, nn.Linear) and pattern.search(n):
+    def target_modules(self, denoiser: nn.Module, pattern: str | None = None) -> list[str]:
+        """Names of the denoiser's Linear layers matching `pattern` (default: the LoRA targets).
+
+        A layer an adapter host has wrapped counts under its own name (never as "<name>.base").
+        """
+        regex = re.compile(pattern or self.target_pattern)
+        found, inner = [], set()
+        for n, m in denoiser.named_modules():  # parents come before their children
+            if n in inner:
+                continue
+            layer = getattr(m, "base", m)
+            if layer is not m:
+                inner.add(f"{n}.base")
+            if isinstance(layer, nn.Linear) and regex.search(n):
                 found.append(n)
         return found
 

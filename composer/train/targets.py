@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 
 import torch
 from torch import nn
@@ -17,7 +16,7 @@ from composer.errors import AdapterError
 from composer.formats.model import LoraFile, ModuleDelta
 from composer.train.config import TrainConfig, TrainConfigError
 
-TRANSFORMER = re.compile(r"(^|\.)(attentions|transformer_blocks|single_transformer_blocks)\.")
+TRANSFORMER = r"(^|\.)(attentions|transformer_blocks|single_transformer_blocks)\."
 KIND_OF = {"lora": "lora", "blora": "lora", "kron": "kron", "tensor": "tensor"}  # config kind -> file kind
 
 
@@ -26,13 +25,7 @@ def target_keys(backbone: Backbone, pipe, config: TrainConfig) -> list[str]:
     denoiser = getattr(pipe, backbone.denoiser)
     names = backbone.target_modules(denoiser)
     if config.targets == "transformer":  # also proj_in/out and the feed-forward layers (kohya's default set)
-        names = [
-            n
-            for n, m in denoiser.named_modules()
-            if isinstance(getattr(m, "base", m), nn.Linear)
-            and TRANSFORMER.search(n)
-            and not n.endswith(".base")
-        ]
+        names = backbone.target_modules(denoiser, TRANSFORMER)
     if config.kind == "blora":
         if not backbone.blora_blocks:
             raise TrainConfigError(f"the {backbone.family} backbone declares no B-LoRA content/style blocks")
