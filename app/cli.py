@@ -230,6 +230,9 @@ def train(
     checkpoint_every: int = 100,
     mixed_precision: Annotated[str, typer.Option(help="no, fp16 or bf16 (GPU)")] = "no",
     gradient_checkpointing: bool = False,
+    targets: Annotated[
+        str, typer.Option(help="attention, transformer (all its Linears) or full (and convs; lora only)")
+    ] = "attention",
     trigger: Annotated[list[str] | None, typer.Option("--trigger", help="trigger word (repeatable)")] = None,
     tag: Annotated[list[str] | None, typer.Option("--tag", help="tag (repeatable)")] = None,
     description: str = "",
@@ -266,6 +269,7 @@ def train(
         checkpoint_every=checkpoint_every,
         mixed_precision=mixed_precision,
         gradient_checkpointing=gradient_checkpointing,
+        targets=targets,
     ).validate()
     studio = _studio(data_dir)
     with Progress(

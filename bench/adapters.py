@@ -57,7 +57,7 @@ def main() -> None:
     parser.add_argument("--guidance", type=float, default=7.5)
     parser.add_argument("--lr", type=float, default=None, help="override the recipes' learning rate")
     parser.add_argument("--rank", type=int, default=None, help="override the LoRA/B-LoRA rank")
-    parser.add_argument("--targets", default="attention", choices=["attention", "transformer"])
+    parser.add_argument("--targets", default="attention", choices=["attention", "transformer", "full"])
     args = parser.parse_args()
     for recipe in RECIPES.values():
         if args.lr is not None:

@@ -1,8 +1,8 @@
-"""Catalog tables: adapters (LoRA files and what we know about them), renders (full provenance) and API keys
-(stored as SHA-256 hashes, never the secret).
+"""Catalog tables: adapters (LoRA files and what we know about them), renders (full provenance), API keys
+(stored as SHA-256 hashes, never the secret), render jobs (the REST API's batches, run by an executor) and
+admin users (password hashes only).
 
-Users, jobs and the audit log come later, each in a new Alembic revision; they attach to these tables by
-foreign key (e.g. `renders.user_id`), so nothing here needs to change shape for them.
+The audit log comes later, in a new Alembic revision.
 """
 
 from __future__ import annotations
@@ -18,12 +18,14 @@ from sqlalchemy import (
     DateTime,
     Dialect,
     Float,
+    ForeignKey,
     Integer,
     LargeBinary,
     MetaData,
     String,
     Text,
     TypeDecorator,
+    UniqueConstraint,
     func,
 )
 from sqlalchemy.dialects.postgresql import JSONB
@@ -37,6 +39,8 @@ FAMILIES = ("sd15", "sdxl", "flux")
 ADAPTER_TYPES = ("lora", "lokr", "loha", "blora", "kron", "tensor")
 SOURCE_FORMATS = ("diffusers", "peft", "kohya", "lycoris")
 RENDER_STATUSES = ("pending", "running", "done", "failed", "cancelled")
+JOB_STATUSES = ("queued", "running", "done", "failed", "cancelled")
+JOB_FINISHED = ("done", "failed", "cancelled")
 NAME_MAX = 128
 API_KEY_PREFIX_LEN = 8  # characters of the secret kept in clear, to tell keys apart in lists
 
@@ -342,3 +346,81 @@ class ApiKey(Base):
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1_000_000:
             raise InvalidFieldError(f"rate_limit_per_minute {value!r}: expected an integer in 1..1000000")
         return value
+
+
+class RenderJob(Base):
+    """A batch of render requests submitted together (REST API), run by an executor.
+
+    Lifecycle: queued -> running -> done | failed, or cancelled from queued/running. A worker that dies leaves
+    its job "running" with a stale heartbeat; recovery puts it back to queued until `max_attempts`, then
+    failed with the reason. `requests` holds the requests as submitted (JSON), `results` one entry per
+    finished request (image paths, render ids, provenance), so a restarted job skips what is already done.
+    """
+
+    __tablename__ = "render_jobs"
+    __table_args__ = (UniqueConstraint("api_key_id", "idempotency_key"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(
+        UTCDateTime(), default=utcnow, server_default=func.now(), index=True
+    )
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    status: Mapped[str] = mapped_column(String(16), default="queued", index=True)
+    api_key_id: Mapped[int | None] = mapped_column(ForeignKey("api_keys.id", ondelete="SET NULL"), index=True)
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    request_hash: Mapped[str] = mapped_column(String(64))  # SHA-256 of the canonical request JSON
+    backbone: Mapped[str] = mapped_column(String(32))
+    model: Mapped[str | None] = mapped_column(Text)
+    requests: Mapped[list[dict[str, Any]]] = mapped_column(MutableList.as_mutable(json_type()), default=list)
+    results: Mapped[list[dict[str, Any]]] = mapped_column(MutableList.as_mutable(json_type()), default=list)
+    total: Mapped[int] = mapped_column(Integer)  # images the job will make
+    completed: Mapped[int] = mapped_column(Integer, default=0)  # images made so far
+    progress: Mapped[float] = mapped_column(Float, default=0.0)  # 0..1, denoising steps included
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    max_attempts: Mapped[int] = mapped_column(Integer, default=2)
+    worker: Mapped[str | None] = mapped_column(String(128))  # who holds it while running
+    cancel_requested: Mapped[bool] = mapped_column(default=False)
+    error: Mapped[str | None] = mapped_column(Text)
+
+    def __repr__(self) -> str:
+        return f"RenderJob(id={self.id!r}, status={self.status!r}, {self.completed}/{self.total})"
+
+    @property
+    def finished(self) -> bool:
+        return self.status in JOB_FINISHED
+
+    @validates("status")
+    def _v_status(self, key: str, value: object) -> str:
+        return _check_choice(key, value, JOB_STATUSES)
+
+    @validates("request_hash")
+    def _v_request_hash(self, key: str, value: object) -> str:
+        return _check_hex(key, value, 64)
+
+    @validates("total", "completed", "attempts", "max_attempts")
+    def _v_count(self, key: str, value: object) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise InvalidFieldError(f"{key} {value!r}: expected a non-negative integer")
+        return value
+
+
+class User(Base):
+    """An admin-page user. Only an Argon2 hash of the password is stored."""
+
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    username: Mapped[str] = mapped_column(String(NAME_MAX), unique=True, index=True)
+    password_hash: Mapped[str] = mapped_column(String(255))
+    is_admin: Mapped[bool] = mapped_column(default=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, server_default=func.now())
+    last_login_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+    def __repr__(self) -> str:
+        return f"User(username={self.username!r}, admin={self.is_admin!r})"
+
+    @validates("username")
+    def _v_username(self, key: str, value: object) -> str:
+        return validate_name(value, "username")

@@ -45,14 +45,16 @@ def test_models_and_migrations_agree(engine):
 
 
 def test_upgrade_is_idempotent_and_downgrade_empties(engine):
-    assert current_revision(engine) == head_revision() == "0002"
+    assert current_revision(engine) == head_revision() == "0003"
     upgrade(engine)  # a second start changes nothing
     assert current_revision(engine) == head_revision()
     with engine.begin() as connection:
         command.downgrade(alembic_config(connection), "base")
     assert set(inspect(engine).get_table_names()) <= {"alembic_version"}
     upgrade(engine)
-    assert {"adapters", "renders", "api_keys"} <= set(inspect(engine).get_table_names())
+    assert {"adapters", "renders", "api_keys", "render_jobs", "users"} <= set(
+        inspect(engine).get_table_names()
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -67,7 +69,7 @@ def test_0002_adds_api_keys_to_a_0001_catalog_and_keeps_its_rows(backend, tmp_pa
                     "INSERT INTO renders (prompt, negative_prompt, backbone, model, method, params, seed, "
                     "loras, status) VALUES ('a cat', '', 'sdxl', 'tiny', 'merge', '{}', 7, '[]', 'done')"
                 )
-            upgrade(engine)
+            upgrade(engine, "0002")
             assert current_revision(engine) == "0002"
             columns = {c["name"] for c in inspect(engine).get_columns("api_keys")}
             assert columns == {

@@ -44,12 +44,16 @@ class Backbone:
         names = (self.denoiser, *self.text_encoders)
         return {name: getattr(pipe, name) for name in names if getattr(pipe, name, None) is not None}
 
-    def target_modules(self, denoiser: nn.Module, pattern: str | None = None) -> list[str]:
-        """Names of the denoiser's Linear layers matching `pattern` (default: the LoRA targets).
+    def target_modules(
+        self, denoiser: nn.Module, pattern: str | None = None, conv_pattern: str | None = None
+    ) -> list[str]:
+        """Names of the denoiser's Linear layers matching `pattern` (default: the LoRA targets), and of its
+        Conv2d layers matching `conv_pattern` (none by default).
 
         A layer an adapter host has wrapped counts under its own name (never as "<name>.base").
         """
         regex = re.compile(pattern or self.target_pattern)
+        conv_regex = re.compile(conv_pattern) if conv_pattern else None
         found, inner = [], set()
         for n, m in denoiser.named_modules():  # parents come before their children
             if n in inner:
@@ -57,7 +61,9 @@ class Backbone:
             layer = getattr(m, "base", m)
             if layer is not m:
                 inner.add(f"{n}.base")
-            if isinstance(layer, nn.Linear) and regex.search(n):
+            linear = isinstance(layer, nn.Linear) and regex.search(n)
+            conv = conv_regex is not None and isinstance(layer, nn.Conv2d) and conv_regex.search(n)
+            if linear or conv:
                 found.append(n)
         return found
 

@@ -8,7 +8,7 @@ from composer.errors import StudioError
 
 ADAPTER_KINDS = ("lora", "blora", "kron", "tensor")
 MIXED_PRECISION = ("no", "fp16", "bf16")
-TARGETS = ("attention", "transformer")
+TARGETS = ("attention", "transformer", "full")
 RECIPE_STEPS = {"lora": 500, "blora": 1000, "kron": 500, "tensor": 2000}  # METHODS.md
 RECIPE_RANK = {"lora": 4, "blora": 64, "kron": 4, "tensor": 4}  # rank only matters for lora/blora
 
@@ -47,7 +47,8 @@ class TrainConfig:
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
     targets: str = (
-        "attention"  # "attention" (q/k/v/out) or "transformer" (every Linear of the transformer blocks)
+        "attention"  # "attention" (q/k/v/out), "transformer" (every Linear of the transformer blocks) or
+        # "full" (those and the ResNet/resampling convolutions, kohya's LoCon set; kind "lora" only)
     )
     flip: bool = False  # horizontal flip augmentation (off: positions are part of many prompts)
     min_images: int = 1
@@ -103,7 +104,11 @@ class TrainConfig:
                 "prior preservation (prior_weight > 0) needs a class prompt, e.g. 'a photo of a dog'"
             )
         if self.targets not in TARGETS:
-            raise TrainConfigError(f"targets {self.targets!r}: choose {' or '.join(TARGETS)}")
+            raise TrainConfigError(f"targets {self.targets!r}: choose {', '.join(TARGETS)}")
+        if self.targets == "full" and self.kind != "lora":
+            raise TrainConfigError(
+                f"targets 'full' adapts convolutions, which only kind 'lora' does; not {self.kind!r}"
+            )
         if self.mixed_precision not in MIXED_PRECISION:
             raise TrainConfigError(
                 f"mixed_precision {self.mixed_precision!r}: choose {', '.join(MIXED_PRECISION)}"

@@ -17,6 +17,9 @@ from composer.formats.model import LoraFile, ModuleDelta
 from composer.train.config import TrainConfig, TrainConfigError
 
 TRANSFORMER = r"(^|\.)(attentions|transformer_blocks|single_transformer_blocks)\."
+RESNET_CONVS = (
+    r"(^|\.)(resnets\.\d+\.(conv1|conv2|conv_shortcut)|downsamplers\.\d+\.conv|upsamplers\.\d+\.conv)$"
+)
 KIND_OF = {"lora": "lora", "blora": "lora", "kron": "kron", "tensor": "tensor"}  # config kind -> file kind
 
 
@@ -26,6 +29,8 @@ def target_keys(backbone: Backbone, pipe, config: TrainConfig) -> list[str]:
     names = backbone.target_modules(denoiser)
     if config.targets == "transformer":  # also proj_in/out and the feed-forward layers (kohya's default set)
         names = backbone.target_modules(denoiser, TRANSFORMER)
+    if config.targets == "full":  # and the ResNet and resampling convolutions (kohya's LoCon set)
+        names = backbone.target_modules(denoiser, TRANSFORMER, RESNET_CONVS)
     if config.kind == "blora":
         if not backbone.blora_blocks:
             raise TrainConfigError(f"the {backbone.family} backbone declares no B-LoRA content/style blocks")
