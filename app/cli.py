@@ -367,14 +367,30 @@ def apikey_revoke(name: Annotated[str, typer.Argument(help="the key's name")], d
 def serve(
     host: Annotated[str, typer.Option(help="interface to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="port")] = 8000,
+    executor: Annotated[
+        str | None, typer.Option(help="render jobs run by 'local' worker threads or on 'ray'")
+    ] = None,
+    ray_address: Annotated[
+        str | None, typer.Option(help="Ray cluster address, e.g. ray://head:10001 (default: a local Ray)")
+    ] = None,
+    workers: Annotated[int | None, typer.Option(help="render workers (threads, or Ray actors)")] = None,
     data_dir: DataDir = None,
 ):
-    """Serve the REST API (/api/v1, docs at /api/v1/docs) over one Studio."""
+    """Serve the REST API (/api/v1, docs at /api/v1/docs) over one Studio, with a render-job executor."""
     import uvicorn
 
     from app.api import create_app
+    from app.jobs import make_executor
 
-    uvicorn.run(create_app(_studio(data_dir)), host=host, port=port, log_level="info")
+    studio = _studio(data_dir)
+    given = {"executor": executor, "ray_address": ray_address, "workers": workers}
+    settings = studio.settings.model_copy(update={k: v for k, v in given.items() if v is not None})
+    if settings.executor not in ("local", "ray"):
+        _fail(f"--executor {settings.executor!r}: choose local or ray")
+    if settings.workers < 1:
+        _fail(f"--workers {settings.workers}: at least 1")
+    app_ = create_app(studio, make_executor(studio, settings))
+    uvicorn.run(app_, host=host, port=port, log_level="info")
 
 
 def main() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -31,6 +32,23 @@ class Settings(BaseSettings):
     max_upload_mb: int = Field(
         default=512, ge=1, description="largest LoRA file the REST API accepts, in MiB"
     )
+    # render jobs (REST batches) and their executor
+    executor: Literal["local", "ray"] = Field(
+        default="local", description="'local' (worker threads in this process) or 'ray' (a Ray cluster)"
+    )
+    workers: int = Field(default=1, ge=1, description="render workers (threads, or Ray actors)")
+    ray_address: str | None = Field(default=None, description="Ray cluster address (None: a local Ray)")
+    max_queued_jobs: int = Field(default=100, ge=1, description="queued render jobs before 429")
+    job_max_attempts: int = Field(default=2, ge=1, description="runs of a job whose worker dies, at most")
+    job_heartbeat_s: float = Field(default=2.0, gt=0, description="seconds between a worker's heartbeats")
+    job_stale_after_s: float = Field(
+        default=30.0, gt=0, description="a running job silent this long has lost its worker: requeued"
+    )
+    import_dir: Path | None = Field(
+        default=None,
+        description="server folder the admin page imports folders from (default: <data_dir>/import)",
+    )
+    admin_session_hours: float = Field(default=12, gt=0, description="admin login lifetime, in hours")
 
     @property
     def root(self) -> Path:
@@ -39,3 +57,12 @@ class Settings(BaseSettings):
     @property
     def lora_dir(self) -> Path:
         return self.root / "loras"
+
+    @property
+    def import_root(self) -> Path:
+        return (self.import_dir or self.root / "import").expanduser().resolve()
+
+    @property
+    def session_secret_path(self) -> Path:
+        """The admin page's cookie-signing key, created on first start (mode 0600)."""
+        return self.root / "session_secret"

@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import logging
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from PIL import PngImagePlugin
+from sqlalchemy.orm import Session
 
 import toyworld
 from app.bundled import import_bundled
@@ -152,8 +154,12 @@ class Studio:
         model: str | None = None,
         out: Path | None = None,
         progress: Progress | None = None,
+        on_record: Callable[[Session, RenderResult], None] | None = None,
     ) -> RenderResult:
         """Resolve the LoRAs, make them resident, render, record provenance, optionally save PNGs.
+
+        `on_record(session, result)` runs inside the transaction that records the render, so what it writes
+        commits together with the render record, or neither does (render jobs record results so).
 
         Raises:
             AdapterNotFoundError: a LoRA name is not in the catalog (close names suggested).
@@ -211,8 +217,10 @@ class Studio:
                 output_path=str(paths[0]) if paths else None,
                 status="done",
             )
-            render_id = record.id
-        return RenderResult(images, provenance, render_id, paths)
+            result = RenderResult(images, provenance, record.id, paths)
+            if on_record is not None:
+                on_record(session, result)
+        return result
 
 
 def save_images(images: list, out: Path, provenance: dict) -> list[Path]:

@@ -2,19 +2,38 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 from fastapi import Depends, FastAPI
 
-from app.api import loras, search
+from app.api import loras, renders, search
 from app.api.auth import TokenBucket, authenticate
 from app.api.errors import install_error_handlers
-from app.api.service import StudioService
+from app.api.service import JobExecutor, StudioService
 
 API_PREFIX = "/api/v1"
 
 
-def create_app(studio: StudioService) -> FastAPI:
-    """The web application over one ready Studio; OpenAPI docs at /api/v1/docs."""
+def create_app(studio: StudioService, executor: JobExecutor | None = None) -> FastAPI:
+    """The web application over one ready Studio; OpenAPI docs at /api/v1/docs.
+
+    `executor` runs render jobs (`app.jobs.make_executor`); it is started and stopped with the app. Without
+    one, the render routes answer 503.
+    """
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if executor is not None:
+            executor.start()
+        try:
+            yield
+        finally:
+            if executor is not None:
+                executor.stop()
+
     app = FastAPI(
+        lifespan=lifespan,
         title="LoRA Studio",
         summary="Catalog, search and render diffusion-model LoRAs",
         docs_url=f"{API_PREFIX}/docs",
@@ -23,9 +42,10 @@ def create_app(studio: StudioService) -> FastAPI:
         redoc_url=None,
     )
     app.state.studio = studio
+    app.state.executor = executor
     app.state.rate_limiter = TokenBucket()
     install_error_handlers(app)
-    for router in (loras.router, search.router):
+    for router in (loras.router, search.router, renders.router):
         app.include_router(router, prefix=API_PREFIX, dependencies=[Depends(authenticate)])
     return app
 

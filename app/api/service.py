@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.catalog import AdapterInfo
 from app.settings import Settings
+from db.models import RenderJob
 
 
 class Catalog(Protocol):
@@ -60,6 +61,27 @@ class StudioService(Protocol):
     settings: Settings
     library: Catalog
     sessions: sessionmaker[Session]
+
+
+class JobExecutor(Protocol):
+    """Runs render jobs (`app.jobs`: in-process workers or a Ray cluster); the API only submits and cancels,
+    and reads jobs from the database."""
+
+    def submit(
+        self,
+        requests: list[dict[str, Any]],
+        *,
+        backbone: str | None = None,
+        model: str | None = None,
+        api_key_id: int | None = None,
+        idempotency_key: str | None = None,
+    ) -> tuple[RenderJob, bool]: ...
+
+    def cancel(self, job_id: int, api_key_id: int | None = None) -> RenderJob: ...
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
 
 
 def get_studio(request: Request) -> StudioService:

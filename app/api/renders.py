@@ -1,0 +1,215 @@
+"""`/renders`: batch render jobs. A batch is checked in full, queued as one job and run by the executor;
+clients poll the job and fetch its PNGs. Jobs belong to the API key that made them."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from fastapi.responses import FileResponse
+
+from app.api.auth import PrincipalDep
+from app.api.errors import ApiError
+from app.api.render_schemas import JobPage, JobRead, RenderBatch, RenderResultRead
+from app.api.schemas import ErrorResponse
+from app.api.service import JobExecutor, StudioDep
+from db.jobs import (
+    IdempotencyConflictError,
+    JobFinishedError,
+    JobNotFoundError,
+    JobRepository,
+    QueueFullError,
+)
+from db.models import JOB_STATUSES, RenderJob
+from db.session import unit_of_work
+
+router = APIRouter(
+    prefix="/renders",
+    tags=["renders"],
+    responses={401: {"model": ErrorResponse}, 404: {"model": ErrorResponse}, 429: {"model": ErrorResponse}},
+)
+
+
+def get_executor(request: Request) -> JobExecutor:
+    executor = request.app.state.executor
+    if executor is None:
+        raise ApiError(503, "no_executor", "this server runs no render executor (see `lora-studio serve`)")
+    return executor
+
+
+ExecutorDep = Annotated[JobExecutor, Depends(get_executor)]
+
+
+@contextmanager
+def job_errors() -> Iterator[None]:
+    """The job errors as HTTP answers (the catalog's own errors keep their handlers)."""
+    try:
+        yield
+    except JobNotFoundError as exc:
+        raise ApiError(404, "not_found", str(exc)) from None
+    except JobFinishedError as exc:
+        raise ApiError(409, "job_finished", str(exc)) from None
+    except IdempotencyConflictError as exc:
+        raise ApiError(422, "idempotency_conflict", str(exc)) from None
+    except QueueFullError as exc:
+        raise ApiError(
+            429, "queue_full", str(exc), {"Retry-After": str(exc.retry_after)}, retry_after=exc.retry_after
+        ) from None
+
+
+def job_url(request: Request, job_id: int) -> str:
+    return str(request.url_for("get_render", job_id=job_id).path)
+
+
+def to_read(request: Request, repo: JobRepository, job: RenderJob) -> JobRead:
+    base = job_url(request, job.id)
+    results, n = [], 0
+    for result in sorted(job.results, key=lambda r: r["index"]):
+        urls = [f"{base}/images/{n + k}" for k in range(len(result["images"]))]
+        n += len(urls)
+        results.append(
+            RenderResultRead(
+                index=result["index"],
+                render_id=result["render_id"],
+                images=urls,
+                provenance=result["provenance"],
+            )
+        )
+    return JobRead(
+        id=job.id,
+        status=job.status,  # type: ignore[arg-type]
+        progress=job.progress,
+        completed=job.completed,
+        total=job.total,
+        queue_position=repo.queue_position(job),
+        cancel_requested=job.cancel_requested,
+        attempts=job.attempts,
+        max_attempts=job.max_attempts,
+        error=job.error,
+        backbone=job.backbone,
+        model=job.model,
+        requests=len(job.requests),
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        results=results,
+    )
+
+
+def read_job(request: Request, studio: StudioDep, job_id: int, key_id: int) -> JobRead:
+    with job_errors(), unit_of_work(studio.sessions) as session:
+        repo = JobRepository(session)
+        return to_read(request, repo, repo.get(job_id, key_id))
+
+
+@router.post(
+    "",
+    status_code=202,
+    response_model=JobRead,
+    responses={409: {"model": ErrorResponse}, 422: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
+)
+def create_render(
+    batch: RenderBatch,
+    request: Request,
+    response: Response,
+    studio: StudioDep,
+    executor: ExecutorDep,
+    principal: PrincipalDep,
+    idempotency_key: Annotated[
+        str | None,
+        Header(min_length=1, max_length=255, description="a repeat with the same key and body: the same job"),
+    ] = None,
+) -> JobRead:
+    """Queue a batch of renders as one job; every request is checked (LoRA names too) before it is stored."""
+    body = batch.model_dump(mode="json")
+    with job_errors():
+        job, created = executor.submit(
+            body["requests"],
+            backbone=body["backbone"],
+            model=body["model"],
+            api_key_id=principal.key_id,
+            idempotency_key=idempotency_key,
+        )
+    response.headers["Location"] = job_url(request, job.id)
+    if not created:
+        response.headers["Idempotent-Replayed"] = "true"
+    return read_job(request, studio, job.id, principal.key_id)
+
+
+@router.get("", response_model=JobPage)
+def list_renders(
+    request: Request,
+    studio: StudioDep,
+    principal: PrincipalDep,
+    status: Annotated[Literal[JOB_STATUSES] | None, Query()] = None,  # type: ignore[valid-type]
+    limit: Annotated[int, Query(ge=1, le=200)] = 20,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> JobPage:
+    """The caller's render jobs, newest first."""
+    with unit_of_work(studio.sessions) as session:
+        repo = JobRepository(session)
+        jobs = repo.list(status, principal.key_id, limit, offset)
+        return JobPage(
+            items=[to_read(request, repo, job) for job in jobs],
+            total=repo.count(status, principal.key_id),
+            limit=limit,
+            offset=offset,
+        )
+
+
+@router.get("/{job_id}", response_model=JobRead, name="get_render")
+def get_render(job_id: int, request: Request, studio: StudioDep, principal: PrincipalDep) -> JobRead:
+    """A render job: status, progress, queue position, error, and the results so far."""
+    return read_job(request, studio, job_id, principal.key_id)
+
+
+@router.get(
+    "/{job_id}/images/{n}",
+    response_class=FileResponse,
+    responses={200: {"content": {"image/png": {}}, "description": "the PNG, provenance in its text chunks"}},
+)
+def get_render_image(job_id: int, n: int, studio: StudioDep, principal: PrincipalDep) -> FileResponse:
+    """Image `n` of a job (numbered across the batch, in request order)."""
+    with job_errors(), unit_of_work(studio.sessions) as session:
+        job = JobRepository(session).get(job_id, principal.key_id)
+        paths = [p for r in sorted(job.results, key=lambda r: r["index"]) for p in r["images"]]
+    if not 0 <= n < len(paths):
+        raise ApiError(
+            404, "not_found", f"render job {job_id} has {len(paths)} image(s) so far; no image {n}"
+        )
+    root = studio.settings.root
+    path = (root / paths[n]).resolve()
+    if not path.is_relative_to(root / "renders") or not path.is_file():
+        raise ApiError(404, "not_found", f"image {n} of render job {job_id} is no longer stored")
+    return FileResponse(Path(path), media_type="image/png", filename=f"job-{job_id}-{n}.png")
+
+
+@router.delete(
+    "/{job_id}",
+    response_model=JobRead,
+    responses={
+        202: {"model": JobRead, "description": "running: its worker was asked to stop"},
+        409: {"model": ErrorResponse},
+    },
+)
+def cancel_render(
+    job_id: int,
+    request: Request,
+    response: Response,
+    studio: StudioDep,
+    executor: ExecutorDep,
+    principal: PrincipalDep,
+) -> JobRead:
+    """Cancel a job: a queued one at once (200), a running one between denoising steps (202); 409 if it
+    already finished."""
+    with job_errors():
+        job = executor.cancel(job_id, principal.key_id)
+    if job.status == "running":
+        response.status_code = 202
+    return read_job(request, studio, job_id, principal.key_id)
+
+
+__all__ = ["router"]
