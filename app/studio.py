@@ -101,6 +101,10 @@ class Studio:
             self._pipelines[key] = _Loaded(pipe, AdapterHost.for_pipeline(pipe, bb))
         return self._pipelines[key]
 
+    def resident_loras(self) -> set[str]:
+        """SHA-256 of every LoRA file resident in a loaded pipeline (a B-LoRA half by its file's hash)."""
+        return {key.partition("#")[0] for loaded in self._pipelines.values() for key in loaded.resident}
+
     def resolve_lora(self, name: str) -> tuple[AdapterInfo, str | None]:
         """A stack entry: a catalog name, or NAME.content / NAME.style for one half of a B-LoRA.
 

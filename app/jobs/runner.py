@@ -32,7 +32,7 @@ class JobControl:
 
     job_id: int
     worker: str
-    total: int  # images of the whole job
+    total: int = 1  # images of the whole job (run_job reads it from the job)
     done: int = 0  # images recorded
     fraction: float = 0.0  # of the request being rendered now
     images_now: int = 0  # images the current request makes
@@ -129,7 +129,7 @@ def run_job(studio: Studio, control: JobControl) -> str:
         job = JobRepository(session).held(job_id, worker)
         requests, backbone, model = list(job.requests), job.backbone, job.model
         recorded = {r["index"] for r in job.results}
-        control.done = job.completed
+        control.done, control.total = job.completed, job.total
     out = job_dir(studio.settings.root, job_id)
     root = studio.settings.root
 
