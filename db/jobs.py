@@ -46,6 +46,10 @@ class QueueFullError(CatalogError):
         self.retry_after = retry_after
 
 
+class SubmitRaceError(CatalogError):
+    """Another submit with the same Idempotency-Key was stored first; the transaction is spoilt: retry it."""
+
+
 class JobLostError(CatalogError):
     """The worker no longer holds the job: it was recovered, cancelled or finished elsewhere."""
 
@@ -81,6 +85,7 @@ class JobRepository:
 
         Raises:
             IdempotencyConflictError: the key was used before with a different body.
+            SubmitRaceError: a concurrent submit with the same key committed first (retry the transaction).
             InvalidFieldError: no requests, or a malformed count.
         """
         if not requests:
@@ -108,14 +113,13 @@ class JobRepository:
             max_attempts=max_attempts,
             cancel_requested=False,
         )
+        self.session.add(job)
         try:
-            with self.session.begin_nested():  # a concurrent submit with the same key wins the insert
-                self.session.add(job)
-        except IntegrityError:
-            existing = self._by_idempotency_key(api_key_id, idempotency_key)
-            if existing is None:
-                raise
-            return self._same_body(existing, digest, idempotency_key), False
+            self.session.flush()
+        except IntegrityError as exc:  # (no savepoint: pysqlite's SAVEPOINTs do not nest in a transaction)
+            raise SubmitRaceError(
+                f"a concurrent submit with Idempotency-Key {idempotency_key!r} won; submit again for its job"
+            ) from exc
         return job, True
 
     def _by_idempotency_key(self, api_key_id: int | None, key: str | None) -> RenderJob | None:
@@ -380,5 +384,6 @@ __all__ = [
     "JobNotFoundError",
     "JobRepository",
     "QueueFullError",
+    "SubmitRaceError",
     "request_hash",
 ]

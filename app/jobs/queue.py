@@ -14,7 +14,7 @@ from composer.backbones import TINY
 from composer.errors import FamilyMismatchError, StudioError
 from composer.render import LoraWeight, RenderRequest
 from db.errors import CatalogError
-from db.jobs import JobRepository, QueueFullError
+from db.jobs import JobRepository, QueueFullError, SubmitRaceError
 from db.models import RenderJob
 from db.session import unit_of_work
 
@@ -73,19 +73,25 @@ class JobQueue:
         backbone = backbone or self.settings.backbone
         model = model or self.settings.model
         total = self.validate(requests, backbone, model)
-        with unit_of_work(self.studio.sessions) as session:
-            repo = JobRepository(session)
-            job, created = repo.submit(
-                requests=requests,
-                total=total,
-                backbone=backbone,
-                model=model,
-                api_key_id=api_key_id,
-                idempotency_key=idempotency_key,
-                max_attempts=self.settings.job_max_attempts,
-            )
-            if created:  # counted with the new job; raising rolls it back (a repeated key is never refused)
-                self._check_room(repo)
+        for attempt in range(2):
+            try:
+                with unit_of_work(self.studio.sessions) as session:
+                    repo = JobRepository(session)
+                    job, created = repo.submit(
+                        requests=requests,
+                        total=total,
+                        backbone=backbone,
+                        model=model,
+                        api_key_id=api_key_id,
+                        idempotency_key=idempotency_key,
+                        max_attempts=self.settings.job_max_attempts,
+                    )
+                    if created:  # counted with the new job; raising rolls it back (a repeat is never refused)
+                        self._check_room(repo)
+                break
+            except SubmitRaceError:
+                if attempt:
+                    raise  # the second time round the winner's job is found: this cannot happen twice
         if created:
             log.info("render job %d queued: %d requests, %d images", job.id, len(requests), total)
             self.wake()

@@ -197,7 +197,9 @@ class RayExecutor(JobQueue):
 
     def _release(self, slot: _Slot, reason: str, count_attempt: bool = True) -> None:
         with unit_of_work(self.studio.sessions) as session:
-            job = JobRepository(session).release(slot.job_id, slot.worker, reason, count_attempt=count_attempt)
+            job = JobRepository(session).release(
+                slot.job_id, slot.worker, reason, count_attempt=count_attempt
+            )
         if job is not None:
             log.warning("render job %d: %s; now %s (attempt %d)", job.id, reason, job.status, job.attempts)
         slot.job_id, slot.ref = None, None
