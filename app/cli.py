@@ -10,6 +10,8 @@ from typing import Annotated
 
 import typer
 
+from app.cli_admin import admin_app
+
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
@@ -303,6 +305,7 @@ def train(
 
 apikey_app = typer.Typer(no_args_is_help=True, help="API keys for the REST API (stored hashed).")
 app.add_typer(apikey_app, name="apikey")
+app.add_typer(admin_app, name="admin")
 
 
 @apikey_app.command("create")
@@ -376,11 +379,12 @@ def serve(
     workers: Annotated[int | None, typer.Option(help="render workers (threads, or Ray actors)")] = None,
     data_dir: DataDir = None,
 ):
-    """Serve the REST API (/api/v1, docs at /api/v1/docs) over one Studio, with a render-job executor."""
+    """Serve the studio (/), the admin page (/admin) and the REST API (/api/v1, docs at /api/v1/docs) over one
+    Studio, with a render-job executor."""
     import uvicorn
 
-    from app.api import create_app
     from app.jobs import make_executor
+    from app.web import create_web_app
 
     studio = _studio(data_dir)
     given = {"executor": executor, "ray_address": ray_address, "workers": workers}
@@ -389,7 +393,7 @@ def serve(
         _fail(f"--executor {settings.executor!r}: choose local or ray")
     if settings.workers < 1:
         _fail(f"--workers {settings.workers}: at least 1")
-    app_ = create_app(studio, make_executor(studio, settings))
+    app_ = create_web_app(studio, make_executor(studio, settings))
     uvicorn.run(app_, host=host, port=port, log_level="info")
 
 

@@ -1,0 +1,54 @@
+"""Login and logout. A successful login replaces the session (new CSRF token) and records the time."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+
+from app.admin.core import FormDep, FrontDep, page, redirect, session_of
+from app.admin.session import Session
+from db.session import unit_of_work
+from db.users import UserRepository
+
+router = APIRouter()
+
+
+def safe_next(target: object, root: str) -> str:
+    """Where to go after login: a path under the admin page only (never another site: no '//', '\\', scheme)."""
+    if not isinstance(target, str) or not target.startswith(f"{root}/"):
+        return "/"
+    path = target.removeprefix(root)
+    return "/" if path.startswith("//") or "\\" in path or ":" in path else path
+
+
+@router.get("/login")
+def login_form(request: Request, next: str = ""):
+    """The login form."""
+    return page(request, "login.html", next=next, error=None)
+
+
+@router.post("/login")
+def login(request: Request, form: FormDep, front: FrontDep):
+    """Check the password (Argon2) and start a signed-in session."""
+    username, password = form.get("username"), form.get("password")
+    with unit_of_work(front.studio.sessions) as db:
+        users = UserRepository(db)
+        user = users.verify(username, password) if isinstance(username, str) else None
+        if user is not None and user.is_admin:
+            users.touch_login(user)
+            user_id = user.id
+        else:
+            user_id = None
+    if user_id is None:
+        return page(request, "login.html", 401, next=form.get("next", ""), error="wrong username or password")
+    request.state.admin_session = Session.new(user_id)
+    response = redirect(request, safe_next(form.get("next"), request.scope.get("root_path", "")))
+    request.app.state.codec.write(response, session_of(request), request)
+    return response
+
+
+@router.post("/logout")
+def logout(request: Request, form: FormDep):
+    """End the session."""
+    response = redirect(request, "/login")
+    request.app.state.codec.clear(response)
+    return response

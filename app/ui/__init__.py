@@ -1,0 +1,32 @@
+"""The Gradio studio at /: Studio, Training and Catalog tabs over one Frontend. Thin: every event converts its
+inputs, makes one call into the Studio (through the Frontend) and converts the result; never imports torch.
+
+Named endpoints for `gradio_client`: /render, /search_loras, /pick_loras, /train, /catalog.
+"""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from app.frontend import Frontend
+from app.ui.catalog_tab import build_catalog_tab
+from app.ui.studio_tab import build_studio_tab
+from app.ui.train_tab import build_train_tab
+
+QUEUE_SIZE = 64
+
+
+def create_ui(front: Frontend) -> gr.Blocks:
+    """The studio's Blocks, queued; renders and training share one concurrency slot ("gpu")."""
+    with gr.Blocks(title="LoRA Studio", analytics_enabled=False) as demo:
+        gr.Markdown("# LoRA Studio\n[Admin](/admin/) · [REST API](/api/v1/docs)")
+        with gr.Tab("Studio", id="studio"):
+            build_studio_tab(front, demo)
+        with gr.Tab("Training", id="training"):
+            build_train_tab(front)
+        with gr.Tab("Catalog", id="catalog"):
+            build_catalog_tab(front, demo)
+    return demo.queue(max_size=QUEUE_SIZE)
+
+
+__all__ = ["create_ui"]

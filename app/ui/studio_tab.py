@@ -1,0 +1,167 @@
+"""The Studio tab: prompt, a LoRA stack picked by catalog search (weights per LoRA, trigger words put into the
+prompt), the composition method and its controls, sampling settings, a progress bar, and a gallery whose
+captions carry each image's provenance."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import gradio as gr
+
+from app.frontend import Frontend
+from app.ui.common import optional, rows_of, user_errors
+from app.ui.methods import build_method_controls, params_from
+from composer.errors import StudioError
+
+STACK_HEADERS = ["LoRA", "weight"]
+MATCH_HEADERS = ["name", "type", "family", "trigger words", "tags", "sha256"]
+SEARCH_LIMIT = 50
+DEFAULT_METHOD = "merge"
+
+
+def insert_triggers(prompt: str, words: list[str]) -> str:
+    """The prompt with each trigger word appended (comma-separated) unless it is already in it as a word."""
+    out = prompt.strip()
+    for word in words:
+        if not re.search(rf"(?<!\w){re.escape(word)}(?!\w)", out, flags=re.IGNORECASE):
+            out = f"{out}, {word}" if out else word
+    return out
+
+
+def stack_entries(value: Any) -> list[tuple[str, float]]:
+    """(name, weight) pairs from the stack table; empty rows are skipped, a weight must be a number.
+
+    Raises:
+        StudioError: a weight that is not a number (naming the LoRA).
+    """
+    entries = []
+    for row in rows_of(value):
+        name = str(row[0] if row else "").strip()
+        if not name:
+            continue
+        raw = row[1] if len(row) > 1 else 1.0
+        try:
+            entries.append((name, float(1.0 if raw in (None, "") else raw)))
+        except (TypeError, ValueError):
+            raise StudioError(f"weight of LoRA {name!r} is not a number: {raw!r}") from None
+    return entries
+
+
+def caption(provenance: dict) -> str:
+    """One line of provenance under a gallery image: LoRAs (name, sha256 prefix, weight), method, seed."""
+    loras = " + ".join(f"{x['name']} [{x['sha256'][:10]}] x{x['weight']:g}" for x in provenance["loras"])
+    return f"{loras or 'no LoRA'} | {provenance['method']} | seed {provenance['seed']}"
+
+
+def build_studio_tab(front: Frontend, demo: gr.Blocks) -> None:
+    """The tab's components and events (call inside `gr.Tab`); the picker fills when the page loads."""
+    library = front.studio.library
+
+    with gr.Row():
+        with gr.Column(scale=3):
+            prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt")
+            negative = gr.Textbox(label="Negative prompt", elem_id="negative-prompt")
+            with gr.Row():
+                query = gr.Textbox(
+                    label="Find LoRAs", placeholder="name, trigger word, tag", elem_id="lora-query"
+                )
+                search_btn = gr.Button("Search", scale=0, elem_id="lora-search")
+            picker = gr.Dropdown(
+                label="LoRAs",
+                multiselect=True,
+                allow_custom_value=True,  # API clients name any LoRA; unknown names fail with suggestions
+                elem_id="lora-picker",
+            )
+            matches = gr.Dataframe(
+                headers=MATCH_HEADERS, label="Matches", interactive=False, elem_id="lora-matches"
+            )
+            stack = gr.Dataframe(
+                headers=STACK_HEADERS,
+                datatype=["str", "number"],
+                label="Stack (edit the weights)",
+                interactive=True,
+                static_columns=[0],
+                elem_id="lora-stack",
+            )
+            method = gr.Dropdown(
+                label="Composition method",
+                choices=list(front.methods),
+                value=DEFAULT_METHOD,
+                elem_id="method",
+            )
+            groups = build_method_controls(front.methods, DEFAULT_METHOD)
+            gr.Markdown(
+                "Region masks need a regional composition method, which is not in the studio yet.",
+                elem_classes=["note"],
+            )
+            with gr.Row():
+                seed = gr.Number(label="Seed", value=0, precision=0, elem_id="seed")
+                steps = gr.Number(label="Steps (empty: the model's default)", precision=0, elem_id="steps")
+                guidance = gr.Number(label="Guidance (empty: the model's default)", elem_id="guidance")
+            with gr.Row():
+                width = gr.Number(label="Width (empty: native)", precision=0, elem_id="width")
+                height = gr.Number(label="Height (empty: native)", precision=0, elem_id="height")
+            go = gr.Button("Render", variant="primary", elem_id="render")
+        with gr.Column(scale=2):
+            gallery = gr.Gallery(label="Renders", format="png", columns=2, elem_id="gallery")
+            provenance = gr.JSON(label="Provenance", elem_id="provenance")
+
+    def search(text: str, selected: list[str] | None):
+        with user_errors():
+            found = library.list(query=text.strip() or None, limit=SEARCH_LIMIT)
+        names = list(dict.fromkeys([*(selected or []), *(a.name for a in found)]))
+        rows = [
+            [a.name, a.adapter_type, a.family, ", ".join(a.trigger_words), ", ".join(a.tags), a.sha256[:12]]
+            for a in found
+        ]
+        return gr.Dropdown(choices=names, value=selected or []), rows
+
+    def pick(selected: list[str] | None, current: Any, text: str):
+        with user_errors():
+            weights = dict(stack_entries(current))
+            selected = selected or []
+            for name in selected:
+                if name not in weights:
+                    text = insert_triggers(text, library.get(name).trigger_words)
+            return [[name, weights.get(name, 1.0)] for name in selected], text
+
+    def render(progress=gr.Progress(), *values):
+        text, neg, table, chosen, seed_, steps_, guidance_, width_, height_, *method_values = values
+        with user_errors():
+            params = params_from(groups, chosen, method_values)
+            result = front.render(
+                prompt=text,
+                negative_prompt=neg,
+                loras=stack_entries(table),
+                method=chosen,
+                params=params,
+                seed=int(seed_ or 0),
+                steps=optional(int, steps_),
+                guidance=optional(float, guidance_),
+                width=optional(int, width_),
+                height=optional(int, height_),
+                progress=lambda done, total: progress((done, total), desc="denoising", unit="steps"),
+            )
+        label = caption(result.provenance)
+        return [(str(path), label) for path in result.paths], result.provenance
+
+    def show_method(chosen: str):
+        return [gr.Group(visible=g.method == chosen) for g in groups]
+
+    search_inputs = [query, picker]
+    search_outputs = [picker, matches]
+    query.submit(search, search_inputs, search_outputs, api_name="search_loras")
+    search_btn.click(search, search_inputs, search_outputs, api_visibility="private")
+    demo.load(search, search_inputs, search_outputs, api_visibility="private")
+    picker.change(pick, [picker, stack, prompt], [stack, prompt], api_name="pick_loras")
+    method.change(show_method, method, [g.group for g in groups], api_visibility="private")
+    go.click(
+        render,
+        [prompt, negative, stack, method, seed, steps, guidance, width, height]
+        + [c for g in groups for _, c in g.controls],
+        [gallery, provenance],
+        api_name="render",
+        concurrency_id="gpu",
+        concurrency_limit=1,
+    )

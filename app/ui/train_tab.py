@@ -1,0 +1,116 @@
+"""The Training tab: upload images, choose the adapter type, name, prompt and steps; the trainer runs in a
+worker thread while the tab shows progress and the loss curve; the result links to its catalog page."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import threading
+from pathlib import Path, PurePath
+from urllib.parse import quote
+
+import gradio as gr
+import pandas as pd
+
+from app.frontend import Frontend
+from app.ui.common import optional, user_errors
+from composer.errors import StudioError
+
+POLL_SECONDS = 0.5
+
+
+def loss_frame(losses: list[tuple[int, float]]) -> pd.DataFrame:
+    return pd.DataFrame(losses, columns=["step", "loss"])
+
+
+def copy_uploads(files: list[str], folder: Path) -> None:
+    """Copy uploaded images into `folder` under their own base names (a client's path parts are dropped)."""
+    for i, src in enumerate(files):
+        name = PurePath(str(src).replace("\\", "/")).name or f"image_{i}.png"
+        target = folder / name
+        if target.exists():
+            target = folder / f"{i}_{name}"
+        shutil.copyfile(src, target)
+
+
+def build_train_tab(front: Frontend) -> None:
+    """The tab's components and events (call inside `gr.Tab`)."""
+    with gr.Row():
+        with gr.Column():
+            images = gr.File(
+                label="Training images", file_count="multiple", file_types=["image"], elem_id="train-images"
+            )
+            kind = gr.Dropdown(
+                label="Adapter type", choices=list(front.adapter_types), value="lora", elem_id="train-kind"
+            )
+            name = gr.Textbox(label="Catalog name", elem_id="train-name")
+            prompt = gr.Textbox(
+                label="Instance prompt", placeholder="a photo of sks dog", elem_id="train-prompt"
+            )
+            triggers = gr.Textbox(label="Trigger words (comma-separated)", elem_id="train-triggers")
+            steps = gr.Number(label="Steps (empty: the type's recipe)", precision=0, elem_id="train-steps")
+            go = gr.Button("Train", variant="primary", elem_id="train")
+        with gr.Column():
+            curve = gr.LinePlot(x="step", y="loss", title="Training loss", elem_id="loss-curve")
+            status = gr.Markdown(elem_id="train-status")
+
+    def train(files, kind_, name_, prompt_, triggers_, steps_, progress=gr.Progress()):
+        with user_errors():
+            if not files:
+                raise StudioError("upload at least one training image")
+            if not (name_ or "").strip():
+                raise StudioError("give the new adapter a catalog name")
+        losses: list[tuple[int, float]] = []
+        total = [optional(int, steps_) or 0]
+        outcome: dict = {}
+        front.studio.settings.root.mkdir(parents=True, exist_ok=True)
+        folder = Path(tempfile.mkdtemp(dir=front.studio.settings.root, prefix=".train-upload-"))
+
+        def on_step(done: int, steps_total: int, loss: float) -> None:
+            total[0] = steps_total
+            losses.append((done, float(loss)))
+
+        def run() -> None:
+            try:
+                copy_uploads(files, folder)
+                outcome["result"] = front.train(
+                    images=folder,
+                    name=name_.strip(),
+                    kind=kind_,
+                    prompt=prompt_,
+                    steps=optional(int, steps_),
+                    trigger_words=[w.strip() for w in (triggers_ or "").split(",") if w.strip()],
+                    progress=on_step,
+                )
+            except BaseException as exc:  # handed to the event below, which reports it
+                outcome["error"] = exc
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
+
+        worker = threading.Thread(target=run, name=f"train-{name_}", daemon=True)
+        worker.start()
+        while worker.is_alive():
+            worker.join(POLL_SECONDS)
+            if losses:
+                done = losses[-1][0]
+                progress((done, total[0]), desc=f"training, loss {losses[-1][1]:.4f}", unit="steps")
+                yield loss_frame(list(losses)), f"step {done} of {total[0]}"
+        with user_errors():
+            if "error" in outcome:
+                raise outcome["error"]
+        result = outcome["result"]
+        info = result.adapter
+        yield (
+            loss_frame(list(losses)),
+            f"Trained **{info.name}** ({info.adapter_type}, {result.steps} steps in {result.seconds:.0f} s, "
+            f"final loss {result.final_loss:.4f}): [open it in the catalog](/admin/loras/{quote(info.name)})",
+        )
+
+    go.click(
+        train,
+        [images, kind, name, prompt, triggers, steps],
+        [curve, status],
+        api_name="train",
+        concurrency_id="gpu",
+        concurrency_limit=1,
+    )

@@ -1,0 +1,215 @@
+"""The Gradio studio at /, called through gradio_client against a live server: renders with a LoRA stack carry
+their provenance, search finds LoRAs by name and trigger word, the picker puts trigger words into the prompt,
+training shows its loss curve and lands in the catalog; bad input comes back as a one-line error. Also: the
+method controls come from the method's dataclass, and the front ends never import torch."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Literal
+
+import gradio as gr
+import numpy as np
+import pytest
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+from PIL import Image
+
+from app.ui.methods import build_method_controls, params_from
+from app.ui.studio_tab import caption, insert_triggers, stack_entries
+from composer.errors import StudioError
+from composer.methods import METHODS
+from tests.live_server import LORAS, live_studio
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = dict(steps=4, guidance=5.0, width=64, height=64)
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory, tiny_sdxl_factory):
+    with live_studio(tmp_path_factory.mktemp("ui"), tiny_sdxl_factory) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def client(live):
+    return Client(f"{live.url}/", verbose=False)
+
+
+def stack(*rows):
+    return {"headers": ["LoRA", "weight"], "data": [list(r) for r in rows]}
+
+
+def render(client, prompt="a red circle on the left", rows=(), seed=0, method="merge", **kw):
+    s = {**SMALL, **kw}
+    return client.predict(
+        prompt,
+        "",
+        stack(*rows),
+        method,
+        seed,
+        s["steps"],
+        s["guidance"],
+        s["width"],
+        s["height"],
+        api_name="/render",
+    )
+
+
+def pixels(path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255.0
+
+
+def test_named_endpoints_are_published(client):
+    named = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    assert {"/render", "/search_loras", "/pick_loras", "/train", "/catalog"} <= set(named)
+
+
+def test_render_with_two_loras_changes_the_image_and_names_both(client, live):
+    plain_gallery, plain = render(client)
+    gallery, provenance = render(client, rows=[("inkwell", 1.0), ("pastel", 0.7)])
+    assert plain["loras"] == [] and provenance["method"] == "merge" and provenance["seed"] == 0
+    want = [
+        {"name": n, "sha256": live.studio.library.get(n).sha256, "weight": w}
+        for n, w in [("inkwell", 1.0), ("pastel", 0.7)]
+    ]
+    assert [{k: x[k] for k in ("name", "sha256", "weight")} for x in provenance["loras"]] == want
+    assert (provenance["width"], provenance["height"], provenance["num_inference_steps"]) == (64, 64, 4)
+    (item,) = gallery
+    assert "inkwell" in item["caption"] and "pastel" in item["caption"] and "x0.7" in item["caption"]
+    assert want[0]["sha256"][:10] in item["caption"]
+    image, base = pixels(item["image"]), pixels(plain_gallery[0]["image"])
+    assert image.shape == base.shape == (64, 64, 3)
+    assert np.abs(image - base).mean() > 0.01  # the LoRAs change the picture
+    # the served file is the studio's own PNG, with the provenance in its text chunk
+    assert json.loads(Image.open(item["image"]).text["lora_studio"])["loras"][1]["name"] == "pastel"
+    same_gallery, _ = render(client, rows=[("inkwell", 1.0), ("pastel", 0.7)])
+    assert np.array_equal(pixels(same_gallery[0]["image"]), image)  # same seed, same stack: same image
+
+
+def test_search_loras_by_name_and_by_trigger_word(client):
+    _, matches = client.predict("inkwell", [], api_name="/search_loras")
+    assert [row[0] for row in matches["data"]] == ["inkwell"]
+    assert matches["data"][0][3] == "inkwellstyle"
+    _, matches = client.predict("pastelstyle", [], api_name="/search_loras")
+    assert [row[0] for row in matches["data"]] == ["pastel"]
+    _, matches = client.predict("", [], api_name="/search_loras")
+    assert sorted(row[0] for row in matches["data"]) == sorted(LORAS)
+    _, matches = client.predict("nothing-like-this", [], api_name="/search_loras")
+    assert not any(row and row[0] for row in matches["data"])
+
+
+def test_picking_loras_inserts_their_trigger_words_and_keeps_weights(client):
+    rows, prompt = client.predict(["inkwell"], stack(), "a red circle", api_name="/pick_loras")
+    assert rows["data"] == [["inkwell", 1.0]] and prompt == "a red circle, inkwellstyle"
+    rows, prompt = client.predict(
+        ["inkwell", "pastel"], stack(("inkwell", 0.4)), prompt, api_name="/pick_loras"
+    )
+    assert rows["data"] == [["inkwell", 0.4], ["pastel", 1.0]]
+    assert prompt == "a red circle, inkwellstyle, pastelstyle"  # inkwell's word is not added twice
+    rows, _ = client.predict(
+        ["pastel"], stack(("inkwell", 0.4), ("pastel", 0.9)), prompt, api_name="/pick_loras"
+    )
+    assert rows["data"] == [["pastel", 0.9]]
+
+
+@pytest.mark.parametrize(
+    "rows, kw, message",
+    [
+        ([("inkwel", 1.0)], {}, "no adapter named 'inkwel'; did you mean 'inkwell'"),
+        ([("inkwell", "strong")], {}, "weight of LoRA 'inkwell' is not a number"),
+        ([], {"width": 60}, "multiples of 8"),
+        ([], {"method": "regional"}, "regional is not in the list of choices: \\['merge'\\]"),
+    ],
+)
+def test_bad_render_input_is_a_clear_error(client, rows, kw, message):
+    with pytest.raises(AppError, match=message.replace("(", r"\(")):
+        render(client, rows=rows, **kw)
+
+
+def test_catalog_endpoint_lists_adapters(client):
+    table, previews = client.predict("", api_name="/catalog")
+    assert sorted(row[0] for row in table["data"]) == sorted(LORAS)
+    assert previews == []  # imported files bring no preview
+    table, _ = client.predict("pastelstyle", api_name="/catalog")
+    assert [row[0] for row in table["data"]] == ["pastel"]
+
+
+def test_train_shows_the_loss_curve_and_links_the_new_adapter(client, live, tmp_path):
+    rng = np.random.default_rng(0)
+    files = []
+    for i in range(3):
+        files.append(tmp_path / f"img{i}.png")
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(files[-1])
+    curve, status = client.predict(
+        [handle_file(str(f)) for f in files], "lora", "trained", "a photo of sks", "sks", 3, api_name="/train"
+    )
+    assert curve["columns"] == ["step", "loss"] and [row[0] for row in curve["data"]] == [1, 2, 3]
+    assert all(np.isfinite(row[1]) and row[1] > 0 for row in curve["data"])
+    assert "Trained **trained** (lora, 3 steps" in status and "(/admin/loras/trained)" in status
+    info = live.studio.library.get("trained")
+    assert info.trigger_words == ["sks"] and info.training_config["steps_done"] == 3
+    with pytest.raises(AppError, match="'trained' is taken"):
+        client.predict(
+            [handle_file(str(f)) for f in files], "lora", "trained", "a photo", "", 3, api_name="/train"
+        )
+    with pytest.raises(AppError, match="upload at least one training image"):
+        client.predict([], "lora", "other", "a photo", "", 3, api_name="/train")
+
+
+def test_insert_triggers():
+    assert insert_triggers("", ["sks"]) == "sks"
+    assert insert_triggers("a SKS dog", ["sks", "ink"]) == "a SKS dog, ink"
+    assert insert_triggers("a sksdog", ["sks"]) == "a sksdog, sks"  # only whole words count as present
+
+
+def test_stack_entries_and_caption():
+    assert stack_entries({"data": [["a", "0.5"], ["", 1], ["b", None]]}) == [("a", 0.5), ("b", 1.0)]
+    with pytest.raises(StudioError, match="weight of LoRA 'a'"):
+        stack_entries([["a", "x"]])
+    prov = {
+        "loras": [{"name": "a", "sha256": "0123456789abcdef", "weight": 0.5}],
+        "method": "merge",
+        "seed": 3,
+    }
+    assert caption(prov) == "a [0123456789] x0.5 | merge | seed 3"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Knobs:  # a parameters dataclass of the shape a future method would register
+    mode: Literal["soft", "hard"] = "soft"
+    strength: float = 0.5
+    steps: int = 3
+    invert: bool = False
+    note: str = ""
+
+
+def test_method_controls_are_built_from_the_dataclass_fields():
+    methods = {**METHODS, "knobs": _Knobs}
+    with gr.Blocks():
+        groups = build_method_controls(methods, "merge")
+    by_name = {g.method: g for g in groups}
+    assert by_name["merge"].controls == [] and by_name["merge"].group.visible
+    kinds = [(n, type(c).__name__) for n, c in by_name["knobs"].controls]
+    assert kinds == [
+        ("mode", "Dropdown"),
+        ("strength", "Number"),
+        ("steps", "Number"),
+        ("invert", "Checkbox"),
+        ("note", "Textbox"),
+    ]
+    assert not by_name["knobs"].group.visible
+    assert params_from(groups, "merge", ["hard", 0.9, 4.0, True, "x"]) == METHODS["merge"]()
+    assert params_from(groups, "knobs", ["hard", 0.9, 4.0, True, "x"]) == _Knobs("hard", 0.9, 4, True, "x")
+    with pytest.raises(StudioError, match="knobs: strength needs a value"):
+        params_from(groups, "knobs", ["hard", None, 4, True, "x"])
+
+
+def test_front_ends_never_import_torch():
+    code = "import sys, app.ui, app.admin, app.web, app.frontend; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
