@@ -68,6 +68,7 @@ class Frontend:
         file_hashes: a file's sha256, AutoV2 and tensor hash (`composer.formats` FileHashes).
         methods: composition method name -> its parameters dataclass.
         adapter_types: the adapter types the trainer can train.
+        defaults: the default backbone's sampling defaults, "steps" and "guidance".
     """
 
     studio: StudioService
@@ -76,6 +77,7 @@ class Frontend:
     file_hashes: Callable[[Path], Any]
     methods: Mapping[str, type]
     adapter_types: tuple[str, ...]
+    defaults: Mapping[str, float]
 
     @property
     def renders_dir(self) -> Path:

@@ -19,7 +19,7 @@ def frontend_for(studio) -> Frontend:
     """The Studio's render and train entry points as the front ends call them (they never build torch-side
     request objects themselves)."""
     from app import training
-    from app.studio import METHOD
+    from app.studio import METHOD, resolve_backbone
     from composer.errors import StudioError
     from composer.formats.safetensors_io import file_hashes
     from composer.methods import METHODS
@@ -27,6 +27,7 @@ def frontend_for(studio) -> Frontend:
     from composer.train import TrainConfig
     from composer.train.config import ADAPTER_KINDS
 
+    backbone, _ = resolve_backbone(studio.settings.backbone, studio.settings.model)
     front: Frontend
     lock = threading.Lock()  # one pipeline user at a time: the studio's events and the admin's previews
 
@@ -76,6 +77,7 @@ def frontend_for(studio) -> Frontend:
         file_hashes=file_hashes,
         methods=dict(METHODS),
         adapter_types=tuple(ADAPTER_KINDS),
+        defaults={"steps": backbone.default_steps, "guidance": backbone.default_guidance},
     )
     return front
 

@@ -28,6 +28,12 @@ def optional(kind: Callable[[Any], T], value: Any) -> T | None:
     return None if value is None or value == "" else kind(value)
 
 
+def count(value: Any) -> int | None:
+    """A step count or size from a number field; empty or 0 means "the default" (None): browsers show an
+    empty number field as 0."""
+    return optional(int, value) or None
+
+
 def rows_of(value: Any) -> list[list[Any]]:
     """Rows of a Dataframe value however it arrives: a pandas DataFrame (the browser), a list of lists, or
     the `{"headers", "data"}` dict that API clients send."""

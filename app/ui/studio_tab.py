@@ -10,7 +10,7 @@ from typing import Any
 import gradio as gr
 
 from app.frontend import Frontend
-from app.ui.common import optional, rows_of, user_errors
+from app.ui.common import count, optional, rows_of, user_errors
 from app.ui.methods import build_method_controls, params_from
 from composer.errors import StudioError
 
@@ -97,11 +97,15 @@ def build_studio_tab(front: Frontend, demo: gr.Blocks) -> None:
             )
             with gr.Row():
                 seed = gr.Number(label="Seed", value=0, precision=0, elem_id="seed")
-                steps = gr.Number(label="Steps (empty: the model's default)", precision=0, elem_id="steps")
-                guidance = gr.Number(label="Guidance (empty: the model's default)", elem_id="guidance")
+                steps = gr.Number(label="Steps", value=front.defaults["steps"], precision=0, elem_id="steps")
+                guidance = gr.Number(label="Guidance", value=front.defaults["guidance"], elem_id="guidance")
             with gr.Row():
-                width = gr.Number(label="Width (empty: native)", precision=0, elem_id="width")
-                height = gr.Number(label="Height (empty: native)", precision=0, elem_id="height")
+                width = gr.Number(
+                    label="Width (0: the model's native)", value=0, precision=0, elem_id="width"
+                )
+                height = gr.Number(
+                    label="Height (0: the model's native)", value=0, precision=0, elem_id="height"
+                )
             go = gr.Button("Render", variant="primary", elem_id="render")
         with gr.Column(scale=2):
             gallery = gr.Gallery(label="Renders", format="png", columns=2, elem_id="gallery")
@@ -137,10 +141,10 @@ def build_studio_tab(front: Frontend, demo: gr.Blocks) -> None:
                 method=chosen,
                 params=params,
                 seed=int(seed_ or 0),
-                steps=optional(int, steps_),
+                steps=count(steps_),
                 guidance=optional(float, guidance_),
-                width=optional(int, width_),
-                height=optional(int, height_),
+                width=count(width_),
+                height=count(height_),
                 progress=lambda done, total: progress((done, total), desc="denoising", unit="steps"),
             )
         label = caption(result.provenance)

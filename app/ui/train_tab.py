@@ -13,7 +13,7 @@ import gradio as gr
 import pandas as pd
 
 from app.frontend import Frontend
-from app.ui.common import optional, user_errors
+from app.ui.common import count, user_errors
 from composer.errors import StudioError
 
 POLL_SECONDS = 0.5
@@ -48,7 +48,9 @@ def build_train_tab(front: Frontend) -> None:
                 label="Instance prompt", placeholder="a photo of sks dog", elem_id="train-prompt"
             )
             triggers = gr.Textbox(label="Trigger words (comma-separated)", elem_id="train-triggers")
-            steps = gr.Number(label="Steps (empty: the type's recipe)", precision=0, elem_id="train-steps")
+            steps = gr.Number(
+                label="Steps (0: the type's recipe)", value=0, precision=0, elem_id="train-steps"
+            )
             go = gr.Button("Train", variant="primary", elem_id="train")
         with gr.Column():
             curve = gr.LinePlot(x="step", y="loss", title="Training loss", elem_id="loss-curve")
@@ -61,7 +63,7 @@ def build_train_tab(front: Frontend) -> None:
             if not (name_ or "").strip():
                 raise StudioError("give the new adapter a catalog name")
         losses: list[tuple[int, float]] = []
-        total = [optional(int, steps_) or 0]
+        total = [count(steps_) or 0]
         outcome: dict = {}
         front.studio.settings.root.mkdir(parents=True, exist_ok=True)
         folder = Path(tempfile.mkdtemp(dir=front.studio.settings.root, prefix=".train-upload-"))
@@ -78,7 +80,7 @@ def build_train_tab(front: Frontend) -> None:
                     name=name_.strip(),
                     kind=kind_,
                     prompt=prompt_,
-                    steps=optional(int, steps_),
+                    steps=count(steps_),
                     trigger_words=[w.strip() for w in (triggers_ or "").split(",") if w.strip()],
                     progress=on_step,
                 )

@@ -1,0 +1,141 @@
+"""The studio and the admin page in a real browser: Debian's headless Chromium driven by Playwright (no browser
+download; `executable_path` is the system binary). Screenshots go to test-artifacts/browser/."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from db.session import unit_of_work
+from db.users import UserRepository
+from tests.live_server import live_studio
+
+pytestmark = pytest.mark.browser
+
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = ROOT / "test-artifacts" / "browser"
+CHROMIUM = (
+    os.environ.get("LORA_STUDIO_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+)
+USER, PASSWORD = "root", "correct horse battery"
+WAIT_MS = 120_000  # a shared 2-core machine: the first render builds the pipeline
+
+
+@pytest.fixture(scope="module")
+def chromium():  # not `browser`/`page`: those names belong to pytest-playwright's fixtures
+    if not CHROMIUM:
+        pytest.skip("no Chromium: install Debian's (apt-get install chromium) or set LORA_STUDIO_CHROMIUM")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        # --no-sandbox: CI runs as root, where Chromium's sandbox refuses to start
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory, tiny_sdxl_factory):
+    with live_studio(tmp_path_factory.mktemp("browser"), tiny_sdxl_factory) as server:
+        with unit_of_work(server.studio.sessions) as db:
+            UserRepository(db).create(USER, PASSWORD)
+        yield server
+
+
+@pytest.fixture
+def tab(chromium, request):
+    context = chromium.new_context(viewport={"width": 1400, "height": 1200})
+    page = context.new_page()
+    page.set_default_timeout(WAIT_MS)
+    yield page
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=ARTIFACTS / f"{request.node.name}.png", full_page=True)
+    context.close()
+
+
+def pick(page, name: str) -> None:
+    """Choose a LoRA in the picker (a Gradio multiselect dropdown)."""
+    page.locator("#lora-picker input").click()
+    page.get_by_role("option", name=name, exact=True).click()
+    page.wait_for_function(
+        f"() => document.querySelector('#lora-stack').innerText.includes('{name}')", timeout=WAIT_MS
+    )
+
+
+def set_number(page, elem_id: str, value: str) -> None:
+    page.locator(f"#{elem_id} input").fill(value)
+
+
+def test_render_with_two_loras_from_the_studio_page(live, tab):
+    page = tab
+    page.goto(f"{live.url}/")
+    page.locator("#prompt textarea").fill("a red circle on the left")
+    pick(page, "inkwell")
+    pick(page, "pastel")
+    prompt = page.locator("#prompt textarea")
+    page.wait_for_function(
+        "() => document.querySelector('#prompt textarea').value.includes('pastelstyle')", timeout=WAIT_MS
+    )
+    assert prompt.input_value() == "a red circle on the left, inkwellstyle, pastelstyle"
+    stack = page.locator("#lora-stack")
+    assert "inkwell" in stack.inner_text() and "pastel" in stack.inner_text()
+    for elem_id, value in [
+        ("steps", "4"),
+        ("width", "64"),
+        ("height", "64"),
+        ("seed", "1"),
+        ("guidance", "5"),
+    ]:
+        set_number(page, elem_id, value)
+    page.locator("#render").click()
+    image = page.locator("#gallery img").first
+    image.wait_for(state="visible")
+    provenance = page.locator("#provenance")
+    page.wait_for_function(
+        "() => document.querySelector('#provenance').innerText.includes('pastel')", timeout=WAIT_MS
+    )
+    text = provenance.inner_text()
+    sha = live.studio.library.get("inkwell").sha256
+    assert "inkwell" in text and sha in text and "merge" in text
+    assert image.evaluate("img => img.naturalWidth") == 64
+    assert "inkwell" in page.locator("#gallery").inner_text()  # the caption under the image
+
+
+def test_admin_edits_trigger_words_that_the_studio_picker_then_uses(live, tab):
+    page = tab
+    page.goto(f"{live.url}/admin/")
+    assert "/admin/login" in page.url
+    page.fill("input[name=username]", USER)
+    page.fill("input[name=password]", "not the password")
+    page.click("button[type=submit]")
+    assert "wrong username or password" in page.inner_text("main")
+    page.fill("input[name=username]", USER)
+    page.fill("input[name=password]", PASSWORD)
+    page.click("button[type=submit]")
+    page.wait_for_url(f"{live.url}/admin/")
+    page.click("text=inkwell")
+    page.fill("input[name=trigger_words]", "inkwellstyle, midnightink")
+    page.click("text=Save")
+    page.wait_for_selector("text=Saved.")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=ARTIFACTS / "admin-edit.png", full_page=True)
+    assert live.studio.library.get("inkwell").trigger_words == ["inkwellstyle", "midnightink"]
+
+    page.goto(f"{live.url}/")
+    page.locator("#lora-query input, #lora-query textarea").first.fill("midnightink")
+    page.locator("#lora-query input, #lora-query textarea").first.press("Enter")
+    matches = page.locator("#lora-matches")
+    found_only_inkwell = """() => {
+        const text = document.querySelector('#lora-matches').innerText;
+        return text.includes('midnightink') && !text.includes('pastel');
+    }"""  # the page load lists every LoRA first; the search narrows it to the one with the new word
+    page.wait_for_function(found_only_inkwell, timeout=WAIT_MS)
+    assert "inkwell" in matches.inner_text()
+    pick(page, "inkwell")
+    page.wait_for_function(
+        "() => document.querySelector('#prompt textarea').value.includes('midnightink')", timeout=WAIT_MS
+    )
+    assert page.locator("#prompt textarea").input_value() == "inkwellstyle, midnightink"
