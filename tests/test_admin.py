@@ -381,3 +381,35 @@ def test_cli_admin_create(tmp_path):
         assert users.verify("ann", "s3cret-enough").username == "ann"
         assert users.verify("ann", "another-pass") is None
         assert users.list()[0].password_hash.startswith("$argon2id$")
+
+
+def test_user_repository_hashes_verifies_and_upgrades(tmp_path):
+    from argon2 import PasswordHasher
+
+    from app.settings import Settings
+    from app.studio import Studio
+    from db.errors import InvalidFieldError
+
+    studio = Studio.open(Settings(data_dir=tmp_path / "data"))
+    with unit_of_work(studio.sessions) as db:
+        users = UserRepository(db)
+        ann = users.create("ann", "first-password")
+        assert ann.password_hash.startswith("$argon2id$") and "first-password" not in ann.password_hash
+        assert users.verify("ann", "first-password") is ann
+        for name, password in [("ann", "First-password"), ("bob", "first-password"), ("ann", "x" * 5000)]:
+            assert users.verify(name, password) is None
+        with pytest.raises(InvalidFieldError, match="8 to 1024"):
+            users.set_password("ann", "short")
+        users.set_password("ann", "second-password")
+        assert users.verify("ann", "first-password") is None and users.verify("ann", "second-password") is ann
+        ann.password_hash = PasswordHasher(time_cost=1, memory_cost=8192).hash(
+            "second-password"
+        )  # older params
+        weak = ann.password_hash
+        assert (
+            users.verify("ann", "second-password") is ann and ann.password_hash != weak
+        )  # upgraded on login
+        assert not PasswordHasher().check_needs_rehash(ann.password_hash)
+        assert ann.last_login_at is None
+        users.touch_login(ann)
+        assert ann.last_login_at is not None

@@ -10,6 +10,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Literal
 
 import gradio as gr
@@ -19,6 +20,8 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 
+from app.frontend import Frontend
+from app.ui import create_ui
 from app.ui.methods import build_method_controls, params_from
 from app.ui.studio_tab import caption, insert_triggers, stack_entries
 from composer.errors import StudioError
@@ -213,3 +216,64 @@ def test_front_ends_never_import_torch():
     code = "import sys, app.ui, app.admin, app.web, app.frontend; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+class _Catalog:
+    """The catalog calls the studio tab makes while it is built and rendering (no database, no model)."""
+
+    def names(self):
+        return ["a"]
+
+    def list(self, query=None, limit=100, **kw):
+        return []
+
+    def get(self, ref):
+        return SimpleNamespace(name=ref, trigger_words=[])
+
+
+def test_render_event_feeds_the_progress_bar_from_the_studio_callback(tmp_path):
+    calls = []
+
+    def fake_render(*, progress=None, loras=(), **request):
+        for step in (1, 2, 3):
+            progress(step, 3)
+        calls.append((loras, request))
+        path = tmp_path / "r.png"
+        Image.new("RGB", (8, 8)).save(path)
+        prov = {"loras": [], "method": "merge", "seed": request["seed"]}
+        return SimpleNamespace(paths=[path], provenance=prov, images=[], render_id=1)
+
+    studio = SimpleNamespace(library=_Catalog(), settings=None, sessions=None)
+    front = Frontend(studio, fake_render, None, None, METHODS, ("lora",), {"steps": 30, "guidance": 5.0})
+    demo = create_ui(front)
+    render_fn = next(f.fn for f in demo.fns.values() if f.api_name == "render")
+    seen = []
+
+    class Recorder:
+        def __call__(self, progress, desc=None, unit=None, **kw):
+            seen.append((progress, desc, unit))
+
+    gallery, provenance = render_fn(Recorder(), "p", "", stack(("a", 0.5)), "merge", 7, 0, 4.0, 0, 64)
+    assert seen == [
+        ((1, 3), "denoising", "steps"),
+        ((2, 3), "denoising", "steps"),
+        ((3, 3), "denoising", "steps"),
+    ]
+    # 0 steps and width mean "the model's default"; guidance 4.0 and height 64 are kept
+    assert calls == [
+        (
+            [("a", 0.5)],
+            dict(
+                prompt="p",
+                negative_prompt="",
+                method="merge",
+                params=METHODS["merge"](),
+                seed=7,
+                steps=None,
+                guidance=4.0,
+                width=None,
+                height=64,
+            ),
+        )
+    ]
+    assert gallery == [(str(tmp_path / "r.png"), "no LoRA | merge | seed 7")] and provenance["seed"] == 7
