@@ -17,7 +17,8 @@ STATIC_DIR = Path(__file__).resolve().parents[1] / "static"
 
 def frontend_for(studio) -> Frontend:
     """The Studio's render and train entry points as the front ends call them (they never build torch-side
-    request objects themselves)."""
+    request objects themselves). Torch-side modules are imported here, not at the top: importing app.web
+    must not import torch (tested)."""
     from app import training
     from app.studio import METHOD, resolve_backbone
     from composer.errors import StudioError
@@ -100,6 +101,7 @@ def create_web_app(studio, executor=None) -> FastAPI:
         create_ui(front),
         path="/",
         allowed_paths=[str(front.renders_dir)],
+        max_file_size=f"{studio.settings.max_upload_mb}mb",  # training images, like LoRA uploads
         css_paths=[STATIC_DIR / "studio.css"],
         footer_links=["api"],
     )

@@ -14,6 +14,7 @@ from types import SimpleNamespace
 from typing import Literal
 
 import gradio as gr
+import httpx
 import numpy as np
 import pytest
 from gradio_client import Client, handle_file
@@ -34,7 +35,7 @@ SMALL = dict(steps=4, guidance=5.0, width=64, height=64)
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory, tiny_sdxl_factory):
-    with live_studio(tmp_path_factory.mktemp("ui"), tiny_sdxl_factory) as server:
+    with live_studio(tmp_path_factory.mktemp("ui"), tiny_sdxl_factory, max_upload_mb=1) as server:
         yield server
 
 
@@ -162,6 +163,14 @@ def test_train_shows_the_loss_curve_and_links_the_new_adapter(client, live, tmp_
         )
     with pytest.raises(AppError, match="upload at least one training image"):
         client.predict([], "lora", "other", "a photo", "", 3, api_name="/train")
+
+
+def test_uploads_over_the_limit_are_refused(live):
+    big = {"files": ("big.png", b"\0" * (2 * 2**20), "image/png")}
+    r = httpx.post(f"{live.url}/gradio_api/upload", files=big, timeout=60)
+    assert r.status_code == 413 and "maximum allowed size of 1048576 bytes" in r.text
+    r = httpx.post(f"{live.url}/gradio_api/upload", files={"files": ("ok.png", b"\0" * 1000)}, timeout=60)
+    assert r.status_code == 200
 
 
 def test_insert_triggers():

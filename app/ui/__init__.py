@@ -18,7 +18,8 @@ QUEUE_SIZE = 64
 
 def create_ui(front: Frontend) -> gr.Blocks:
     """The studio's Blocks, queued; renders and training share one concurrency slot ("gpu")."""
-    with gr.Blocks(title="LoRA Studio", analytics_enabled=False) as demo:
+    # delete_cache: Gradio's copies of uploads and results older than a day go, checked hourly
+    with gr.Blocks(title="LoRA Studio", analytics_enabled=False, delete_cache=(3600, 86400)) as demo:
         gr.Markdown("# LoRA Studio\n[Admin](/admin/) · [REST API](/api/v1/docs)")
         with gr.Tab("Studio", id="studio"):
             build_studio_tab(front, demo)
