@@ -286,3 +286,18 @@ def test_render_event_feeds_the_progress_bar_from_the_studio_callback(tmp_path):
         )
     ]
     assert gallery == [(str(tmp_path / "r.png"), "no LoRA | merge | seed 7")] and provenance["seed"] == 7
+
+
+def test_serve_runs_the_whole_web_app(tmp_path, monkeypatch):
+    import uvicorn
+    from typer.testing import CliRunner
+
+    from app.cli import app as cli
+
+    served = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: served.update(app=app, **kw))
+    result = CliRunner().invoke(cli, ["serve", "--port", "8123", "--data-dir", str(tmp_path / "data")])
+    assert result.exit_code == 0, result.output
+    mounts = {getattr(r, "path", None) for r in served["app"].routes}
+    assert {"/admin", "/static", ""} <= mounts and served["port"] == 8123  # "" is the studio at /
+    assert "/api/v1/loras" in served["app"].openapi()["paths"]
