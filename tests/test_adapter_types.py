@@ -36,11 +36,10 @@ class Net(nn.Module):
 
 # --- the cases: one builder per (kind, layout); each returns {tensor name: tensor} and alpha for a layer ------
 def _kron(m, g):
-    if isinstance(m, nn.Conv2d):
-        return None
-    a1, a2 = (4, 2) if m.out_features == 24 else (2, 4)
+    d_out, d_in, k = _dims(m)
+    a1, a2 = (4, 2) if d_out == 24 else (2, 4) if d_out == 8 else (2, 2)
     a = torch.randn(a1, a2, generator=g)
-    b = torch.randn(m.out_features // a1, m.in_features // a2, generator=g)
+    b = torch.randn(d_out // a1, d_in // a2, *k, generator=g)  # on the conv: (3, 2, 3, 3)
     return {"kron_a": a, "kron_b": b}, None
 
 
@@ -122,7 +121,8 @@ def reference_delta(d: ModuleDelta, shape: torch.Size) -> torch.Tensor:
     """The dense delta at scale 1, reconstructed the way the LyCORIS / ComfyUI loaders write it."""
     t = d.tensors
     if d.kind == "kron":
-        return torch.kron(t["kron_a"], t["kron_b"])
+        a = t["kron_a"] if t["kron_b"].ndim == 2 else t["kron_a"][:, :, None, None]
+        return torch.kron(a, t["kron_b"])
     if d.kind == "lokr":
         w1 = t["lokr_w1"] if "lokr_w1" in t else t["lokr_w1_a"] @ t["lokr_w1_b"]
         if "lokr_w2" in t:
@@ -172,10 +172,10 @@ def test_forward_is_base_plus_reference_delta(case):
     with host.activate({"l": 0.7}):
         y = net(x, img)
     ref = reference_forward(lora, 0.7, x, img)
-    adapted = (True, "unet.conv" in lora.modules)  # the Kronecker type adapts Linear layers only
-    for got, want, b, changed in zip(y, ref, base, adapted, strict=True):
+    assert "unet.conv" in lora.modules  # every type adapts the Conv2d too
+    for got, want, b in zip(y, ref, base, strict=True):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-        assert torch.allclose(got, b, atol=1e-3) != changed
+        assert not torch.allclose(got, b, atol=1e-3)
     assert all(torch.equal(p, q) for p, q in zip(net(x, img), base, strict=True))
 
 
@@ -226,6 +226,18 @@ def test_linear_forward_never_builds_the_dense_delta(monkeypatch):
     torch.testing.assert_close(kron_delta_forward(xs, a, b), xs @ torch.kron(a, b).T, atol=1e-5, rtol=1e-5)
 
 
+def test_conv_forward_never_builds_the_dense_delta(monkeypatch):
+    for conv in (nn.Conv2d(4, 6, 3, padding=1), nn.Conv2d(4, 6, 3, stride=2, padding=1), nn.Conv2d(4, 8, 1)):
+        adapter = KronAdapter(
+            conv, torch.randn(2, 2), torch.randn(conv.out_channels // 2, 2, *conv.kernel_size)
+        )
+        img = torch.randn(2, 4, 7, 7)
+        want = nn.functional.conv2d(img, adapter.delta_weight(), stride=conv.stride, padding=conv.padding)
+        monkeypatch.setattr(torch, "kron", lambda *a: pytest.fail("dense Kronecker product built"))
+        torch.testing.assert_close(adapter.forward_delta(img), want, atol=1e-5, rtol=1e-5)
+        monkeypatch.undo()
+
+
 def test_fresh_kron_adapter_starts_at_zero_and_trains():
     base = nn.Linear(64, 32)
     g = torch.Generator().manual_seed(0)
@@ -266,8 +278,17 @@ def test_lokr_exported_from_kron_loads_back_identically():
     torch.testing.assert_close(back.delta_weight(), LokrAdapter(net.a, low, 3.0).delta_weight())
     with pytest.raises(AdapterError, match=r"\(6, 4\).*lokr_w1"):  # A larger than B: roles swapped
         kron_to_lokr_tensors(KronAdapter(net.a, torch.randn(6, 4), torch.randn(4, 4)))
-    with pytest.raises(AdapterError, match="Conv2d"):
-        lokr_tensors_to_kron(net.conv, {"lokr_w1": torch.randn(2, 2), "lokr_w2": torch.randn(3, 2, 3, 3)})
+    # on a Conv2d B carries the kernel, and LoKr holds it as a 4-d lokr_w2, both ways exactly
+    conv = KronAdapter(net.conv, torch.randn(2, 2), torch.randn(3, 2, 3, 3))
+    tensors = kron_to_lokr_tensors(conv)
+    assert tensors["lokr_w2"].shape == (3, 2, 3, 3)
+    back = lokr_tensors_to_kron(net.conv, tensors)
+    assert torch.equal(back.a, conv.a) and torch.equal(back.b, conv.b)
+    lokr = LokrAdapter(net.conv, {k: v for k, v in tensors.items() if k != "alpha"}, 1.0)
+    assert torch.equal(lokr.delta_weight(), conv.delta_weight())
+    low = {"lokr_w1": torch.randn(2, 2), "lokr_w2_a": torch.randn(3, 2), "lokr_w2_b": torch.randn(2, 18)}
+    back = lokr_tensors_to_kron(net.conv, low, alpha=3.0)  # low-rank conv LoKr: factors multiplied out
+    torch.testing.assert_close(back.delta_weight(), LokrAdapter(net.conv, low, 3.0).delta_weight())
 
 
 def test_factorization_follows_lycoris():
@@ -342,8 +363,12 @@ def test_bad_inputs_are_named():
     with pytest.raises(AdapterError, match=r"unet\.a.*\(5, 2\)"):
         host.add("bad", LoraFile(bad, "studio", "sdxl"))
     assert host.names == [] and isinstance(net.a, nn.Linear)  # all or nothing
-    with pytest.raises(AdapterError, match="Linear layers only"):
+    with pytest.raises(AdapterError, match="Linear and Conv2d layers, not a Embedding"):
+        KronAdapter(nn.Embedding(4, 4), torch.ones(2, 2), torch.ones(2, 2))
+    with pytest.raises(AdapterError, match=r"B \(3, 2\) .*expected B \(3, 2, 3, 3\)"):
         KronAdapter(net.conv, torch.ones(2, 2), torch.ones(3, 2))
+    with pytest.raises(AdapterError, match="grouped Conv2d"):
+        KronAdapter.create(nn.Conv2d(4, 4, 3, groups=2), 2, 2)
     with pytest.raises(AdapterError, match=r"B \(6, 7\)"):
         KronAdapter(net.a, torch.ones(4, 2), torch.ones(6, 7))
     with pytest.raises(AdapterError, match="no alpha"):

@@ -240,6 +240,28 @@ def test_host_forward_fuse_and_unfuse():
     assert torch.equal(model(x), base) and isinstance(model[0], nn.Linear)
 
 
+@pytest.mark.parametrize(
+    "conv",
+    [nn.Conv2d(16, 24, 3, padding=1), nn.Conv2d(16, 24, 3, stride=2, padding=1), nn.Conv2d(16, 24, 1)],
+    ids=["3x3", "3x3-stride2", "1x1"],
+)
+def test_conv_forward_is_conv_with_the_delta(conv):
+    """On a Conv2d, T mixes input channels and D sits at the kernel centre: forward = conv(x, delta)."""
+    g = torch.Generator().manual_seed(4)
+    ins, outs = tensor_modes(16), tensor_modes(24)
+    adapter = TensorAdapter(conv, random_cores(ins, ins, [2] * 3, g), random_cores(outs, ins, [3] * 3, g))
+    w0 = conv.weight.double()
+    t = dense_ring(list(adapter.t_cores)) - torch.eye(16, dtype=torch.float64)
+    want = torch.einsum("oihw,ic->ochw", w0, t)
+    want[:, :, conv.kernel_size[0] // 2, conv.kernel_size[1] // 2] += dense_ring(list(adapter.d_cores))
+    torch.testing.assert_close(adapter.delta_weight(), want.float(), atol=1e-5, rtol=1e-4)
+    x = torch.randn(2, 16, 7, 7, generator=g)
+    dense = F.conv2d(x, adapter.delta_weight(), None, conv.stride, conv.padding)
+    torch.testing.assert_close(adapter.forward_delta(x), dense, atol=1e-4, rtol=1e-4)
+    fresh = TensorAdapter.create(conv, rank=2, transform_rank=2, generator=g)  # T = I, D = 0
+    assert fresh.forward_delta(x).abs().max() < 1e-5
+
+
 def test_tensors_round_trip_through_registry():
     model = net()
     adapter = random_adapter(model[0], torch.Generator().manual_seed(2))
@@ -255,10 +277,12 @@ def test_bad_inputs_are_named():
     good = random_adapter(model[0], torch.Generator().manual_seed(0)).tensors()
     t = [good[f"tr_t.{k}"] for k in range(3)]
     d = [good[f"tr_d.{k}"] for k in range(3)]
-    with pytest.raises(AdapterError, match="Linear layers only, not a Conv2d"):
+    with pytest.raises(AdapterError, match=r"odd kernel with 'same' padding.*padding \(0, 0\)"):
         TensorAdapter(nn.Conv2d(4, 4, 3), t, d)
-    with pytest.raises(AdapterError, match="Linear layers only, not a Conv2d"):
-        TensorAdapter.create(nn.Conv2d(4, 4, 3))
+    with pytest.raises(AdapterError, match=r"odd kernel with 'same' padding.*kernel \(2, 2\)"):
+        TensorAdapter.create(nn.Conv2d(4, 4, 2, padding=1))
+    with pytest.raises(AdapterError, match="Linear and Conv2d layers, not a Embedding"):
+        TensorAdapter.create(nn.Embedding(4, 4))
     small = [torch.ones(2, 2, 1, 1), torch.ones(2, 2, 1, 1), torch.ones(2, 4, 1, 1)]
     with pytest.raises(
         AdapterError, match=r"D cores .*\(2, 4, 1, 1\)\] give a 8x16 matrix; Linear 16->24 needs 24x16"

@@ -303,3 +303,31 @@ def test_transformer_targets_add_projections_and_feed_forward(sdxl):
     assert any(k.endswith("proj_in") for k in wide) and any(k.endswith("ff.net.0.proj") for k in wide)
     with pytest.raises(TrainConfigError, match="targets 'everything'"):
         TrainConfig(prompt="x", targets="everything").validate()
+
+
+@pytest.mark.parametrize(
+    "kind, extra", [("lora", {}), ("kron", {"kron_factors": (2, 2)}), ("tensor", {"learning_rate": 1e-2})]
+)
+def test_full_targets_adapt_convolutions_and_survive_the_file(sdxl, tmp_path, kind, extra):
+    from composer.adapters.host import AdapterHost
+
+    backbone, pipe = sdxl
+    result = _train(sdxl, tmp_path, kind=kind, steps=2, targets="full", **extra)
+    convs = [k for k in result.lora.modules if ".resnets." in k and k.endswith(("conv1", "conv2"))]
+    assert convs and any(".attentions." in k for k in result.lora.modules)
+    path = tmp_path / f"{kind}-full.safetensors"
+    write_kohya(result.lora, path, title=kind)
+    outs = []
+    for lora in (result.lora, read_lora(path)):
+        host = AdapterHost.for_pipeline(pipe, backbone)
+        try:
+            host.add("full", lora)
+            conv = host.adapter_modules("full")[convs[0]]
+            assert conv.delta_weight().ndim == 4 and conv.delta_weight().abs().max() > 0
+            with host.activate({"full": 1.0}):
+                outs.append(_unet_out(pipe))
+        finally:
+            host.detach()
+    assert torch.equal(outs[0], outs[1]) and not torch.allclose(outs[0], _unet_out(pipe))
+    with pytest.raises(TrainConfigError, match="targets 'full' adapts convolutions.*not 'blora'"):
+        TrainConfig(kind="blora", prompt="x", targets="full").validate()

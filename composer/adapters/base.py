@@ -72,3 +72,19 @@ def require_no_alpha(alpha: float | None, what: str) -> None:
     """Kinds without alpha scaling (Kronecker, TLoRA) accept a missing alpha or 1, nothing else."""
     if alpha is not None and float(alpha) != 1.0:
         raise AdapterError(f"a {what} adapter has no alpha scaling; the delta carries alpha={alpha}")
+
+
+def conv_args(base: nn.Module, what: str) -> dict | None:
+    """None for a Linear; F.conv2d keyword arguments for a plain Conv2d; AdapterError for anything else.
+
+    `what` names the adapter type in the error ("LoRA", "LoKr", ...).
+    """
+    if isinstance(base, nn.Linear):
+        return None
+    if not isinstance(base, nn.Conv2d):
+        raise AdapterError(f"{what} adapts Linear and Conv2d layers, not a {type(base).__name__}")
+    if base.groups != 1:
+        raise AdapterError(f"{what} on a grouped Conv2d (groups={base.groups}) is not supported")
+    if base.padding_mode != "zeros":
+        raise AdapterError(f"{what} on a Conv2d with padding_mode={base.padding_mode!r} is not supported")
+    return dict(stride=base.stride, padding=base.padding, dilation=base.dilation)

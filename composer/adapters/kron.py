@@ -1,7 +1,9 @@
-"""Kronecker adapter, DiffuseKronA (Marjit et al., WACV 2025): dW = A kron B on Linear layers, no alpha.
+"""Kronecker adapter, DiffuseKronA (Marjit et al., WACV 2025): dW = A kron B, no alpha.
 
 This is the textbook A kron B (row i * b1 + j = A[i] kron B[j]), not the official code's row-permuted
 product, so that a model maps losslessly to LyCORIS LoKr (`lycoris.kron_to_lokr_tensors`).
+On a Conv2d (as LyCORIS LoKr does) B carries the kernel: B (out / a1, in / a2, kh, kw) and
+dW = A[:, :, None, None] kron B, so A mixes channel groups and B is a small convolution.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from composer.adapters.base import require_no_alpha
+from composer.adapters.base import conv_args, require_no_alpha
 from composer.errors import AdapterError
 
 if TYPE_CHECKING:
@@ -42,39 +44,71 @@ def kron_delta_forward(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tor
     return y.reshape(*lead, a1 * b1)
 
 
-def kron_factor_shapes(base: nn.Module, a1: int, a2: int) -> tuple[tuple[int, int], tuple[int, int]]:
-    """The shapes of A (a1, a2) and B (d_out / a1, d_in / a2) on a Linear layer.
+def kron_conv_forward(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, conv: dict) -> torch.Tensor:
+    """conv2d(x, A[:, :, None, None] kron B) without building the product: B convolves each of the a2
+    input channel groups, then A mixes the groups.
+
+    Args:
+        x: (N, a2 * b2, H, W) input.
+        a: (a1, a2) small factor.
+        b: (b1, b2, kh, kw) convolution factor.
+        conv: the layer's F.conv2d keyword arguments (stride, padding, dilation).
+
+    Returns:
+        (N, a1 * b1, H', W').
+    """
+    a1, a2 = a.shape
+    b1, b2 = b.shape[:2]
+    n, c, h, w = x.shape
+    if c != a2 * b2:
+        raise AdapterError(f"input has {c} channels; the Kronecker factors expect {a2} x {b2}")
+    y = F.conv2d(x.reshape(n * a2, b2, h, w), b, **conv)  # (N * a2, b1, H', W')
+    y = y.reshape(n, a2, b1, *y.shape[2:])
+    y = torch.einsum("ik,nkjhw->nijhw", a, y)  # (N, a1, b1, H', W')
+    return y.reshape(n, a1 * b1, *y.shape[3:])
+
+
+def kron_factor_shapes(base: nn.Module, a1: int, a2: int) -> tuple[tuple[int, int], tuple[int, ...]]:
+    """The shapes of A (a1, a2) and B (d_out / a1, d_in / a2) on a Linear, (..., kh, kw) on a Conv2d.
 
     Raises:
-        AdapterError: the layer is not a Linear, or a1 does not divide d_out / a2 does not divide d_in.
+        AdapterError: the layer is not a Linear or plain Conv2d, or a1 does not divide d_out / a2 does
+            not divide d_in.
     """
-    if not isinstance(base, nn.Linear):
-        raise AdapterError(f"a Kronecker adapter adapts Linear layers only, not a {type(base).__name__}")
-    d_out, d_in = base.out_features, base.in_features
+    conv = conv_args(base, "a Kronecker adapter")
+    if conv is None:
+        d_out, d_in, kernel, what = base.out_features, base.in_features, (), "Linear"
+    else:
+        d_out, d_in, kernel, what = base.out_channels, base.in_channels, tuple(base.kernel_size), "Conv2d"
     if a1 < 1 or a2 < 1 or d_out % a1 or d_in % a2:
         raise AdapterError(
-            f"Kronecker factor (a1, a2)=({a1}, {a2}) does not fit a Linear {d_in}->{d_out} "
+            f"Kronecker factor (a1, a2)=({a1}, {a2}) does not fit a {what} {d_in}->{d_out} "
             f"(weight {d_out}x{d_in}): a1 must divide {d_out} and a2 must divide {d_in}"
         )
-    return (a1, a2), (d_out // a1, d_in // a2)
+    return (a1, a2), (d_out // a1, d_in // a2, *kernel)
 
 
 class KronAdapter(nn.Module):
-    """A (a1, a2) kron B (d_out / a1, d_in / a2) on a Linear; delta at scale 1 is exactly kron(A, B)."""
+    """A (a1, a2) kron B (d_out / a1, d_in / a2[, kh, kw]) on a Linear or Conv2d; the delta at scale 1 is
+    exactly kron(A, B)."""
 
     kind = "kron"
 
     def __init__(self, base: nn.Module, a: torch.Tensor, b: torch.Tensor, *, trainable: bool = False):
         super().__init__()
-        if a.ndim != 2 or b.ndim != 2:
+        if a.ndim != 2 or b.ndim not in (2, 4):
             raise AdapterError(
-                f"Kronecker factors must be matrices, got A {tuple(a.shape)} and B {tuple(b.shape)}"
+                f"Kronecker A must be a matrix and B a matrix (Linear) or 4-d (Conv2d), "
+                f"got A {tuple(a.shape)} and B {tuple(b.shape)}"
             )
         _, want_b = kron_factor_shapes(base, *a.shape)
+        self._conv = conv_args(base, "a Kronecker adapter")
+        if self._conv is not None and b.ndim == 2 and want_b[2:] == (1, 1):
+            b = b[:, :, None, None]  # a 1x1 convolution's factor may come as a matrix
         if tuple(b.shape) != want_b:
             raise AdapterError(
-                f"Kronecker B {tuple(b.shape)} does not fit A {tuple(a.shape)} on a Linear "
-                f"{base.in_features}->{base.out_features} (expected B {want_b})"
+                f"Kronecker B {tuple(b.shape)} does not fit A {tuple(a.shape)} on a "
+                f"{type(base).__name__} with weight {tuple(base.weight.shape)} (expected B {want_b})"
             )
         weight = base.weight
         self.a = nn.Parameter(a.detach().to(weight).contiguous(), requires_grad=trainable)  # (a1, a2)
@@ -89,11 +123,12 @@ class KronAdapter(nn.Module):
         """A fresh trainable adapter: A ~ N(0, 1/a1) (variance), B = 0, so dW = 0 at the start.
 
         Raises:
-            AdapterError: (a1, a2) does not divide the layer's (d_out, d_in), or the layer is not a Linear.
+            AdapterError: (a1, a2) does not divide the layer's (d_out, d_in), or the layer is not a Linear
+                or plain Conv2d.
         """
         shape_a, shape_b = kron_factor_shapes(base, a1, a2)
         a = torch.randn(shape_a, generator=generator) / math.sqrt(a1)  # drawn on CPU: generator-stable
-        b = torch.zeros(shape_b, device=base.weight.device)
+        b = torch.zeros(shape_b, device=base.weight.device)  # (d_out / a1, d_in / a2[, kh, kw])
         return cls(base, a, b, trainable=True)
 
     @classmethod
@@ -122,7 +157,11 @@ class KronAdapter(nn.Module):
         return self.a.shape[1]
 
     def delta_weight(self) -> torch.Tensor:
-        return torch.kron(self.a, self.b)  # (d_out, d_in)
+        if self._conv is None:
+            return torch.kron(self.a, self.b)  # (d_out, d_in)
+        return torch.kron(self.a[:, :, None, None], self.b)  # (d_out, d_in, kh, kw)
 
     def forward_delta(self, x: torch.Tensor) -> torch.Tensor:
-        return kron_delta_forward(x, self.a, self.b)
+        if self._conv is None:
+            return kron_delta_forward(x, self.a, self.b)
+        return kron_conv_forward(x, self.a, self.b, self._conv)

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from composer.adapters.base import conv_args
 from composer.errors import AdapterError
 
 
@@ -45,15 +46,7 @@ class LoraAdapter(nn.Module):
         self.up = nn.Parameter(up.detach().to(weight), requires_grad=False)
         self.rank = rank
         self.alpha = float(alpha) if alpha is not None else float(rank)
-        self._conv = None
-        if isinstance(base, nn.Conv2d):
-            if base.groups != 1:
-                raise AdapterError("LoRA on a grouped Conv2d is not supported")
-            self._conv = dict(stride=base.stride, padding=base.padding, dilation=base.dilation)
-            if base.padding_mode != "zeros":
-                raise AdapterError(
-                    f"LoRA on a Conv2d with padding_mode={base.padding_mode!r} is not supported"
-                )
+        self._conv = conv_args(base, "LoRA")
 
     @classmethod
     def create(

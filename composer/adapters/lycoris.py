@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from composer.adapters.base import conv_args
 from composer.adapters.kron import KronAdapter, kron_delta_forward
 from composer.errors import AdapterError
 
@@ -88,19 +89,6 @@ def loha_delta(m1: torch.Tensor, m2: torch.Tensor, scale: float, shape: torch.Si
 
 
 # --- adapter types ----------------------------------------------------------------------------------
-def _conv_args(base: nn.Module, what: str) -> dict | None:
-    """None for a Linear; F.conv2d keyword arguments for a plain Conv2d; AdapterError otherwise."""
-    if isinstance(base, nn.Linear):
-        return None
-    if not isinstance(base, nn.Conv2d):
-        raise AdapterError(f"{what} adapts Linear and Conv2d layers, not a {type(base).__name__}")
-    if base.groups != 1:
-        raise AdapterError(f"{what} on a grouped Conv2d (groups={base.groups}) is not supported")
-    if base.padding_mode != "zeros":
-        raise AdapterError(f"{what} on a Conv2d with padding_mode={base.padding_mode!r} is not supported")
-    return dict(stride=base.stride, padding=base.padding, dilation=base.dilation)
-
-
 def _check_names(names: Collection[str], known: tuple[str, ...], what: str) -> None:
     unknown = sorted(set(names) - set(known))
     if unknown:
@@ -149,7 +137,7 @@ class _LycorisAdapter(nn.Module):
 
     def __init__(self, base: nn.Module, tensors: Mapping[str, torch.Tensor], alpha: float | None):
         super().__init__()
-        self._conv = _conv_args(base, self.title)
+        self._conv = conv_args(base, self.title)
         self.check_names(set(tensors))
         weight = base.weight
         for name in self.names:
@@ -305,8 +293,8 @@ class LohaAdapter(_LycorisAdapter):
 
 # --- Kronecker <-> LoKr -----------------------------------------------------------------------------
 def kron_factors_to_lokr(a: torch.Tensor, b: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Kronecker factors A (a1, a2), B (d_out / a1, d_in / a2) as LoKr tensors: lokr_w1 = A (small factor),
-    lokr_w2 = B (large), alpha.
+    """Kronecker factors A (a1, a2), B (d_out / a1, d_in / a2[, kh, kw]) as LoKr tensors: lokr_w1 = A (small
+    factor), lokr_w2 = B (large; 4-d on a Conv2d, as LyCORIS stores it), alpha.
 
     Both factors are full, so every LoKr reader applies scale 1; alpha = 1 is written as a placeholder.
     LyCORIS keeps the small factor in w1, so A must be no larger than B on either side.
@@ -315,8 +303,10 @@ def kron_factors_to_lokr(a: torch.Tensor, b: torch.Tensor) -> dict[str, torch.Te
         AdapterError: A or B is not a matrix, or A is larger than B on a side (LoKr's w1/w2 roles would be
             swapped).
     """
-    if a.ndim != 2 or b.ndim != 2:
-        raise AdapterError(f"Kronecker factors must be matrices, got A {_shape(a)} and B {_shape(b)}")
+    if a.ndim != 2 or b.ndim not in (2, 4):
+        raise AdapterError(
+            f"Kronecker A must be a matrix and B a matrix or 4-d, got A {_shape(a)} and B {_shape(b)}"
+        )
     if a.shape[0] > b.shape[0] or a.shape[1] > b.shape[1]:
         raise AdapterError(
             f"Kronecker A {_shape(a)} is larger than B {_shape(b)} on a side; LoKr keeps the small "
@@ -337,7 +327,9 @@ def lokr_kron_factors(tensors: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor
     factors full there is no rank, so every LoKr reader applies scale 1 whatever alpha says.
     """
     weights = {k: v for k, v in tensors.items() if k != "alpha"}
-    if set(weights) != {"lokr_w1", "lokr_w2"} or weights["lokr_w1"].ndim != 2 or weights["lokr_w2"].ndim != 2:
+    if set(weights) != {"lokr_w1", "lokr_w2"} or weights["lokr_w1"].ndim != 2:
+        return None
+    if weights["lokr_w2"].ndim not in (2, 4):
         return None
     return weights["lokr_w1"], weights["lokr_w2"]
 
@@ -345,25 +337,24 @@ def lokr_kron_factors(tensors: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor
 def lokr_tensors_to_kron(
     base: nn.Module, tensors: Mapping[str, torch.Tensor], alpha: float | None = None
 ) -> KronAdapter:
-    """A Linear LoKr as a Kronecker adapter: A = scale * w1, B = w2 (low-rank factors multiplied out).
+    """A LoKr as a Kronecker adapter: A = scale * w1, B = w2 (low-rank factors multiplied out; on a Conv2d
+    B is (out_k, in_n, kh, kw)).
 
     A LoKr with full factors is a textbook Kronecker adapter: then A, B are its tensors as they are
     (`lokr_kron_factors`).
     `tensors` may hold "alpha" (as `kron_to_lokr_tensors` returns); it wins over the argument.
 
     Raises:
-        AdapterError: the layer is not a Linear, or the tensors do not form a LoKr on it.
+        AdapterError: the layer is not a Linear or plain Conv2d, or the tensors do not form a LoKr on it.
     """
-    if not isinstance(base, nn.Linear):
-        raise AdapterError(
-            f"only a LoKr on a Linear is a Kronecker adapter, not one on a {type(base).__name__}"
-        )
     weights = {k: v for k, v in tensors.items() if k != "alpha"}
     if "alpha" in tensors:
         alpha = float(tensors["alpha"])
     lokr = LokrAdapter(base, weights, alpha)  # checks the factors against the layer
     if (exact := lokr_kron_factors(weights)) is not None:
         return KronAdapter(base, *(t.detach() for t in exact))
-    w1, w2 = lokr.factors()
+    w1, w2 = lokr.factors()  # w2 (out_k, in_n * kh * kw)
     a = w1 if lokr.scale == 1.0 else w1 * lokr.scale
+    if isinstance(base, nn.Conv2d):
+        w2 = w2.reshape(w2.shape[0], -1, *base.kernel_size)  # (out_k, in_n, kh, kw)
     return KronAdapter(base, a.detach(), w2.detach())

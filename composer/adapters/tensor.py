@@ -18,6 +18,11 @@ its scale, so D's entries grow at the rate of the first core whatever the order 
 
 W0 is read from the base layer at call time, so with another adapter fused into the same layer T
 transforms the fused weight: TLoRA is multiplicative and composes with whatever lies below it.
+
+On a Conv2d (our extension; the paper adapts attention projections) T acts on the input channels, so
+conv(x, W0 T) = conv(T x, W0) with T mixing channels at every pixel, and D (out_ch x in_ch) sits at the
+kernel's centre tap: D applied as a 1x1 convolution with the layer's stride. That needs "same"-style
+padding (padding = dilation * (k - 1) / 2 on odd kernels, as every SDXL convolution has).
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from composer.adapters.base import require_no_alpha
+from composer.adapters.base import conv_args, require_no_alpha
 from composer.errors import AdapterError
 
 if TYPE_CHECKING:
@@ -91,10 +96,24 @@ def tr_matrix(cores: Sequence[torch.Tensor]) -> torch.Tensor:
     return tr_matvec(eye, cores).T  # row c of tr_matvec(I) is M[:, c]
 
 
-def _linear_sizes(base: nn.Module) -> tuple[int, int]:
-    if not isinstance(base, nn.Linear):
-        raise AdapterError(f"a tensor (TLoRA) adapter adapts Linear layers only, not a {type(base).__name__}")
-    return base.out_features, base.in_features
+def _layer_sizes(base: nn.Module) -> tuple[int, int, dict | None]:
+    """(d_out, d_in, conv args or None) of a Linear or a centre-tap-compatible Conv2d."""
+    conv = conv_args(base, "a tensor (TLoRA) adapter")
+    if conv is None:
+        return base.out_features, base.in_features, None
+    for k, p, d in zip(base.kernel_size, base.padding, base.dilation, strict=True):
+        if isinstance(base.padding, str) or k % 2 == 0 or p != d * (k - 1) // 2:
+            raise AdapterError(
+                f"a tensor (TLoRA) adapter on a Conv2d needs an odd kernel with 'same' padding "
+                f"(its residual sits at the kernel centre); got kernel {tuple(base.kernel_size)}, "
+                f"padding {base.padding}"
+            )
+    return base.out_channels, base.in_channels, dict(stride=base.stride)
+
+
+def _channels_last(fn, x: torch.Tensor) -> torch.Tensor:
+    """fn over the channel dimension of an (N, C, H, W) tensor, at every pixel."""
+    return fn(x.movedim(1, -1)).movedim(-1, 1)
 
 
 def _check_ring(what: str, cores: Sequence[torch.Tensor], rows: int, cols: int, layer: str) -> None:
@@ -121,7 +140,7 @@ def _check_ring(what: str, cores: Sequence[torch.Tensor], rows: int, cols: int, 
 
 
 class TensorAdapter(nn.Module):
-    """TLoRA on a Linear: a tensor-ring transform T of the input side plus a tensor-ring residual D."""
+    """TLoRA on a Linear or Conv2d: a tensor-ring transform T of the input side plus a tensor-ring residual D."""
 
     kind = "tensor"
 
@@ -134,8 +153,8 @@ class TensorAdapter(nn.Module):
         trainable: bool = False,
     ):
         super().__init__()
-        d_out, d_in = _linear_sizes(base)
-        layer = f"Linear {d_in}->{d_out}"
+        d_out, d_in, self._conv = _layer_sizes(base)
+        layer = f"{type(base).__name__} {d_in}->{d_out}"
         _check_ring("T", t_cores, d_in, d_in, layer)
         _check_ring("D", d_cores, d_out, d_in, layer)
         for k, g in enumerate(t_cores):
@@ -168,9 +187,10 @@ class TensorAdapter(nn.Module):
             generator: draws D's cores 2..order (on CPU, so a meta-device layer works too).
 
         Raises:
-            AdapterError: the layer is not a Linear, or a rank or order is below 1.
+            AdapterError: the layer is not a Linear or a "same"-padded plain Conv2d, or a rank or order
+                is below 1.
         """
-        d_out, d_in = _linear_sizes(base)
+        d_out, d_in, _ = _layer_sizes(base)
         if rank < 1 or transform_rank < 1:
             raise AdapterError(f"TLoRA ranks must be >= 1, got rank={rank}, transform_rank={transform_rank}")
         ins, outs = tensor_modes(d_in, order), tensor_modes(d_out, order)
@@ -229,14 +249,26 @@ class TensorAdapter(nn.Module):
         return self.t_cores[0].shape[2]
 
     def delta_weight(self) -> torch.Tensor:
-        w0 = self._base[0].weight  # (d_out, d_in), as it stands now
+        w0 = self._base[0].weight  # (d_out, d_in[, kh, kw]), as it stands now
         t = tr_matrix(self.t_cores)  # (d_in, d_in)
         t_minus_i = t - torch.eye(t.shape[0], dtype=t.dtype, device=t.device)
-        return w0 @ t_minus_i + tr_matrix(self.d_cores)  # (d_out, d_in)
+        d = tr_matrix(self.d_cores)  # (d_out, d_in)
+        if self._conv is None:
+            return w0 @ t_minus_i + d
+        delta = torch.einsum("oihw,ic->ochw", w0, t_minus_i)  # (d_out, d_in, kh, kw)
+        kh, kw = w0.shape[2:]
+        delta[:, :, kh // 2, kw // 2] += d  # the residual at the centre tap
+        return delta
 
     def forward_delta(self, x: torch.Tensor) -> torch.Tensor:
-        w0 = self._base[0].weight.to(x.dtype)  # an fp32 adapter on an fp16 layer computes in fp32
-        return nn.functional.linear(tr_matvec(x, self.t_cores) - x, w0) + tr_matvec(x, self.d_cores)
+        base = self._base[0]
+        w0 = base.weight.to(x.dtype)  # an fp32 adapter on an fp16 layer computes in fp32
+        if self._conv is None:
+            return nn.functional.linear(tr_matvec(x, self.t_cores) - x, w0) + tr_matvec(x, self.d_cores)
+        mixed = _channels_last(lambda v: tr_matvec(v, self.t_cores), x) - x  # (N, d_in, H, W)
+        y = nn.functional.conv2d(mixed, w0, None, base.stride, base.padding, base.dilation)
+        sh, sw = self._conv["stride"]
+        return y + _channels_last(lambda v: tr_matvec(v, self.d_cores), x[:, :, ::sh, ::sw])
 
     def identity_regulariser(self) -> torch.Tensor:
         """||T - I||_F^2 from the cores, without building T (an optional loss term).

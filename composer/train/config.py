@@ -9,6 +9,7 @@ from composer.errors import StudioError
 ADAPTER_KINDS = ("lora", "blora", "kron", "tensor")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 TARGETS = ("attention", "transformer", "full")
+CONV_KINDS = ("lora", "kron", "tensor")  # kinds that adapt Conv2d layers too (targets "full")
 RECIPE_STEPS = {"lora": 500, "blora": 1000, "kron": 500, "tensor": 2000}  # METHODS.md
 RECIPE_RANK = {"lora": 4, "blora": 64, "kron": 4, "tensor": 4}  # rank only matters for lora/blora
 
@@ -48,7 +49,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     targets: str = (
         "attention"  # "attention" (q/k/v/out), "transformer" (every Linear of the transformer blocks) or
-        # "full" (those and the ResNet/resampling convolutions, kohya's LoCon set; kind "lora" only)
+        # "full" (those and the ResNet/resampling convolutions, kohya's LoCon set; CONV_KINDS only)
     )
     flip: bool = False  # horizontal flip augmentation (off: positions are part of many prompts)
     min_images: int = 1
@@ -105,9 +106,10 @@ class TrainConfig:
             )
         if self.targets not in TARGETS:
             raise TrainConfigError(f"targets {self.targets!r}: choose {', '.join(TARGETS)}")
-        if self.targets == "full" and self.kind != "lora":
+        if self.targets == "full" and self.kind not in CONV_KINDS:
             raise TrainConfigError(
-                f"targets 'full' adapts convolutions, which only kind 'lora' does; not {self.kind!r}"
+                f"targets 'full' adapts convolutions, which kinds {', '.join(CONV_KINDS)} do; "
+                f"not {self.kind!r}"
             )
         if self.mixed_precision not in MIXED_PRECISION:
             raise TrainConfigError(
