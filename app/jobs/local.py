@@ -19,6 +19,7 @@ from app.jobs.runner import Heartbeats, JobControl, run_job
 from app.settings import Settings
 from app.studio import Studio
 from db.jobs import JobRepository
+from db.models import RenderJob
 from db.session import unit_of_work
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,9 @@ class LocalExecutor(JobQueue):
         self._wake = threading.Condition()
         self._queued = 0  # wake-ups not yet taken, so that a notify between two claims is not lost
         self._stopping = threading.Event()
+        self._loading = threading.Lock()  # one pipeline load at a time (diffusers' lazy imports race)
         self._threads: list[threading.Thread] = []
+        self.studios: list[Studio] = []  # the workers' Studio views, one each
         self.name = f"{socket.gethostname()}:{os.getpid()}"
 
     def start(self) -> None:
@@ -53,6 +56,7 @@ class LocalExecutor(JobQueue):
         self.heartbeats.start()
         for i in range(self.settings.workers):
             view = Studio(self.studio.settings, self.studio.library, self.studio.sessions)
+            self.studios.append(view)
             thread = threading.Thread(
                 target=self._work, args=(view, f"{self.name}:{i}"), name=f"render-worker-{i}", daemon=True
             )
@@ -67,6 +71,7 @@ class LocalExecutor(JobQueue):
         for thread in self._threads:
             thread.join()
         self._threads.clear()
+        self.studios.clear()
         self.heartbeats.stop()
 
     def wake(self, all_workers: bool = False) -> None:
@@ -77,7 +82,7 @@ class LocalExecutor(JobQueue):
             else:
                 self._wake.notify()
 
-    def cancel(self, job_id, api_key_id=None):
+    def cancel(self, job_id: int, api_key_id: int | None = None) -> RenderJob:
         job = super().cancel(job_id, api_key_id)
         control = self.heartbeats.get(job_id)
         if control is not None and job.cancel_requested:
@@ -102,7 +107,9 @@ class LocalExecutor(JobQueue):
             control.stopping = self._stopping
             self.heartbeats.add(control)
             try:
-                run_job(studio, control)
+                run_job(studio, control, self._loading)
+            except Exception:  # the worker lives on; the job, no longer heartbeated, is recovered when stale
+                log.exception("render worker %s: job %d", worker, control.job_id)
             finally:
                 self.heartbeats.remove(control)
 
