@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -56,8 +57,13 @@ def cluster(tmp_path_factory, tiny_sdxl_factory):
         secret = ApiKeyRepository(session).create("ray", rate_limit_per_minute=100_000)[1]
     executor = make_executor(studio)
     assert isinstance(executor, RayExecutor)
-    with TestClient(create_app(studio, executor), headers={"X-API-Key": secret}) as client:
-        yield client, studio, executor
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the actor renders on the other core; two threads here would fight it
+    try:
+        with TestClient(create_app(studio, executor), headers={"X-API-Key": secret}) as client:
+            yield client, studio, executor
+    finally:
+        torch.set_num_threads(threads)
     assert not ray.is_initialized(), "the executor shuts down the Ray it started"
 
 
