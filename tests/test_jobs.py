@@ -350,3 +350,39 @@ def test_stop_hands_the_running_job_back_and_a_restart_finishes_it(studio):
         assert wait_for(studio.sessions, job.id).status == "done"
     finally:
         again.stop()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_two_servers_on_one_catalog_run_each_job_exactly_once(backend, tmp_path):
+    from tests.conftest_pg import catalog_url
+
+    with catalog_url(backend, tmp_path) as url:
+        studios = [
+            Studio.open(
+                Settings(
+                    data_dir=tmp_path / "data",
+                    database_url=url,
+                    bundled=False,
+                    backbone="sdxl",
+                    model="tiny",
+                    job_heartbeat_s=0.1,
+                )
+            )
+            for _ in range(2)
+        ]
+        executors = [make_executor(s) for s in studios]
+        ids = [executors[i % 2].submit([{"prompt": f"job {i}", "seed": i, **SMALL}])[0].id for i in range(8)]
+        for executor in executors:
+            executor.start()
+        try:
+            jobs = [wait_for(studios[0].sessions, i) for i in ids]
+        finally:
+            for executor in executors:
+                executor.stop()
+        assert [j.status for j in jobs] == ["done"] * 8 and all(len(j.results) == 1 for j in jobs)
+        assert renders(studios[0]) == 8
+        with studios[0].sessions() as session:
+            prompts = set(session.scalars(select(Render.prompt)))
+        assert prompts == {f"job {i}" for i in range(8)}
+        for s in studios:
+            s.sessions.kw["bind"].dispose()

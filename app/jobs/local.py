@@ -17,7 +17,8 @@ from datetime import timedelta
 from app.jobs.queue import JobQueue
 from app.jobs.runner import Heartbeats, JobControl, run_job
 from app.settings import Settings
-from app.studio import Studio
+from app.studio import Studio, resolve_backbone
+from composer.backbones.base import pipeline_cls
 from db.jobs import JobRepository
 from db.models import RenderJob
 from db.session import unit_of_work
@@ -52,6 +53,9 @@ class LocalExecutor(JobQueue):
             )
         for job in recovered:
             log.warning("render job %d recovered on start: %s", job.id, job.status)
+        # diffusers resolves its classes lazily, and not thread-safely: resolve the default backbone's here,
+        # before worker threads (or another executor's) race for them; _loading covers this executor's loads
+        pipeline_cls(resolve_backbone(self.settings.backbone, self.settings.model)[0].pipeline_class)
         self._stopping.clear()
         self.heartbeats.start()
         for i in range(self.settings.workers):

@@ -22,7 +22,7 @@ from datetime import timedelta
 from typing import Any
 
 import ray
-from ray.exceptions import RayActorError
+from ray.exceptions import RayActorError, RayError
 
 from app.jobs.queue import JobQueue, to_request
 from app.jobs.runner import Heartbeats, JobControl, run_job
@@ -190,6 +190,10 @@ class RayExecutor(JobQueue):
             self._release(slot, f"Ray actor {slot.worker} died: {str(exc).splitlines()[0]}")
             del self.slots[slot.worker]
             self._add_actor()
+            return
+        except RayError as exc:  # the actor lives but its call failed outside run_job's own handling
+            slot.job_id = job_id
+            self._release(slot, f"Ray call on {slot.worker} failed: {str(exc).splitlines()[0]}")
             return
         slot.resident = set(outcome["resident"])
         self._loras.pop(job_id, None)
