@@ -255,3 +255,17 @@ def test_50_concurrent_clients_submit_200_jobs_none_lost_none_duplicated(tmp_pat
             assert sorted(j["id"] for j in mine) == sorted(ids[i]) and {j["status"] for j in mine} == {"done"}
     render_ids, files = stored(studio)
     assert len(render_ids) == len(files) == clients * per_client
+
+
+def test_serve_refuses_a_bad_executor_or_worker_count(tmp_path):
+    from typer.testing import CliRunner
+
+    from app.cli import app as cli
+
+    data = ["--data-dir", str(tmp_path / "data")]
+    result = CliRunner().invoke(
+        cli, ["serve", "--executor", "slurm", *data], env={"LORA_STUDIO_BUNDLED": "false"}
+    )
+    assert result.exit_code == 1 and "--executor 'slurm': choose local or ray" in result.output
+    result = CliRunner().invoke(cli, ["serve", "--workers", "0", *data], env={"LORA_STUDIO_BUNDLED": "false"})
+    assert result.exit_code == 1 and "--workers 0: at least 1" in result.output
