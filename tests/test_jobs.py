@@ -371,6 +371,7 @@ def test_two_servers_on_one_catalog_run_each_job_exactly_once(backend, tmp_path)
             for _ in range(2)
         ]
         executors = [make_executor(s) for s in studios]
+        assert executors[0].name != executors[1].name, "worker names never collide across executors"
         ids = [executors[i % 2].submit([{"prompt": f"job {i}", "seed": i, **SMALL}])[0].id for i in range(8)]
         for executor in executors:
             executor.start()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import socket
 import threading
 from datetime import timedelta
@@ -41,7 +42,8 @@ class LocalExecutor(JobQueue):
         self._loading = threading.Lock()  # one pipeline load at a time (diffusers' lazy imports race)
         self._threads: list[threading.Thread] = []
         self.studios: list[Studio] = []  # the workers' Studio views, one each
-        self.name = f"{socket.gethostname()}:{os.getpid()}"
+        # unique per executor, so that two in one process (or a restarted one) never share a worker name
+        self.name = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
 
     def start(self) -> None:
         """Put back jobs left running by a dead process, then start the heartbeats and the workers."""

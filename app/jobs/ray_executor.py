@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import threading
 from contextlib import suppress
 from dataclasses import dataclass, field
@@ -84,6 +85,7 @@ class RayExecutor(JobQueue):
         )
         self.slots: dict[str, _Slot] = {}
         self._generation = 0
+        self._token = secrets.token_hex(3)
         self._owns_ray = False
         self._stopping = threading.Event()
         self._wake = threading.Event()
@@ -140,7 +142,7 @@ class RayExecutor(JobQueue):
     # --- the driver ---------------------------------------------------------------------------------------
     def _add_actor(self) -> None:
         self._generation += 1
-        worker = f"ray:render-{self._generation}"
+        worker = f"ray:{self._token}:render-{self._generation}"  # unique across servers sharing a catalog
         remote = ray.remote(num_cpus=1, max_restarts=0)(RenderActor)
         handle = remote.options(runtime_env={"env_vars": ACTOR_ENV}).remote(
             self.studio.settings.model_dump(mode="json"), worker
