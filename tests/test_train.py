@@ -331,3 +331,25 @@ def test_full_targets_adapt_convolutions_and_survive_the_file(sdxl, tmp_path, ki
     assert torch.equal(outs[0], outs[1]) and not torch.allclose(outs[0], _unet_out(pipe))
     with pytest.raises(TrainConfigError, match="targets 'full' adapts convolutions.*not 'blora'"):
         TrainConfig(kind="blora", prompt="x", targets="full").validate()
+
+
+def test_checkpoints_carry_the_fp16_loss_scale(tmp_path):
+    from composer.train import checkpoint
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=3)
+    params = [torch.nn.Parameter(torch.ones(2))]
+    optimizer = torch.optim.SGD(params, lr=0.1)
+    for value in (1.0, float("inf"), 1.0):  # an overflow halves the scale; good steps count towards growth
+        optimizer.zero_grad()
+        scaler.scale(params[0].sum() * value).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    saved = scaler.state_dict()
+    assert saved["scale"] == 2.0**11 and saved["_growth_tracker"] == 1
+    ckpt = checkpoint.Checkpoint(
+        1, {"p": params[0]}, optimizer.state_dict(), torch.Generator().get_state(), [0.1], {}, saved
+    )
+    back = checkpoint.load(checkpoint.save(tmp_path, ckpt))
+    resumed = torch.amp.GradScaler("cpu")
+    resumed.load_state_dict(back.scaler)
+    assert resumed.state_dict() == saved

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -32,6 +32,7 @@ class Checkpoint:
     generator_state: torch.Tensor
     losses: list[float]
     config: dict
+    scaler: dict = field(default_factory=dict)  # GradScaler state (fp16 runs; empty otherwise)
 
 
 def _optimizer_tensors(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -61,7 +62,14 @@ def save(run_dir: Path, ckpt: Checkpoint) -> Path:
     )
     opt_tensors, opt_rest = _optimizer_tensors(ckpt.optimizer)
     save_file({**opt_tensors, "generator_state": ckpt.generator_state.cpu()}, tmp / "optimizer.safetensors")
-    state = {"step": ckpt.step, "losses": ckpt.losses, "config": ckpt.config, "optimizer": opt_rest}
+    scaler = {k: v.item() if isinstance(v, torch.Tensor) else v for k, v in ckpt.scaler.items()}
+    state = {
+        "step": ckpt.step,
+        "losses": ckpt.losses,
+        "config": ckpt.config,
+        "optimizer": opt_rest,
+        "scaler": scaler,
+    }
     (tmp / "state.json").write_text(json.dumps(state) + "\n")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -88,6 +96,7 @@ def load(path: Path) -> Checkpoint:
             generator_state=generator_state,
             losses=[float(x) for x in state["losses"]],
             config=state["config"],
+            scaler=dict(state.get("scaler", {})),  # checkpoints before the scaler was saved: none
         )
     except Exception as exc:  # noqa: BLE001 - safetensors, JSON, missing keys: all mean "unreadable"
         raise CheckpointError(

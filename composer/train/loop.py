@@ -73,6 +73,7 @@ class Trainer:
             )
         self.objective = Objective(pipe, backbone.family, self.size, guidance=backbone.default_guidance)
         self.device = self.objective.denoiser.device
+        self._scaler: torch.amp.GradScaler | None = None  # fp16 runs: built per run, checkpointed
         self.dtype = self.objective.denoiser.dtype
         if config.mixed_precision != "no" and self.device.type != "cuda":
             raise TrainConfigError(
@@ -121,6 +122,7 @@ class Trainer:
             params = self._params(adapters)
             optimizer = torch.optim.AdamW(params, lr=cfg.recipe_lr(), weight_decay=0.0)
             step, losses = 0, []
+            self._scaler = torch.amp.GradScaler("cuda") if cfg.mixed_precision == "fp16" else None
             if start_ckpt is not None:
                 step, losses = self._restore(start_ckpt, adapters, optimizer, generator)
             if cfg.gradient_checkpointing and hasattr(denoiser, "enable_gradient_checkpointing"):
@@ -160,7 +162,7 @@ class Trainer:
     def _loop(self, step, losses, mean, std, cond, prior, params, optimizer, generator, adapters):
         cfg = self.config
         autocast = self._autocast()
-        scaler = torch.amp.GradScaler("cuda") if cfg.mixed_precision == "fp16" else None
+        scaler = self._scaler
         n = mean.shape[0]
         while step < cfg.steps:
             idx = torch.randint(0, n, (cfg.batch_size,), generator=generator)
@@ -264,6 +266,7 @@ class Trainer:
                 generator_state=generator.get_state(),
                 losses=list(losses),
                 config=self.config.to_json(),
+                scaler=self._scaler.state_dict() if self._scaler is not None else {},
             ),
         )
 
@@ -280,6 +283,8 @@ class Trainer:
                 p.copy_(saved)
         optimizer.load_state_dict(ckpt.optimizer)
         generator.set_state(ckpt.generator_state)
+        if self._scaler is not None and ckpt.scaler:  # the fp16 loss scale goes on where it was
+            self._scaler.load_state_dict(ckpt.scaler)
         log.info("resumed %s at step %d", self.run_dir, ckpt.step)
         return ckpt.step, ckpt.losses
 
