@@ -93,3 +93,27 @@ def test_missing_model_and_pickle_are_clear_errors(tmp_path, monkeypatch):
         load_pipeline(get_backbone("sdxl"), tmp_path / "m.ckpt")
     with pytest.raises(BackboneError, match="unknown backbone"):
         get_backbone("sd3")
+
+
+def test_pipelines_load_from_several_threads_at_once(tmp_path):
+    """diffusers' lazy imports are not thread-safe; load_pipeline serialises loads (fresh process: the race
+    only happens on a process's first imports)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import threading\n"
+        "from composer.backbones import get_backbone, load_pipeline\n"
+        "errors = []\n"
+        "def load(name):\n"
+        "    try:\n"
+        "        load_pipeline(get_backbone(name), 'tiny')\n"
+        "    except Exception as exc:\n"
+        "        errors.append(repr(exc))\n"
+        "threads = [threading.Thread(target=load, args=(n,)) for n in ('sdxl', 'flux', 'sdxl', 'flux')]\n"
+        "[t.start() for t in threads]\n"
+        "[t.join() for t in threads]\n"
+        "assert not errors, errors\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -18,8 +18,7 @@ from datetime import timedelta
 from app.jobs.queue import JobQueue
 from app.jobs.runner import Heartbeats, JobControl, run_job
 from app.settings import Settings
-from app.studio import Studio, resolve_backbone
-from composer.backbones.base import pipeline_cls
+from app.studio import Studio
 from db.jobs import JobRepository
 from db.models import RenderJob
 from db.session import unit_of_work
@@ -39,7 +38,6 @@ class LocalExecutor(JobQueue):
         self._wake = threading.Condition()
         self._queued = 0  # wake-ups not yet taken, so that a notify between two claims is not lost
         self._stopping = threading.Event()
-        self._loading = threading.Lock()  # one pipeline load at a time (diffusers' lazy imports race)
         self._threads: list[threading.Thread] = []
         self.studios: list[Studio] = []  # the workers' Studio views, one each
         # unique per executor, so that two in one process (or a restarted one) never share a worker name
@@ -55,9 +53,6 @@ class LocalExecutor(JobQueue):
             )
         for job in recovered:
             log.warning("render job %d recovered on start: %s", job.id, job.status)
-        # diffusers resolves its classes lazily, and not thread-safely: resolve the default backbone's here,
-        # before worker threads (or another executor's) race for them; _loading covers this executor's loads
-        pipeline_cls(resolve_backbone(self.settings.backbone, self.settings.model)[0].pipeline_class)
         self._stopping.clear()
         self.heartbeats.start()
         for i in range(self.settings.workers):
@@ -113,7 +108,7 @@ class LocalExecutor(JobQueue):
             control.stopping = self._stopping
             self.heartbeats.add(control)
             try:
-                run_job(studio, control, self._loading)
+                run_job(studio, control)
             except Exception:  # the worker lives on; the job, no longer heartbeated, is recovered when stale
                 log.exception("render worker %s: job %d", worker, control.job_id)
             finally:

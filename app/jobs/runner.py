@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -118,12 +117,8 @@ def job_dir(root: Path, job_id: int) -> Path:
     return root / "renders" / f"job-{job_id}"
 
 
-def run_job(studio: Studio, control: JobControl, load_lock: threading.Lock | None = None) -> str:
+def run_job(studio: Studio, control: JobControl) -> str:
     """Render every request of the claimed job that is not recorded yet, then finish the job.
-
-    Args:
-        load_lock: held while the job's pipeline is loaded, when several threads load pipelines (diffusers'
-            lazy imports are not thread-safe).
 
     Returns:
         What became of it: "done", "failed", "cancelled", "requeued" (the worker is stopping) or "lost"
@@ -145,8 +140,7 @@ def run_job(studio: Studio, control: JobControl, load_lock: threading.Lock | Non
             raise JobInterrupted(reason)
 
     try:
-        with load_lock or nullcontext():
-            studio.pipeline(backbone, model)  # cached after the first job
+        studio.pipeline(backbone, model)  # cached after the first job
         for index, data in enumerate(requests):
             if index in recorded:
                 continue

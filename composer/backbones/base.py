@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import re
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,10 @@ from composer.errors import BackboneError
 log = logging.getLogger(__name__)
 
 TINY = "tiny"  # the --model value that builds a family's tiny random-weight variant offline
+# diffusers resolves its classes by lazy imports that are not thread-safe (two threads loading their first
+# pipeline at once fail with "module 'diffusers' has no attribute ..."): one load at a time per process,
+# whoever loads (render workers, the studio UI, a training run).
+_LOADING = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -93,6 +98,11 @@ def load_pipeline(
     Raises:
         BackboneError: the model cannot be found or is of another family.
     """
+    with _LOADING:
+        return _load_pipeline(backbone, model, dtype=dtype, device=device, seed=seed)
+
+
+def _load_pipeline(backbone: Backbone, model, *, dtype, device, seed):
     cls = pipeline_cls(backbone.pipeline_class)
     text = str(model)
     if text == TINY:
