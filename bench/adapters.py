@@ -57,6 +57,7 @@ def main() -> None:
     parser.add_argument("--guidance", type=float, default=7.5)
     parser.add_argument("--lr", type=float, default=None, help="override the recipes' learning rate")
     parser.add_argument("--rank", type=int, default=None, help="override the LoRA/B-LoRA rank")
+    parser.add_argument("--kron", default=None, help="override the Kronecker factors, A1xA2")
     parser.add_argument("--targets", default="attention", choices=["attention", "transformer", "full"])
     args = parser.parse_args()
     for recipe in RECIPES.values():
@@ -64,6 +65,8 @@ def main() -> None:
             recipe["learning_rate"] = args.lr
         if args.rank is not None and "rank" in recipe:
             recipe["rank"] = args.rank
+        if args.kron is not None and "kron_factors" in recipe:
+            recipe["kron_factors"] = tuple(int(f) for f in args.kron.lower().split("x"))
     backbone = get_backbone("sdxl")
     pipe = load_pipeline(backbone, args.model)
     evaluator = Evaluator.load()
