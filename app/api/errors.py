@@ -11,6 +11,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.routing import Match, Mount
 
 from composer.errors import (
     FamilyMismatchError,
@@ -104,6 +105,40 @@ def _validation_message(errors: list[dict[str, Any]]) -> str:
     return f"{where}: {first.get('msg', 'invalid')}{more}"
 
 
+HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method the request's path supports. Starlette's 405 names only the first route that matched the
+    path, but each method is its own route here (`/loras`: GET and POST), and RFC 9110 wants them all; so
+    each method is tried against the routes (included routers match as one route each; mounted apps, which
+    take any method, are left out)."""
+    routes = [route for route in request.app.router.routes if not isinstance(route, Mount)]
+    return [
+        method
+        for method in HTTP_METHODS
+        if any(route.matches({**request.scope, "method": method})[0] is Match.FULL for route in routes)
+    ]
+
+
+async def key_refused(request: Request) -> JSONResponse | None:
+    """The 401 (or 429) of a request whose body was refused before its API key was checked, else None.
+
+    FastAPI reads and parses the body before a route's dependencies, so a body it cannot parse (malformed
+    JSON: 422, undecodable: 400, too large: 413) is answered before `authenticate` runs; without a valid key
+    the answer is 401 all the same.
+    """
+    if "route" not in request.scope or hasattr(request.state, "principal"):
+        return None  # no route matched, or the key was checked already
+    from app.api.auth import authenticate_request  # auth imports this module
+
+    try:
+        await authenticate_request(request)
+    except ApiError as exc:
+        return error_response(exc.status, exc.type, exc.message, exc.headers, **exc.extra)
+    return None
+
+
 def install_error_handlers(app: FastAPI) -> None:
     async def on_api_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, ApiError)
@@ -119,12 +154,19 @@ def install_error_handlers(app: FastAPI) -> None:
         errors = [dict(e) for e in exc.errors()]
         details = [{k: e[k] for k in ("loc", "msg", "type") if k in e} for e in errors]  # inputs not echoed
         type = "malformed_json" if errors and errors[0].get("type") == "json_invalid" else "validation_error"
+        if refused := await key_refused(request):
+            return refused
         return error_response(422, type, _validation_message(errors), details=details)
 
     async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, HTTPException)
         type = HTTP_TYPES.get(exc.status_code, "http_error")
-        return error_response(exc.status_code, type, str(exc.detail), exc.headers)
+        if exc.status_code in (400, 413) and (refused := await key_refused(request)):
+            return refused
+        headers = exc.headers
+        if exc.status_code == 405:
+            headers = {**(headers or {}), "Allow": ", ".join(allowed_methods(request))}
+        return error_response(exc.status_code, type, str(exc.detail), headers)
 
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("%s %s failed", request.method, request.url.path)

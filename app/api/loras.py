@@ -13,7 +13,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from app.api.errors import ApiError
-from app.api.schemas import ErrorResponse, LoraPage, LoraRead, LoraUpdate, to_read
+from app.api.schemas import MAX_OFFSET, ErrorResponse, LoraPage, LoraRead, LoraUpdate, to_read
 from app.api.service import StudioDep, StudioService
 from app.catalog import AdapterInfo
 from composer.errors import StudioError
@@ -57,7 +57,7 @@ def list_loras(
     ] = None,
     tag: Annotated[str | None, Query(max_length=200, description="an exact tag")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> LoraPage:
     """List catalogued LoRAs sorted by name, searched and filtered."""
     items = studio.library.list(q, family, tag, limit, adapter_type=adapter_type, offset=offset)
@@ -96,6 +96,7 @@ UPLOAD_BODY = {
     response_model=LoraRead,
     openapi_extra=UPLOAD_BODY,
     responses={
+        400: {"model": ErrorResponse, "description": "a malformed multipart body"},
         409: {"model": ErrorResponse},
         411: {"model": ErrorResponse},
         413: {"model": ErrorResponse},

@@ -5,16 +5,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
 from fastapi.responses import FileResponse
 
 from app.api.auth import PrincipalDep
 from app.api.errors import ApiError
 from app.api.render_schemas import JobPage, JobRead, RenderBatch, RenderResultRead
-from app.api.schemas import ErrorResponse
+from app.api.schemas import MAX_OFFSET, ErrorResponse
 from app.api.service import JobExecutor, StudioDep
 from db.jobs import (
     IdempotencyConflictError,
@@ -31,6 +30,10 @@ router = APIRouter(
     tags=["renders"],
     responses={401: {"model": ErrorResponse}, 404: {"model": ErrorResponse}, 429: {"model": ErrorResponse}},
 )
+
+
+MAX_JOB_ID = 2**31 - 1  # job ids are 32-bit integers in the catalog (PostgreSQL's integer)
+JobId = Annotated[int, Path(ge=1, le=MAX_JOB_ID, description="the job's id")]
 
 
 def get_executor(request: Request) -> JobExecutor:
@@ -109,7 +112,15 @@ def read_job(request: Request, studio: StudioDep, job_id: int, key_id: int) -> J
     "",
     status_code=202,
     response_model=JobRead,
-    responses={409: {"model": ErrorResponse}, 422: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
+    responses={
+        400: {
+            "model": ErrorResponse,
+            "description": "a batch the server cannot run (e.g. a model not served)",
+        },
+        409: {"model": ErrorResponse},
+        422: {"model": ErrorResponse},
+        503: {"model": ErrorResponse},
+    },
 )
 def create_render(
     batch: RenderBatch,
@@ -146,7 +157,7 @@ def list_renders(
     principal: PrincipalDep,
     status: Annotated[Literal[JOB_STATUSES] | None, Query()] = None,  # type: ignore[valid-type]
     limit: Annotated[int, Query(ge=1, le=200)] = 20,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> JobPage:
     """The caller's render jobs, newest first."""
     with unit_of_work(studio.sessions) as session:
@@ -161,7 +172,7 @@ def list_renders(
 
 
 @router.get("/{job_id}", response_model=JobRead, name="get_render")
-def get_render(job_id: int, request: Request, studio: StudioDep, principal: PrincipalDep) -> JobRead:
+def get_render(job_id: JobId, request: Request, studio: StudioDep, principal: PrincipalDep) -> JobRead:
     """A render job: status, progress, queue position, error, and the results so far."""
     return read_job(request, studio, job_id, principal.key_id)
 
@@ -171,7 +182,9 @@ def get_render(job_id: int, request: Request, studio: StudioDep, principal: Prin
     response_class=FileResponse,
     responses={200: {"content": {"image/png": {}}, "description": "the PNG, provenance in its text chunks"}},
 )
-def get_render_image(job_id: int, n: int, studio: StudioDep, principal: PrincipalDep) -> FileResponse:
+def get_render_image(
+    job_id: JobId, n: Annotated[int, Path(ge=0)], studio: StudioDep, principal: PrincipalDep
+) -> FileResponse:
     """Image `n` of a job (numbered across the batch, in request order)."""
     with job_errors(), unit_of_work(studio.sessions) as session:
         job = JobRepository(session).get(job_id, principal.key_id)
@@ -184,7 +197,7 @@ def get_render_image(job_id: int, n: int, studio: StudioDep, principal: Principa
     path = (root / paths[n]).resolve()
     if not path.is_relative_to(root / "renders") or not path.is_file():
         raise ApiError(404, "not_found", f"image {n} of render job {job_id} is no longer stored")
-    return FileResponse(Path(path), media_type="image/png", filename=f"job-{job_id}-{n}.png")
+    return FileResponse(path, media_type="image/png", filename=f"job-{job_id}-{n}.png")
 
 
 @router.delete(
@@ -196,7 +209,7 @@ def get_render_image(job_id: int, n: int, studio: StudioDep, principal: Principa
     },
 )
 def cancel_render(
-    job_id: int,
+    job_id: JobId,
     request: Request,
     response: Response,
     studio: StudioDep,

@@ -11,6 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 from app.catalog import EDITABLE_FIELDS, AdapterInfo
 
 SERVER_ONLY = ("file_path", "preview_path")  # paths on the server's disk: never sent to clients
+# The largest offset of a listing: larger ones overflowed the database's integers (a 500, not an empty page).
+MAX_OFFSET = 2**31 - 1
 
 
 def model_from_dataclass(
