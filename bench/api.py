@@ -130,8 +130,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--backbone", default="sdxl")
-    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--backbone", default="sdxl", help="sdxl, flux or toy (the bundled toy model)")
+    parser.add_argument("--model", default=None, help="default: the backbone's own (sdxl/flux: tiny)")
     args = parser.parse_args()
     request = {"num_inference_steps": args.steps, "height": args.size, "width": args.size}
     with tempfile.TemporaryDirectory() as tmp:
