@@ -54,7 +54,9 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=24, help="test prompts")
     parser.add_argument("--per-prompt", type=int, default=1)
     parser.add_argument("--sample-steps", type=int, default=30)
-    parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument(
+        "--guidance", default="7.5", help="render guidance; a comma list measures each (success at the first)"
+    )
     parser.add_argument("--lr", type=float, default=None, help="override the recipes' learning rate")
     parser.add_argument("--rank", type=int, default=None, help="override the LoRA/B-LoRA rank")
     parser.add_argument("--kron", default=None, help="override the Kronecker factors, A1xA2")
@@ -71,8 +73,9 @@ def main() -> None:
     pipe = load_pipeline(backbone, args.model)
     evaluator = Evaluator.load()
     specs = concepts.test_specs(args.concept, args.n)
+    guidances = [float(g) for g in args.guidance.split(",")]
     base = trigger_rate(
-        pipe, specs, args.concept, args.per_prompt, args.sample_steps, args.guidance, evaluator
+        pipe, specs, args.concept, args.per_prompt, args.sample_steps, guidances[0], evaluator
     )
     data = concepts.training_images(args.concept, args.images)
     for kind in args.kinds.split(","):
@@ -90,9 +93,13 @@ def main() -> None:
         try:
             host.add(kind, result.lora)
             with host.activate({kind: 1.0}), torch.no_grad():
-                rate = trigger_rate(
-                    pipe, specs, args.concept, args.per_prompt, args.sample_steps, args.guidance, evaluator
-                )
+                rates = {
+                    g: trigger_rate(
+                        pipe, specs, args.concept, args.per_prompt, args.sample_steps, g, evaluator
+                    )
+                    for g in guidances
+                }
+            rate = rates[guidances[0]]
         finally:
             host.detach()
         emit(
@@ -109,6 +116,7 @@ def main() -> None:
                 "images": args.images,
                 "renders": len(specs) * args.per_prompt,
                 "targets": args.targets if kind != "blora" else "attention",
+                "success_by_guidance": {str(g): round(r, 3) for g, r in rates.items()},
                 "final_loss": round(sum(result.losses[-20:]) / min(20, len(result.losses)), 4),
                 **{k: (list(v) if isinstance(v, tuple) else v) for k, v in RECIPES[kind].items()},
             },
