@@ -37,6 +37,12 @@ class Settings(BaseSettings):
         default="local", description="'local' (worker threads in this process) or 'ray' (a Ray cluster)"
     )
     workers: int = Field(default=1, ge=1, description="render workers (threads, or Ray actors)")
+    max_batch: int = Field(
+        default=4,
+        ge=1,
+        description="consecutive compatible single-image requests of a job rendered in one pipeline call "
+        "(1: each request alone)",
+    )
     ray_address: str | None = Field(default=None, description="Ray cluster address (None: a local Ray)")
     max_queued_jobs: int = Field(default=100, ge=1, description="queued render jobs before 429")
     job_max_attempts: int = Field(default=2, ge=1, description="runs of a job whose worker dies, at most")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -22,7 +22,7 @@ from composer.adapters.host import AdapterHost
 from composer.backbones import TINY, Backbone, get_backbone, load_pipeline
 from composer.errors import FamilyMismatchError, StudioError
 from composer.formats.readers import read_lora
-from composer.render import Progress, RenderRequest, render
+from composer.render import Progress, RenderRequest, render_batch
 from db.errors import AdapterNotFoundError
 from db.repository import RenderRepository
 from db.session import default_sqlite_url, make_engine, make_session_factory, unit_of_work, upgrade
@@ -170,10 +170,36 @@ class Studio:
             FamilyMismatchError: a LoRA is for another family than the backbone.
             StudioError: the request is invalid.
         """
-        request.validate()
+        hook = None if on_record is None else lambda session, _i, result: on_record(session, result)
+        outs = None if out is None else [out]
+        return self.render_batch([request], backbone, model, outs, progress, hook)[0]
+
+    def render_batch(
+        self,
+        requests: Sequence[RenderRequest],
+        backbone: str | None = None,
+        model: str | None = None,
+        outs: Sequence[Path] | None = None,
+        progress: Progress | None = None,
+        on_record: Callable[[Session, int, RenderResult], None] | None = None,
+    ) -> list[RenderResult]:
+        """`render` for requests of one `composer.render.batch_key`, in one pipeline call: the LoRAs resolved
+        once, then each request recorded as `render` records it (its PNGs at `outs[i]`), each in its own
+        transaction with `on_record(session, i, result)`, so a request is recorded with its result or not.
+
+        Raises:
+            as `render`.
+        """
+        if not requests:
+            raise StudioError("no requests to render")
+        if outs is not None and len(outs) != len(requests):
+            raise StudioError(f"{len(outs)} output paths for {len(requests)} requests")
+        for request in requests:
+            request.validate()
         backbone = backbone or self.settings.backbone
         bb, model = resolve_backbone(backbone, model or self.settings.model)
-        entries = [self.resolve_lora(lw.name) for lw in request.loras]
+        stack = requests[0].loras
+        entries = [self.resolve_lora(lw.name) for lw in stack]
         infos = [info for info, _ in entries]
         for info in infos:
             if info.family != bb.family:
@@ -182,49 +208,54 @@ class Studio:
                 )
         loaded = self.pipeline(backbone, model)
         keys = self._make_resident(loaded, entries)
-        names = {lw.name: key for lw, key in zip(request.loras, keys, strict=True)}
-        images = render(loaded.pipe, bb, loaded.host, request, adapter_names=names, progress=progress)
-        provenance = {
-            "backbone": backbone,
-            "model": str(model),
-            "method": METHOD,
-            "prompt": request.prompt,
-            "negative_prompt": request.negative_prompt,
-            "seed": request.seed,
-            "num_inference_steps": request.num_inference_steps or bb.default_steps,
-            "guidance_scale": bb.default_guidance
-            if request.guidance_scale is None
-            else request.guidance_scale,
-            "height": images[0].height,
-            "width": images[0].width,
-            "loras": [
-                {"name": lw.name, "sha256": i.sha256, "autov2": i.autov2, "weight": lw.weight}
-                for (i, _), lw in zip(entries, request.loras, strict=True)
-            ],
-        }
-        paths = save_images(images, out, provenance) if out is not None else []
-        with unit_of_work(self.sessions) as session:
-            record = RenderRepository(session).add(
-                prompt=request.prompt,
-                negative_prompt=request.negative_prompt,
-                backbone=backbone,
-                model=str(model),
-                method=METHOD,
-                params={
-                    k: provenance[k] for k in ("num_inference_steps", "guidance_scale", "height", "width")
-                },
-                seed=request.seed,
-                loras=[
-                    {"name": x["name"], "sha256": x["sha256"], "weight": x["weight"]}
-                    for x in provenance["loras"]
+        names = {lw.name: key for lw, key in zip(stack, keys, strict=True)}
+        images = render_batch(loaded.pipe, bb, loaded.host, requests, adapter_names=names, progress=progress)
+        results = []
+        for i, request in enumerate(requests):
+            n = request.num_images
+            mine = images[i * n : (i + 1) * n]
+            provenance = {
+                "backbone": backbone,
+                "model": str(model),
+                "method": METHOD,
+                "prompt": request.prompt,
+                "negative_prompt": request.negative_prompt,
+                "seed": request.seed,
+                "num_inference_steps": request.num_inference_steps or bb.default_steps,
+                "guidance_scale": bb.default_guidance
+                if request.guidance_scale is None
+                else request.guidance_scale,
+                "height": mine[0].height,
+                "width": mine[0].width,
+                "loras": [
+                    {"name": lw.name, "sha256": info.sha256, "autov2": info.autov2, "weight": lw.weight}
+                    for info, lw in zip(infos, request.loras, strict=True)
                 ],
-                output_path=str(paths[0]) if paths else None,
-                status="done",
-            )
-            result = RenderResult(images, provenance, record.id, paths)
-            if on_record is not None:
-                on_record(session, result)
-        return result
+            }
+            paths = save_images(mine, outs[i], provenance) if outs is not None else []
+            with unit_of_work(self.sessions) as session:
+                record = RenderRepository(session).add(
+                    prompt=request.prompt,
+                    negative_prompt=request.negative_prompt,
+                    backbone=backbone,
+                    model=str(model),
+                    method=METHOD,
+                    params={
+                        k: provenance[k] for k in ("num_inference_steps", "guidance_scale", "height", "width")
+                    },
+                    seed=request.seed,
+                    loras=[
+                        {"name": x["name"], "sha256": x["sha256"], "weight": x["weight"]}
+                        for x in provenance["loras"]
+                    ],
+                    output_path=str(paths[0]) if paths else None,
+                    status="done",
+                )
+                result = RenderResult(mine, provenance, record.id, paths)
+                if on_record is not None:
+                    on_record(session, i, result)
+            results.append(result)
+        return results
 
 
 def save_images(images: list, out: Path, provenance: dict) -> list[Path]:

@@ -1,9 +1,9 @@
-"""One render: a prompt and a LoRA stack through a pipeline whose adapters are resident on an AdapterHost."""
+"""Rendering: prompts and a LoRA stack through a pipeline whose adapters are resident on an AdapterHost."""
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -66,6 +66,24 @@ class RenderRequest:
         return asdict(self)
 
 
+def batch_key(request: RenderRequest) -> tuple | None:
+    """What requests must share to render in one pipeline call (`render_batch`); None: never batched.
+
+    A request of several images stays alone: one generator drawing n latents does not give the numbers of
+    n generators, so its images would change if it were merged with others.
+    """
+    if request.num_images != 1:
+        return None
+    return (
+        request.loras,
+        request.negative_prompt,
+        request.num_inference_steps,
+        request.guidance_scale,
+        request.height,
+        request.width,
+    )
+
+
 def render(
     pipe,
     backbone: Backbone,
@@ -80,24 +98,50 @@ def render(
         adapter_names: catalog name -> resident adapter name on `host` (default: the same name).
         progress: called after every denoising step.
     """
-    request.validate()
+    return render_batch(pipe, backbone, host, [request], adapter_names, progress)
+
+
+def render_batch(
+    pipe,
+    backbone: Backbone,
+    host: AdapterHost,
+    requests: Sequence[RenderRequest],
+    adapter_names: dict[str, str] | None = None,
+    progress: Progress | None = None,
+):
+    """Render several requests of one `batch_key` in one pipeline call: a list of prompts, and one generator
+    per request seeded with its seed (diffusers draws each sample's latents from its own generator). Returns
+    PIL images in request order (`num_images` of each; a batch of several holds single-image requests only).
+
+    Raises:
+        StudioError: no requests, an invalid one, or requests that cannot share a call.
+    """
+    if not requests:
+        raise StudioError("no requests to render")
+    for request in requests:
+        request.validate()
+    first = requests[0]
+    if len(requests) > 1 and (
+        batch_key(first) is None or any(batch_key(r) != batch_key(first) for r in requests[1:])
+    ):
+        raise StudioError("requests rendered in one call must share LoRAs, settings and size, one image each")
+    single = len(requests) == 1
     adapter_names = adapter_names or {}
-    scales = {adapter_names.get(lw.name, lw.name): lw.weight for lw in request.loras}
-    steps = request.num_inference_steps or backbone.default_steps
+    scales = {adapter_names.get(lw.name, lw.name): lw.weight for lw in first.loras}
+    steps = first.num_inference_steps or backbone.default_steps
+    generators = [torch.Generator("cpu").manual_seed(r.seed) for r in requests]
     kwargs: dict = dict(
-        prompt=request.prompt,
+        prompt=first.prompt if single else [r.prompt for r in requests],
         num_inference_steps=steps,
-        guidance_scale=backbone.default_guidance
-        if request.guidance_scale is None
-        else request.guidance_scale,
-        height=request.height,
-        width=request.width,
-        num_images_per_prompt=request.num_images,
-        generator=torch.Generator("cpu").manual_seed(request.seed),
+        guidance_scale=backbone.default_guidance if first.guidance_scale is None else first.guidance_scale,
+        height=first.height,
+        width=first.width,
+        num_images_per_prompt=first.num_images,
+        generator=generators[0] if single else generators,
     )
     accepted = inspect.signature(pipe.__call__).parameters
-    if request.negative_prompt and "negative_prompt" in accepted:
-        kwargs["negative_prompt"] = request.negative_prompt
+    if first.negative_prompt and "negative_prompt" in accepted:
+        kwargs["negative_prompt"] = first.negative_prompt if single else [r.negative_prompt for r in requests]
     if "max_sequence_length" in accepted and getattr(pipe, "tokenizer_2", None) is not None:
         kwargs["max_sequence_length"] = min(512, pipe.tokenizer_2.model_max_length)
     if progress is not None:
@@ -108,4 +152,7 @@ def render(
 
         kwargs["callback_on_step_end"] = on_step_end
     with host.activate(scales), torch.inference_mode():
-        return pipe(**kwargs).images
+        images = pipe(**kwargs).images
+    if len(images) != len(requests) * first.num_images:
+        raise StudioError(f"the pipeline returned {len(images)} images for {len(requests)} requests")
+    return images

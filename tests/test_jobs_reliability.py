@@ -140,7 +140,8 @@ def test_sigkill_mid_run_then_restart_completes_every_job_exactly_once(tmp_path)
             batch = {
                 "requests": [
                     {"prompt": f"job {i} a", **request},
-                    {"prompt": f"job {i} b", "seed": i, **request},
+                    # other steps: not batched with "a" (max_batch), so the job records one, then renders one
+                    {"prompt": f"job {i} b", "seed": i, **request, "num_inference_steps": 31},
                 ]
             }
             r = httpx.post(f"{srv.url}{API}/renders", json=batch, headers=headers)

@@ -1,8 +1,10 @@
-"""Running one claimed job, the same way under every executor: each request not yet recorded goes through
-`Studio.render`; its images land under <data>/renders/job-<id>/, and its result is recorded in the same
-transaction as its render record, so a job retried after its worker died skips what is done and records
-nothing twice. A heartbeat thread keeps the job alive in the database, writes its progress and reads
-cancellation, which the progress callback then honours between denoising steps."""
+"""Running one claimed job, the same way under every executor: the requests not yet recorded go through
+`Studio.render_batch`, consecutive ones that can share a pipeline call (same LoRAs, settings and size, one
+image each; `composer.render.batch_key`) in groups of up to `max_batch`; their images land under
+<data>/renders/job-<id>/, and each request's result is recorded in the same transaction as its render record,
+so a job retried after its worker died skips what is done and records nothing twice. A heartbeat thread keeps
+the job alive in the database, writes its progress and reads cancellation, which the progress callback then
+honours between denoising steps."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from pathlib import Path
 from app.jobs.queue import to_request
 from app.studio import RenderResult, Studio
 from composer.errors import StudioError
+from composer.render import RenderRequest, batch_key
 from db.errors import CatalogError
 from db.jobs import JobLostError, JobRepository
 from db.session import unit_of_work
@@ -141,28 +144,33 @@ def run_job(studio: Studio, control: JobControl) -> str:
 
     try:
         studio.pipeline(backbone, model)  # cached after the first job
-        for index, data in enumerate(requests):
-            if index in recorded:
-                continue
+        pending = [(i, to_request(data)) for i, data in enumerate(requests) if i not in recorded]
+        for group in batches(pending, studio.settings.max_batch):
             reason = control.interrupted()
             if reason is not None:
                 raise JobInterrupted(reason)
-            request = to_request(data)
-            control.fraction, control.images_now = 0.0, request.num_images
+            indices = [index for index, _ in group]
+            images = sum(request.num_images for _, request in group)
+            control.fraction, control.images_now = 0.0, images
 
-            def record(session, result: RenderResult, index: int = index) -> None:
+            def record(session, position: int, result: RenderResult, indices=indices) -> None:
                 entry = {
-                    "index": index,
+                    "index": indices[position],
                     "render_id": result.render_id,
                     "images": [str(p.relative_to(root)) for p in result.paths],
                     "provenance": result.provenance,
                 }
                 JobRepository(session).record_result(job_id, worker, entry, len(result.paths))
 
-            studio.render(
-                request, backbone, model, out=out / f"{index}.png", progress=progress, on_record=record
+            studio.render_batch(
+                [request for _, request in group],
+                backbone,
+                model,
+                outs=[out / f"{index}.png" for index in indices],
+                progress=progress,
+                on_record=record,
             )
-            control.done += request.num_images
+            control.done += images
             control.fraction, control.images_now = 0.0, 0
         return _finish(studio, control, "done")
     except JobInterrupted as exc:
@@ -184,6 +192,22 @@ def run_job(studio: Studio, control: JobControl) -> str:
         return _finish(studio, control, "failed", f"{type(exc).__name__}: {exc}")
 
 
+def batches(
+    pending: list[tuple[int, RenderRequest]], max_batch: int
+) -> list[list[tuple[int, RenderRequest]]]:
+    """(index, request) pairs in order, in groups of consecutive requests that share a `batch_key` (a request
+    without one, of several images, alone), of at most `max_batch` each."""
+    groups: list[list[tuple[int, RenderRequest]]] = []
+    for index, request in pending:
+        key = batch_key(request)
+        last = groups[-1] if groups else None
+        if last is not None and key is not None and len(last) < max_batch and batch_key(last[0][1]) == key:
+            last.append((index, request))
+        else:
+            groups.append([(index, request)])
+    return groups
+
+
 def _finish(studio: Studio, control: JobControl, status: str, error: str | None = None) -> str:
     try:
         with unit_of_work(studio.sessions) as session:
@@ -195,4 +219,4 @@ def _finish(studio: Studio, control: JobControl, status: str, error: str | None 
     return status
 
 
-__all__ = ["Heartbeats", "JobControl", "JobInterrupted", "job_dir", "run_job"]
+__all__ = ["Heartbeats", "JobControl", "JobInterrupted", "batches", "job_dir", "run_job"]
