@@ -23,7 +23,9 @@ def test_bundled_adapters_are_imported_once(tmp_path, tiny_sdxl_factory):
     folder.mkdir()
     entries = []
     for i, name in enumerate(["star", "zigzag"]):
-        write_kohya(random_lora(pipe, backbone, seed=i), folder / f"{name}.safetensors", trigger_words=[f"t{i}"])
+        write_kohya(
+            random_lora(pipe, backbone, seed=i), folder / f"{name}.safetensors", trigger_words=[f"t{i}"]
+        )
         entries.append(
             {"name": name, "file": f"{name}.safetensors", "kind": "lora", "tags": ["toyworld", "subject"],
              "description": f"the {name}", "trigger_words": [f"t{i}"], "training": {"steps": 3}}
@@ -72,7 +74,9 @@ def test_a_bundled_subject_adapter_draws_its_subject():
     specs = concepts.test_specs("star", 8)
 
     def rate() -> float:
-        run = quality.generate(pipe, specs, 1, 20, 7.5, seed=7, caption=lambda s: s.caption(use_triggers=True))
+        run = quality.generate(
+            pipe, specs, 1, 20, 7.5, seed=7, caption=lambda s: s.caption(use_triggers=True)
+        )
         return concepts.hit_rate(evaluator.evaluate(run.images), specs, "star")
 
     base = rate()

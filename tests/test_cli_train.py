@@ -30,7 +30,17 @@ def test_train_blora_then_render_its_halves(tmp_path):
     data = ["--data-dir", str(tmp_path / "data")]
     tiny = ["--backbone", "sdxl", "--model", "tiny"]
     one = _folder(tmp_path / "one", 1)
-    args = ["train", "--images", str(one), "--prompt", "a photo of sks", "--name", "single", "--type", "blora"]
+    args = [
+        "train",
+        "--images",
+        str(one),
+        "--prompt",
+        "a photo of sks",
+        "--name",
+        "single",
+        "--type",
+        "blora",
+    ]
     result = runner.invoke(app, [*args, "--steps", "3", "--rank", "2", "--trigger", "sks", *tiny, *data])
     assert result.exit_code == 0, result.output
     assert "single: blora" in result.output
@@ -51,7 +61,17 @@ def test_train_blora_then_render_its_halves(tmp_path):
 
     result = runner.invoke(app, [*args, "--steps", "3", *tiny, *data])  # same name again
     assert result.exit_code == 1 and "'single' is taken" in result.output
-    args = ["train", "--images", str(one), "--prompt", "a photo of sks", "--name", "subject", "--type", "lora"]
+    args = [
+        "train",
+        "--images",
+        str(one),
+        "--prompt",
+        "a photo of sks",
+        "--name",
+        "subject",
+        "--type",
+        "lora",
+    ]
     result = runner.invoke(app, [*args, "--steps", "3", *tiny, *data])
     assert result.exit_code == 1 and "at least 3" in result.output
     result = runner.invoke(app, [*args, "--steps", "3", "--kron", "3by3", *tiny, *data])
@@ -62,7 +82,9 @@ def test_train_blora_then_render_its_halves(tmp_path):
 def test_interrupted_training_leaves_no_catalog_entry_and_resumes(tmp_path):
     studio = Studio.open(Settings(data_dir=tmp_path / "data", backbone="sdxl"))
     images = _folder(tmp_path / "imgs", 3)
-    config = TrainConfig(kind="kron", prompt="a photo of sks", steps=4, kron_factors=(2, 4), checkpoint_every=2)
+    config = TrainConfig(
+        kind="kron", prompt="a photo of sks", steps=4, kron_factors=(2, 4), checkpoint_every=2
+    )
 
     def stop(step, total, loss):
         if step == 3:
