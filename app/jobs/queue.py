@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+from abc import ABC, abstractmethod
 from typing import Any
 
 from app.settings import Settings
@@ -41,7 +42,7 @@ def to_request(data: dict[str, Any]) -> RenderRequest:
     return RenderRequest(**{**data, "loras": loras})
 
 
-class JobQueue:
+class JobQueue(ABC):
     """Submission and cancellation over the render_jobs table; executors subclass it (one level) and say
     how queued jobs are run (`start`, `stop`, and `wake` when a job arrives)."""
 
@@ -106,13 +107,15 @@ class JobQueue:
         with unit_of_work(self.studio.sessions) as session:
             return JobRepository(session).cancel(job_id, api_key_id)
 
+    @abstractmethod
     def start(self) -> None:
-        raise NotImplementedError
+        """Begin running queued jobs (recovering those a dead process left running)."""
 
+    @abstractmethod
     def stop(self) -> None:
-        raise NotImplementedError
+        """Stop taking jobs; a running job is handed back to the queue."""
 
-    def wake(self) -> None:
+    def wake(self) -> None:  # noqa: B027 - an optional hook: polling executors need not override it
         """A job was queued (executors that poll may look at once)."""
 
     # --- checks --------------------------------------------------------------------------------------------
