@@ -233,8 +233,12 @@ def train(
     mixed_precision: Annotated[str, typer.Option(help="no, fp16 or bf16 (GPU)")] = "no",
     gradient_checkpointing: bool = False,
     targets: Annotated[
-        str, typer.Option(help="attention, transformer (all its Linears) or full (and convs; lora only)")
+        str,
+        typer.Option(help="attention, transformer (all its Linears) or full (and convs; lora, kron, tensor)"),
     ] = "attention",
+    snr_gamma: Annotated[
+        float | None, typer.Option(help="Min-SNR-gamma loss weighting, e.g. 5 (SDXL; default off)")
+    ] = None,
     trigger: Annotated[list[str] | None, typer.Option("--trigger", help="trigger word (repeatable)")] = None,
     tag: Annotated[list[str] | None, typer.Option("--tag", help="tag (repeatable)")] = None,
     description: str = "",
@@ -272,6 +276,7 @@ def train(
         mixed_precision=mixed_precision,
         gradient_checkpointing=gradient_checkpointing,
         targets=targets,
+        snr_gamma=snr_gamma,
     ).validate()
     studio = _studio(data_dir)
     with Progress(

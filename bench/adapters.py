@@ -61,6 +61,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=None, help="override the LoRA/B-LoRA rank")
     parser.add_argument("--kron", default=None, help="override the Kronecker factors, A1xA2")
     parser.add_argument("--targets", default="attention", choices=["attention", "transformer", "full"])
+    parser.add_argument("--snr-gamma", type=float, default=None, help="Min-SNR-gamma loss weighting")
     args = parser.parse_args()
     for recipe in RECIPES.values():
         if args.lr is not None:
@@ -86,6 +87,7 @@ def main() -> None:
             batch_size=args.batch,
             checkpoint_every=args.steps,
             targets=args.targets if kind != "blora" else "attention",
+            snr_gamma=args.snr_gamma,
             **RECIPES[kind],
         )
         result, seconds = concepts.train_in_scratch(pipe, backbone, config, data)
@@ -117,6 +119,7 @@ def main() -> None:
                 "renders": len(specs) * args.per_prompt,
                 "targets": args.targets if kind != "blora" else "attention",
                 "success_by_guidance": {str(g): round(r, 3) for g, r in rates.items()},
+                "snr_gamma": args.snr_gamma,
                 "final_loss": round(sum(result.losses[-20:]) / min(20, len(result.losses)), 4),
                 **{k: (list(v) if isinstance(v, tuple) else v) for k, v in RECIPES[kind].items()},
             },

@@ -9,7 +9,7 @@ from PIL import Image
 
 from composer.adapters import blora
 from composer.adapters.layer import AdaptedModule
-from composer.errors import AdapterError
+from composer.errors import AdapterError, StudioError
 from composer.formats import read_lora, write_kohya
 from composer.train import TrainConfig, TrainConfigError, Trainer, TrainingDataError, load_images
 from composer.train.checkpoint import CheckpointError
@@ -353,3 +353,33 @@ def test_checkpoints_carry_the_fp16_loss_scale(tmp_path):
     resumed = torch.amp.GradScaler("cpu")
     resumed.load_state_dict(back.scaler)
     assert resumed.state_dict() == saved
+
+
+def test_min_snr_gamma_weights_each_sample_by_its_timestep(sdxl):
+    from composer.train.objectives import Objective
+
+    backbone, pipe = sdxl
+    size = pipe.unet.config.sample_size * 8
+    plain = Objective(pipe, "sdxl", size)
+    weighted = Objective(pipe, "sdxl", size, snr_gamma=5.0)
+    alphas = weighted.noise.alphas_cumprod.double()
+    snr = alphas / (1 - alphas)
+    t = torch.arange(len(alphas))
+    expected = torch.clamp(snr, max=5.0) / snr
+    assert torch.allclose(weighted.snr_weights(t).double(), expected, rtol=1e-6)
+    assert weighted.snr_weights(torch.tensor([999])).item() == pytest.approx(1.0)  # noisy: full weight
+    assert weighted.snr_weights(torch.tensor([0])).item() < 0.01  # nearly clean: damped
+    cond = [plain.encode_caption("a photo of sks", "cpu")]
+    x0 = torch.randn(1, 4, size // 8, size // 8, generator=torch.Generator().manual_seed(3))
+    for seed in range(3):  # batch of one: the weighted loss is the plain loss times w(t) of the drawn t
+        with torch.no_grad():
+            a = plain.loss(x0, cond, torch.Generator().manual_seed(seed), torch.float32)
+            b = weighted.loss(x0, cond, torch.Generator().manual_seed(seed), torch.float32)
+        g = torch.Generator().manual_seed(seed)
+        torch.randn(x0.shape, generator=g)  # the noise, drawn first
+        drawn = torch.randint(0, len(alphas), (1,), generator=g)
+        assert b.item() == pytest.approx(a.item() * expected[drawn].item(), rel=1e-5)
+    with pytest.raises(TrainConfigError, match="snr_gamma must be"):
+        TrainConfig(prompt="x", snr_gamma=0.0).validate()
+    with pytest.raises(StudioError, match="rectified flow"):
+        Objective(pipe, "flux", size, snr_gamma=5.0)

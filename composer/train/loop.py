@@ -71,7 +71,9 @@ class Trainer:
             raise TrainConfigError(
                 f"FLUX trains on 2x2 latent patches: resolution must be a multiple of 16, got {self.size}"
             )
-        self.objective = Objective(pipe, backbone.family, self.size, guidance=backbone.default_guidance)
+        self.objective = Objective(
+            pipe, backbone.family, self.size, guidance=backbone.default_guidance, snr_gamma=config.snr_gamma
+        )
         self.device = self.objective.denoiser.device
         self._scaler: torch.amp.GradScaler | None = None  # fp16 runs: built per run, checkpointed
         self.dtype = self.objective.denoiser.dtype

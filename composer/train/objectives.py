@@ -5,6 +5,10 @@ FLUX: rectified flow; x_t = (1 - t) x0 + t noise and the transformer predicts no
 patches (diffusers' FLUX trainer's target). t = sigmoid(N(0, 1)) (logit-normal, kohya sd-scripts' "sigmoid"
 sampling; diffusers defaults to uniform). Guided FLUX models get the backbone's guidance (3.5 for FLUX.1-dev)
 and T5 sees 512 tokens, as FluxPipeline renders.
+
+Min-SNR-gamma (Hang et al., ICCV 2023; kohya's and diffusers' `snr_gamma`) weights each SDXL sample's loss by
+min(SNR(t), gamma) / SNR(t) for epsilon prediction (/ (SNR(t) + 1) for v): nearly-clean timesteps, which
+only refine detail, stop dominating the gradient, and the shape-forming noisy ones get their share.
 """
 
 from __future__ import annotations
@@ -29,8 +33,15 @@ class Conditioning:
 class Objective:
     """Encodes images and captions for one pipeline and computes the training loss of a batch."""
 
-    def __init__(self, pipe, family: str, size: int, guidance: float = 3.5):
+    def __init__(
+        self, pipe, family: str, size: int, guidance: float = 3.5, snr_gamma: float | None = None
+    ):
         self.pipe, self.family, self.size, self.guidance = pipe, family, size, guidance
+        self.snr_gamma = snr_gamma
+        if snr_gamma is not None and family != "sdxl":
+            raise StudioError(
+                f"snr_gamma weights DDPM timesteps (SDXL); {family} trains by rectified flow, leave it unset"
+            )
         if family == "sdxl":
             from diffusers import DDPMScheduler
 
@@ -118,7 +129,19 @@ class Objective:
             embeds,
             added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids},
         ).sample
-        return F.mse_loss(pred.float(), target.float())
+        if self.snr_gamma is None:
+            return F.mse_loss(pred.float(), target.float())
+        per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        return (per_sample * self.snr_weights(t).to(per_sample)).mean()
+
+    def snr_weights(self, t: torch.Tensor) -> torch.Tensor:
+        """Min-SNR-gamma weight of each timestep in `t` (1 where SNR <= gamma for epsilon prediction)."""
+        alphas = self.noise.alphas_cumprod.to(t.device)[t].double()
+        snr = alphas / (1 - alphas)
+        clipped = torch.clamp(snr, max=self.snr_gamma)
+        if self.noise.config.prediction_type == "v_prediction":
+            return (clipped / (snr + 1)).float()
+        return (clipped / snr).float()
 
     def _flux(self, x0, cond, generator, dtype) -> torch.Tensor:
         pipe = self.pipe
