@@ -163,13 +163,25 @@ def render_(
     width: int | None = None,
     seed: int = 0,
     num_images: int = 1,
+    method: Annotated[str, typer.Option(help="composition method: merge or regional")] = "merge",
+    param: Annotated[
+        list[str] | None,
+        typer.Option("--param", help="method parameter KEY=VALUE, e.g. feather=4 (repeatable)"),
+    ] = None,
+    mask: Annotated[
+        list[str] | None,
+        typer.Option("--mask", help="regional: NAME=PICTURE, the LoRA's region (white = inside; repeatable)"),
+    ] = None,
     out: Annotated[Path, typer.Option(help="PNG file to write")] = Path("render.png"),
     data_dir: DataDir = None,
 ):
-    """Render a prompt with a stack of catalogued LoRAs."""
+    """Render a prompt with a stack of catalogued LoRAs, composed by a method (default: merge)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
+    from composer.methods import params_from_json
     from composer.render import LoraWeight, RenderRequest
+
+    params = _method_params(param or [], mask or [])
 
     request = RenderRequest(
         prompt=prompt,
@@ -181,6 +193,8 @@ def render_(
         seed=seed,
         num_images=num_images,
         loras=tuple(LoraWeight.parse(x) for x in lora or []),
+        method=method,
+        method_params=params_from_json(method, params),
     )
     studio = _studio(data_dir)
     with Progress(
@@ -200,6 +214,38 @@ def render_(
         )
     for p in result.paths:
         typer.echo(str(p))
+    for i, (caption, picture) in enumerate(result.pictures):  # what the method used, e.g. its masks
+        path = out.with_name(f"{out.stem}.{method}{i}.png")
+        picture.save(path)
+        typer.echo(f"{path}  ({caption})")
+
+
+def _method_params(pairs: list[str], masks: list[str]) -> dict:
+    """--param KEY=VALUE (VALUE read as JSON when it parses, else as text) and --mask NAME=PICTURE."""
+    import base64
+    import json
+
+    params: dict = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            _fail(f"--param {pair!r}: write KEY=VALUE, e.g. feather=4")
+        try:
+            params[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            params[key.strip()] = value
+    regions = {}
+    for entry in masks:
+        name, sep, file = entry.partition("=")
+        if not sep or not name.strip() or not file:
+            _fail(f"--mask {entry!r}: write NAME=PICTURE, e.g. --mask star=left.png")
+        path = Path(file).expanduser()
+        if not path.is_file():
+            _fail(f"--mask {entry!r}: no file {path}")
+        regions[name.strip()] = base64.b64encode(path.read_bytes()).decode("ascii")
+    if regions:
+        params["regions"] = regions
+    return params
 
 
 @app.command()

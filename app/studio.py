@@ -22,14 +22,13 @@ from composer.adapters.host import AdapterHost
 from composer.backbones import TINY, Backbone, get_backbone, load_pipeline
 from composer.errors import FamilyMismatchError, StudioError
 from composer.formats.readers import read_lora
+from composer.methods import params_to_json
 from composer.render import Progress, RenderRequest, render_batch
 from db.errors import AdapterNotFoundError
 from db.repository import RenderRepository
 from db.session import default_sqlite_url, make_engine, make_session_factory, unit_of_work, upgrade
 
 log = logging.getLogger(__name__)
-
-METHOD = "merge"  # all LoRAs active, deltas add (composition methods come as their own modules)
 
 
 @dataclass
@@ -38,6 +37,7 @@ class RenderResult:
     provenance: dict
     render_id: int
     paths: list[Path] = field(default_factory=list)
+    pictures: list = field(default_factory=list)  # (caption, PIL image): what the method used, e.g. masks
 
 
 @dataclass
@@ -209,7 +209,10 @@ class Studio:
         loaded = self.pipeline(backbone, model)
         keys = self._make_resident(loaded, entries)
         names = {lw.name: key for lw, key in zip(stack, keys, strict=True)}
-        images = render_batch(loaded.pipe, bb, loaded.host, requests, adapter_names=names, progress=progress)
+        pictures: list = []
+        images = render_batch(
+            loaded.pipe, bb, loaded.host, requests, adapter_names=names, progress=progress, pictures=pictures
+        )
         results = []
         for i, request in enumerate(requests):
             n = request.num_images
@@ -217,7 +220,8 @@ class Studio:
             provenance = {
                 "backbone": backbone,
                 "model": str(model),
-                "method": METHOD,
+                "method": request.method,
+                "method_params": params_to_json(request.params()),
                 "prompt": request.prompt,
                 "negative_prompt": request.negative_prompt,
                 "seed": request.seed,
@@ -239,9 +243,10 @@ class Studio:
                     negative_prompt=request.negative_prompt,
                     backbone=backbone,
                     model=str(model),
-                    method=METHOD,
+                    method=request.method,
                     params={
-                        k: provenance[k] for k in ("num_inference_steps", "guidance_scale", "height", "width")
+                        k: provenance[k]
+                        for k in ("num_inference_steps", "guidance_scale", "height", "width", "method_params")
                     },
                     seed=request.seed,
                     loras=[
@@ -251,7 +256,7 @@ class Studio:
                     output_path=str(paths[0]) if paths else None,
                     status="done",
                 )
-                result = RenderResult(mine, provenance, record.id, paths)
+                result = RenderResult(mine, provenance, record.id, paths, pictures)
                 if on_record is not None:
                     on_record(session, i, result)
             results.append(result)

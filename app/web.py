@@ -20,8 +20,7 @@ def frontend_for(studio) -> Frontend:
     request objects themselves). Torch-side modules are imported here, not at the top: importing app.web
     must not import torch (tested)."""
     from app import training
-    from app.studio import METHOD, resolve_backbone
-    from composer.errors import StudioError
+    from app.studio import resolve_backbone
     from composer.formats.safetensors_io import file_hashes
     from composer.methods import METHODS
     from composer.render import LoraWeight, RenderRequest
@@ -37,7 +36,7 @@ def frontend_for(studio) -> Frontend:
         prompt,
         negative_prompt="",
         loras=(),
-        method=METHOD,
+        method="merge",
         params=None,
         seed=0,
         steps=None,
@@ -46,10 +45,6 @@ def frontend_for(studio) -> Frontend:
         width=None,
         progress=None,
     ):
-        if method != METHOD:  # a method registered ahead of the Studio running it
-            raise StudioError(
-                f"composition method {method!r} is not run by Studio.render yet (only {METHOD!r})"
-            )
         request = RenderRequest(
             prompt=prompt,
             negative_prompt=negative_prompt,
@@ -59,6 +54,8 @@ def frontend_for(studio) -> Frontend:
             width=width,
             seed=seed,
             loras=tuple(LoraWeight(name, float(weight)) for name, weight in loras),
+            method=method,
+            method_params=params,
         )
         out = front.renders_dir / f"{uuid.uuid4().hex[:16]}.png"
         with lock:

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 import torch
 
 from composer.adapters.host import AdapterHost
 from composer.backbones.base import Backbone
 from composer.errors import StudioError
+from composer.methods import METHODS, MethodRun, method_name, params_class, params_from_json, params_to_json
 
 Progress = Callable[[int, int], None]  # (step done, total steps)
 
@@ -47,6 +49,16 @@ class RenderRequest:
     seed: int = 0
     num_images: int = 1
     loras: tuple[LoraWeight, ...] = field(default_factory=tuple)
+    method: str = "merge"  # a composer.methods name
+    method_params: Any = None  # that method's parameters dataclass; None: its defaults
+
+    def __post_init__(self):
+        if self.method_params is None and self.method in METHODS:  # one value for "the defaults"
+            object.__setattr__(self, "method_params", METHODS[self.method]())
+
+    def params(self):
+        """The composition method's parameters (its defaults when none were given)."""
+        return params_class(self.method)() if self.method_params is None else self.method_params
 
     def validate(self) -> None:
         if not self.prompt.strip():
@@ -61,9 +73,38 @@ class RenderRequest:
         names = [lw.name for lw in self.loras]
         if len(set(names)) != len(names):
             raise StudioError(f"a LoRA is listed twice: {names}")
+        params_class(self.method)
+        if self.method_params is not None and method_name(self.method_params) != self.method:
+            raise StudioError(
+                f"parameters of {method_name(self.method_params)!r} given for method {self.method!r}"
+            )
+        self.params().check(names)
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+    def to_json(self) -> dict[str, Any]:
+        """JSON of the request (LoRAs as {name, weight}, method parameters as `params_to_json` writes them)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["loras"] = [{"name": lw.name, "weight": lw.weight} for lw in self.loras]
+        out["method_params"] = params_to_json(self.params())
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RenderRequest:
+        """A request from JSON (REST bodies, stored jobs): what `to_json` writes; absent fields default.
+
+        Raises:
+            StudioError: an unknown field, a malformed LoRA entry or bad method parameters (named).
+        """
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise StudioError(f"unknown request fields {', '.join(unknown)}; expected {', '.join(known)}")
+        try:
+            loras = tuple(LoraWeight(**entry) for entry in data.get("loras") or ())
+        except TypeError as exc:
+            raise StudioError(f"a LoRA entry must be {{name, weight}}: {exc}") from None
+        method = data.get("method") or "merge"
+        params = params_from_json(method, data.get("method_params"))
+        return cls(**{**data, "loras": loras, "method": method, "method_params": params})
 
 
 def batch_key(request: RenderRequest) -> tuple | None:
@@ -76,6 +117,8 @@ def batch_key(request: RenderRequest) -> tuple | None:
         return None
     return (
         request.loras,
+        request.method,
+        request.params(),
         request.negative_prompt,
         request.num_inference_steps,
         request.guidance_scale,
@@ -108,10 +151,12 @@ def render_batch(
     requests: Sequence[RenderRequest],
     adapter_names: dict[str, str] | None = None,
     progress: Progress | None = None,
+    pictures: list | None = None,
 ):
     """Render several requests of one `batch_key` in one pipeline call: a list of prompts, and one generator
     per request seeded with its seed (diffusers draws each sample's latents from its own generator). Returns
     PIL images in request order (`num_images` of each; a batch of several holds single-image requests only).
+    The composition method's pictures (e.g. the masks it used: (caption, PIL image)) go into `pictures`.
 
     Raises:
         StudioError: no requests, an invalid one, or requests that cannot share a call.
@@ -127,7 +172,6 @@ def render_batch(
         raise StudioError("requests rendered in one call must share LoRAs, settings and size, one image each")
     single = len(requests) == 1
     adapter_names = adapter_names or {}
-    scales = {adapter_names.get(lw.name, lw.name): lw.weight for lw in first.loras}
     steps = first.num_inference_steps or backbone.default_steps
     generators = [torch.Generator("cpu").manual_seed(r.seed) for r in requests]
     kwargs: dict = dict(
@@ -151,8 +195,18 @@ def render_batch(
             return callback_kwargs
 
         kwargs["callback_on_step_end"] = on_step_end
-    with host.activate(scales), torch.inference_mode():
+    run = MethodRun(
+        pipe,
+        backbone,
+        host,
+        [(lw.name, adapter_names.get(lw.name, lw.name), lw.weight) for lw in first.loras],
+        first.height or backbone.native_size(pipe),
+        first.width or backbone.native_size(pipe),
+    )
+    with first.params().apply(run), torch.inference_mode():
         images = pipe(**kwargs).images
+    if pictures is not None:
+        pictures.extend(run.pictures)
     if len(images) != len(requests) * first.num_images:
         raise StudioError(f"the pipeline returned {len(images)} images for {len(requests)} requests")
     return images

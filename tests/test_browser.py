@@ -139,3 +139,35 @@ def test_admin_edits_trigger_words_that_the_studio_picker_then_uses(live, tab):
         "() => document.querySelector('#prompt textarea').value.includes('midnightink')", timeout=WAIT_MS
     )
     assert page.locator("#prompt textarea").input_value() == "inkwellstyle, midnightink"
+
+
+def test_regional_masks_painted_on_the_canvas_show_in_the_gallery(live, tab):
+    page = tab
+    page.goto(f"{live.url}/")
+    page.locator("#prompt textarea").fill("a red circle on the left")
+    pick(page, "inkwell")
+    pick(page, "pastel")
+    page.locator("#method input").click()
+    page.get_by_role("option", name="regional", exact=True).click()
+    legend = page.locator("#region-legend")
+    legend.wait_for(state="visible")
+    assert "inkwell" in legend.inner_text() and "red" in legend.inner_text()
+    page.locator(".region-canvas button[aria-label=Brush]").click()  # the brush starts red: inkwell's colour
+    canvas = page.locator(".region-canvas canvas").first
+    canvas.wait_for(state="visible")
+    box = canvas.bounding_box()
+    x0, y0, w, h = box["x"], box["y"], box["width"], box["height"]
+    # the white drawing area sits centred in the editor: a thick red stroke down its middle is inkwell's region
+    page.mouse.move(x0 + w * 0.45, y0 + h * 0.2)
+    page.mouse.down()
+    for i in range(1, 11):
+        page.mouse.move(x0 + w * 0.45, y0 + h * (0.2 + 0.06 * i), steps=3)
+    page.mouse.up()
+    for elem_id, value in [("steps", "4"), ("width", "64"), ("height", "64")]:
+        set_number(page, elem_id, value)
+    page.locator("#render").click()
+    page.wait_for_function(
+        "() => document.querySelector('#gallery').innerText.includes('region: inkwell')", timeout=WAIT_MS
+    )
+    assert page.locator("#gallery img").count() >= 2  # the render and its masks
+    assert "regional" in page.locator("#provenance").inner_text()

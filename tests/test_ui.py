@@ -26,6 +26,7 @@ from app.ui import create_ui
 from app.ui.methods import build_method_controls, params_from
 from app.ui.studio_tab import caption, insert_triggers, stack_entries
 from composer.errors import StudioError
+from composer.masks import PALETTE
 from composer.methods import METHODS
 from tests.live_server import LORAS, live_studio
 
@@ -48,7 +49,8 @@ def stack(*rows):
     return {"headers": ["LoRA", "weight"], "data": [list(r) for r in rows]}
 
 
-def render(client, prompt="a red circle on the left", rows=(), seed=0, method="merge", **kw):
+def render(client, prompt="a red circle on the left", rows=(), seed=0, method="merge", canvas=None, **kw):
+    """The /render endpoint: the fixed inputs, then every method's controls (regional: canvas, feather)."""
     s = {**SMALL, **kw}
     return client.predict(
         prompt,
@@ -60,6 +62,8 @@ def render(client, prompt="a red circle on the left", rows=(), seed=0, method="m
         s["guidance"],
         s["width"],
         s["height"],
+        canvas,
+        s.get("feather", 0),
         api_name="/render",
     )
 
@@ -121,13 +125,31 @@ def test_picking_loras_inserts_their_trigger_words_and_keeps_weights(client):
     assert rows["data"] == [["pastel", 0.9]]
 
 
+def test_regional_render_from_a_painted_canvas_shows_its_masks(client, tmp_path):
+    painting = Image.new("RGBA", (64, 64), (255, 255, 255, 255))
+    painting.paste(PALETTE[0] + (255,), (0, 0, 32, 64))  # left half: the first LoRA of the stack
+    path = tmp_path / "canvas.png"
+    painting.save(path)
+    canvas = {"background": None, "layers": [], "composite": handle_file(str(path))}
+    rows = [("inkwell", 1.0), ("pastel", 1.0)]
+    gallery, provenance = render(client, rows=rows, method="regional", canvas=canvas, feather=0)
+    merged, _ = render(client, rows=rows)
+    assert provenance["method"] == "regional"
+    assert list(provenance["method_params"]["regions"]) == ["inkwell"]  # pastel unpainted: everywhere
+    image, *masks = gallery
+    assert [m["caption"] for m in masks] == ["region: inkwell (50%)", "region: no mask (50%)"]
+    shown = np.asarray(Image.open(masks[0]["image"]).convert("L"))
+    assert shown[:, :32].min() == 255 and shown[:, 32:].max() == 0
+    assert np.abs(pixels(image["image"]) - pixels(merged[0]["image"])).mean() > 0.005
+
+
 @pytest.mark.parametrize(
     "rows, kw, message",
     [
         ([("inkwel", 1.0)], {}, "no adapter named 'inkwel'; did you mean 'inkwell'"),
         ([("inkwell", "strong")], {}, "weight of LoRA 'inkwell' is not a number"),
         ([], {"width": 60}, "multiples of 8"),
-        ([], {"method": "regional"}, "regional is not in the list of choices: \\['merge'\\]"),
+        ([], {"method": "blend"}, "blend is not in the list of choices: \\['merge', 'regional'\\]"),
     ],
 )
 def test_bad_render_input_is_a_clear_error(client, rows, kw, message):
@@ -215,10 +237,17 @@ def test_method_controls_are_built_from_the_dataclass_fields():
         ("note", "Textbox"),
     ]
     assert not by_name["knobs"].group.visible
-    assert params_from(groups, "merge", ["hard", 0.9, 4.0, True, "x"]) == METHODS["merge"]()
-    assert params_from(groups, "knobs", ["hard", 0.9, 4.0, True, "x"]) == _Knobs("hard", 0.9, 4, True, "x")
+    assert [type(c).__name__ for _, c in by_name["regional"].controls] == ["ImageEditor", "Number"]
+    values = [None, 0, "hard", 0.9, 4.0, True, "x"]  # regional's canvas and feather, then knobs'
+    assert params_from(groups, "merge", values) == METHODS["merge"]()
+    assert params_from(groups, "knobs", values) == _Knobs("hard", 0.9, 4, True, "x")
     with pytest.raises(StudioError, match="knobs: strength needs a value"):
-        params_from(groups, "knobs", ["hard", None, 4, True, "x"])
+        params_from(groups, "knobs", [None, 0, "hard", None, 4, True, "x"])
+    painting = Image.new("RGBA", (4, 4), (255, 255, 255, 255))
+    painting.putpixel((0, 0), PALETTE[1] + (255,))  # the second LoRA's colour
+    regional = params_from(groups, "regional", [{"composite": painting}, 2, *values[2:]], ["a", "b"])
+    assert regional.regions.names() == ["b"] and regional.feather == 2
+    assert regional.regions.get("b").coverage() == pytest.approx(1 / 16)
 
 
 def test_front_ends_never_import_torch():
@@ -262,7 +291,9 @@ def test_render_event_feeds_the_progress_bar_from_the_studio_callback(tmp_path):
         def __call__(self, progress, desc=None, unit=None, **kw):
             seen.append((progress, desc, unit))
 
-    gallery, provenance = render_fn(Recorder(), "p", "", stack(("a", 0.5)), "merge", 7, 0, 4.0, 0, 64)
+    gallery, provenance = render_fn(
+        Recorder(), "p", "", stack(("a", 0.5)), "merge", 7, 0, 4.0, 0, 64, None, 0
+    )
     assert seen == [
         ((1, 3), "denoising", "steps"),
         ((2, 3), "denoising", "steps"),

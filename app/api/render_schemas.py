@@ -36,6 +36,14 @@ class RenderRequestIn(BaseModel):
     seed: int = Field(default=0, ge=0, lt=2**63)
     num_images: int = Field(default=1, ge=1, le=16, description="images of this request (one batch)")
     loras: list[LoraWeightIn] = Field(default_factory=list, max_length=32)
+    method: str = Field(
+        default="merge", min_length=1, max_length=64, description="composition method: merge or regional"
+    )
+    method_params: dict[str, Any] = Field(
+        default_factory=dict,
+        description="the method's parameters; regional: {'regions': {LoRA name: PNG mask as a data URL or "
+        "base64, white = inside}, 'feather': pixels}. A LoRA without a mask acts everywhere.",
+    )
 
 
 class RenderBatch(BaseModel):

@@ -13,7 +13,7 @@ from app.settings import Settings
 from app.studio import Studio, resolve_backbone
 from composer.backbones import TINY
 from composer.errors import FamilyMismatchError, StudioError
-from composer.render import LoraWeight, RenderRequest
+from composer.render import RenderRequest
 from db.errors import CatalogError
 from db.jobs import JobRepository, QueueFullError, SubmitRaceError
 from db.models import RenderJob
@@ -28,18 +28,9 @@ def to_request(data: dict[str, Any]) -> RenderRequest:
     """A stored request (JSON: RenderRequest's fields, LoRAs as {name, weight}) as a RenderRequest.
 
     Raises:
-        StudioError: an unknown field, or a malformed LoRA entry.
+        StudioError: an unknown field, a malformed LoRA entry or bad method parameters.
     """
-    unknown = sorted(set(data) - set(REQUEST_FIELDS))
-    if unknown:
-        raise StudioError(
-            f"unknown request fields {', '.join(unknown)}; expected {', '.join(REQUEST_FIELDS)}"
-        )
-    try:
-        loras = tuple(LoraWeight(**entry) for entry in data.get("loras", ()))
-    except TypeError as exc:
-        raise StudioError(f"a LoRA entry must be {{name, weight}}: {exc}") from None
-    return RenderRequest(**{**data, "loras": loras})
+    return RenderRequest.from_json(data)
 
 
 class JobQueue(ABC):

@@ -11,6 +11,48 @@ from typing import Any, Literal
 import gradio as gr
 
 from composer.errors import StudioError
+from composer.masks import COLOUR_NAMES, PALETTE, RegionMasks
+
+CANVAS_SIZE = (512, 512)  # the painting is stretched to the render's size
+
+
+def colour_legend(stack: list[str]) -> str:
+    """Which colour paints which LoRA of the stack, as shown beside the canvas."""
+    if not stack:
+        return "Pick LoRAs first; then paint each one's region in its colour."
+    pairs = [f"**{name}**: {COLOUR_NAMES[i]}" for i, name in enumerate(stack[: len(PALETTE)])]
+    return "Paint: " + ", ".join(pairs) + ". Unpainted LoRAs act everywhere; blank pixels get no masked LoRA."
+
+
+def has_canvas(params: type) -> bool:
+    """Whether a method's parameters include regions to paint."""
+    return RegionMasks in typing.get_type_hints(params).values()
+
+
+def region_canvas(label: str, info: str | None) -> gr.ImageEditor:
+    """A blank canvas with one brush colour per stack position (`composer.masks.PALETTE`) and an eraser."""
+    colours = ["#{:02x}{:02x}{:02x}".format(*c) for c in PALETTE]
+    return gr.ImageEditor(
+        label=f"{label} ({info})" if info else label,
+        type="pil",
+        image_mode="RGBA",
+        canvas_size=CANVAS_SIZE,
+        sources=(),
+        brush=gr.Brush(colors=colours, default_color=colours[0], color_mode="fixed", default_size=40),
+        eraser=gr.Eraser(default_size=40),
+        layers=False,
+        transforms=(),
+        format="png",  # lossless: the palette colours must come back exactly
+        elem_classes=["region-canvas"],
+    )
+
+
+def regions_from(value: Any, stack: list[str]) -> RegionMasks:
+    """The canvas's painting as one mask per LoRA of the stack (nothing painted: no masks)."""
+    composite = value.get("composite") if isinstance(value, dict) else value
+    if composite is None:
+        return RegionMasks()
+    return RegionMasks.from_colour_map(composite, stack)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,7 +67,7 @@ class MethodControls:
 
 def control_for(field: dataclasses.Field, hint: Any) -> gr.components.Component:
     """A Gradio control for one dataclass field: Literal -> dropdown, bool -> checkbox, int/float -> number,
-    str -> textbox. Other types are refused (a method's knobs must be plain values)."""
+    str -> textbox, RegionMasks -> a canvas to paint regions on. Other types are refused."""
     default = None if field.default is dataclasses.MISSING else field.default
     label = field.name.replace("_", " ")
     info = field.metadata.get("help")
@@ -37,7 +79,11 @@ def control_for(field: dataclasses.Field, hint: Any) -> gr.components.Component:
         return gr.Number(value=default, label=label, info=info, precision=0 if hint is int else None)
     if hint is str:
         return gr.Textbox(value=default or "", label=label, info=info)
-    raise TypeError(f"{field.name}: {hint!r} has no UI control (use bool, int, float, str or a Literal)")
+    if hint is RegionMasks:
+        return region_canvas(label, info)
+    raise TypeError(
+        f"{field.name}: {hint!r} has no UI control (use bool, int, float, str, a Literal or RegionMasks)"
+    )
 
 
 def build_method_controls(methods: Mapping[str, type], selected: str) -> list[MethodControls]:
@@ -51,8 +97,11 @@ def build_method_controls(methods: Mapping[str, type], selected: str) -> list[Me
     return out
 
 
-def params_from(groups: list[MethodControls], method: str, values: list[Any]) -> object:
-    """The selected method's parameters dataclass from the flat list of every method's control values.
+def params_from(
+    groups: list[MethodControls], method: str, values: list[Any], stack: list[str] | None = None
+) -> object:
+    """The selected method's parameters dataclass from the flat list of every method's control values;
+    `stack` (the LoRA names in order) tells which LoRA each canvas colour paints.
 
     Raises:
         StudioError: an unknown method, or a value the dataclass refuses (named).
@@ -67,10 +116,13 @@ def params_from(groups: list[MethodControls], method: str, values: list[Any]) ->
     kwargs = {}
     for (name, _), value in zip(chosen.controls, values[start : start + len(chosen.controls)], strict=True):
         hint = hints[name]
+        if hint is RegionMasks:
+            kwargs[name] = regions_from(value, stack or [])
+            continue
         if value is None:
             raise StudioError(f"{method}: {name} needs a value")
         kwargs[name] = hint(value) if hint in (int, float, bool, str) else value
     try:
         return chosen.params(**kwargs)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, StudioError) as exc:
         raise StudioError(f"{method}: {exc}") from None

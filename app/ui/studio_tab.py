@@ -11,7 +11,7 @@ import gradio as gr
 
 from app.frontend import Frontend
 from app.ui.common import count, optional, rows_of, user_errors
-from app.ui.methods import build_method_controls, params_from
+from app.ui.methods import build_method_controls, colour_legend, has_canvas, params_from
 from composer.errors import StudioError
 
 STACK_HEADERS = ["LoRA", "weight"]
@@ -91,9 +91,10 @@ def build_studio_tab(front: Frontend, demo: gr.Blocks) -> None:
                 elem_id="method",
             )
             groups = build_method_controls(front.methods, DEFAULT_METHOD)
-            gr.Markdown(
-                "Region masks need a regional composition method, which is not in the studio yet.",
-                elem_classes=["note"],
+            legend = gr.Markdown(
+                colour_legend([]),
+                visible=has_canvas(front.methods[DEFAULT_METHOD]),
+                elem_id="region-legend",
             )
             with gr.Row():
                 seed = gr.Number(label="Seed", value=0, precision=0, elem_id="seed")
@@ -133,11 +134,12 @@ def build_studio_tab(front: Frontend, demo: gr.Blocks) -> None:
     def render(progress=gr.Progress(), *values):
         text, neg, table, chosen, seed_, steps_, guidance_, width_, height_, *method_values = values
         with user_errors():
-            params = params_from(groups, chosen, method_values)
+            loras = stack_entries(table)
+            params = params_from(groups, chosen, method_values, [name for name, _ in loras])
             result = front.render(
                 prompt=text,
                 negative_prompt=neg,
-                loras=stack_entries(table),
+                loras=loras,
                 method=chosen,
                 params=params,
                 seed=int(seed_ or 0),
@@ -148,10 +150,17 @@ def build_studio_tab(front: Frontend, demo: gr.Blocks) -> None:
                 progress=lambda done, total: progress((done, total), desc="denoising", unit="steps"),
             )
         label = caption(result.provenance)
-        return [(str(path), label) for path in result.paths], result.provenance
+        shown = [(str(path), label) for path in result.paths]
+        shown += [(picture, text) for text, picture in getattr(result, "pictures", [])]  # e.g. the masks used
+        return shown, result.provenance
 
     def show_method(chosen: str):
-        return [gr.Group(visible=g.method == chosen) for g in groups]
+        return [gr.Group(visible=g.method == chosen) for g in groups] + [
+            gr.Markdown(visible=has_canvas(front.methods[chosen]))
+        ]
+
+    def show_legend(table: Any):
+        return colour_legend([str(row[0]).strip() for row in rows_of(table) if row and str(row[0]).strip()])
 
     search_inputs = [query, picker]
     search_outputs = [picker, matches]
@@ -159,7 +168,8 @@ def build_studio_tab(front: Frontend, demo: gr.Blocks) -> None:
     search_btn.click(search, search_inputs, search_outputs, api_visibility="private")
     demo.load(search, search_inputs, search_outputs, api_visibility="private")
     picker.change(pick, [picker, stack, prompt], [stack, prompt], api_name="pick_loras")
-    method.change(show_method, method, [g.group for g in groups], api_visibility="private")
+    method.change(show_method, method, [g.group for g in groups] + [legend], api_visibility="private")
+    stack.change(show_legend, stack, legend, api_visibility="private")
     go.click(
         render,
         [prompt, negative, stack, method, seed, steps, guidance, width, height]

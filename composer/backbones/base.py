@@ -49,6 +49,12 @@ class Backbone:
         names = (self.denoiser, *self.text_encoders)
         return {name: getattr(pipe, name) for name in names if getattr(pipe, name, None) is not None}
 
+    def native_size(self, pipe) -> int:
+        """The pixel size the model was built for (toy 64, SDXL and FLUX 1024 for the real ones)."""
+        if self.family == "sdxl":
+            return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+        return int(getattr(pipe, "default_sample_size", 64)) * int(pipe.vae_scale_factor)
+
     def target_modules(
         self, denoiser: nn.Module, pattern: str | None = None, conv_pattern: str | None = None
     ) -> list[str]:

@@ -1,11 +1,20 @@
-"""merge: every LoRA of the stack is active at once and their weighted deltas add (what `Studio.render` does;
-the arithmetic lives in the adapter layer's mixing context)."""
+"""merge: every LoRA of the stack is active at once and their weighted deltas add (the arithmetic lives in the
+adapter layer's mixing context)."""
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
+
+from composer.methods.base import MethodRun
 
 
 @dataclass(frozen=True)
 class MergeParams:
     """Merge has no knobs beyond the per-LoRA weights of the stack."""
+
+    def check(self, stack: list[str]) -> None:
+        return None
+
+    def apply(self, run: MethodRun) -> AbstractContextManager[None]:
+        return run.host.activate(run.scales)

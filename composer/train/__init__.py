@@ -2,7 +2,7 @@
 
 from composer.train.config import ADAPTER_KINDS, TrainConfig, TrainConfigError
 from composer.train.data import TrainingDataError, TrainingImage, load_images
-from composer.train.loop import Trainer, TrainResult, native_size
+from composer.train.loop import Trainer, TrainResult
 
 __all__ = [
     "ADAPTER_KINDS",
@@ -13,5 +13,4 @@ __all__ = [
     "TrainingDataError",
     "TrainingImage",
     "load_images",
-    "native_size",
 ]

@@ -43,13 +43,6 @@ class TrainResult:
     parameters: int
 
 
-def native_size(pipe, family: str) -> int:
-    """The pixel size the model was built for (toy 64, SDXL 1024, FLUX 1024 for the real ones)."""
-    if family == "sdxl":
-        return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
-    return int(getattr(pipe, "default_sample_size", 64)) * int(pipe.vae_scale_factor)
-
-
 class Trainer:
     def __init__(
         self,
@@ -66,7 +59,7 @@ class Trainer:
         self.host = host
         self.run_dir = Path(run_dir)
         self.progress = progress
-        self.size = config.resolution or native_size(pipe, backbone.family)
+        self.size = config.resolution or backbone.native_size(pipe)
         if backbone.family == "flux" and self.size % 16:
             raise TrainConfigError(
                 f"FLUX trains on 2x2 latent patches: resolution must be a multiple of 16, got {self.size}"

@@ -33,9 +33,7 @@ class Conditioning:
 class Objective:
     """Encodes images and captions for one pipeline and computes the training loss of a batch."""
 
-    def __init__(
-        self, pipe, family: str, size: int, guidance: float = 3.5, snr_gamma: float | None = None
-    ):
+    def __init__(self, pipe, family: str, size: int, guidance: float = 3.5, snr_gamma: float | None = None):
         self.pipe, self.family, self.size, self.guidance = pipe, family, size, guidance
         self.snr_gamma = snr_gamma
         if snr_gamma is not None and family != "sdxl":

@@ -1,0 +1,124 @@
+"""Denoising in streams: every denoiser call runs once per stream (each stream its own set of active
+adapters), all streams in one batched forward, and the streams' predictions are blended by per-pixel weights.
+
+The seam regional masks use (and LoRA Composite's average and CLoRA's mask fusion are the same blend with other
+weights): eps = sum_j M_j eps_j / sum_j M_j, applied to whatever batch the pipeline sends (both halves of
+classifier-free guidance alike), before guidance and the scheduler step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from composer.adapters.base import Scale
+from composer.adapters.host import AdapterHost
+from composer.errors import StudioError
+
+# arguments the denoiser takes with no batch dimension (FLUX's position ids), never repeated per stream
+_UNBATCHED = frozenset({"img_ids", "txt_ids"})
+
+
+def blend_weights(masks: torch.Tensor, shape: torch.Size, grid: tuple[int, int] | None) -> torch.Tensor:
+    """Per-stream weights shaped to broadcast over a denoiser output of `shape`, summing to 1 at every pixel.
+
+    Args:
+        masks: (S, H, W) non-negative stream masks at any resolution (each pixel covered by some stream).
+        shape: the output's shape: (B, C, h, w) for a UNet, (B, seq, C) for FLUX's packed 2x2 patches.
+        grid: (rows, cols) of the packed patches, for a 3-d output.
+
+    Returns:
+        (S, 1, 1, h, w) or (S, 1, seq, 1).
+    """
+    if len(shape) == 4:
+        size = tuple(shape[-2:])
+    elif len(shape) == 3:
+        if grid is None or grid[0] * grid[1] != shape[1]:
+            raise StudioError(f"packed output {tuple(shape)} does not match the latent grid {grid}")
+        size = grid
+    else:
+        raise StudioError(f"cannot blend a denoiser output of shape {tuple(shape)}")
+    resized = F.interpolate(masks[:, None].float(), size=size, mode="area")[:, 0]  # (S, h, w)
+    total = resized.sum(dim=0, keepdim=True)
+    if bool((total <= 0).any()):
+        raise StudioError("some pixels belong to no stream")
+    weights = resized / total
+    if len(shape) == 4:
+        return weights[:, None, None]  # (S, 1, 1, h, w)
+    return weights.reshape(weights.shape[0], 1, -1, 1)  # (S, 1, seq, 1)
+
+
+def _repeat(value: Any, batch: int, times: int) -> Any:
+    if isinstance(value, torch.Tensor) and value.ndim >= 1 and value.shape[0] == batch:
+        return torch.cat([value] * times)
+    if isinstance(value, dict):
+        return {k: _repeat(v, batch, times) for k, v in value.items()}
+    return value
+
+
+@contextmanager
+def denoise_in_streams(
+    denoiser: torch.nn.Module,
+    host: AdapterHost,
+    streams: Sequence[Mapping[str, float]],
+    masks: torch.Tensor,
+    grid: tuple[int, int] | None = None,
+    on_call: Callable[[], None] | None = None,
+) -> Iterator[None]:
+    """While the block runs, every `denoiser(...)` call returns the mask-weighted blend of its streams.
+
+    Args:
+        denoiser: the pipeline's unet or transformer (its forward is replaced, then put back).
+        host: the AdapterHost on the pipeline; its active set is replaced per call, then put back.
+        streams: per stream, adapter name -> scale (an empty mapping: the base model).
+        masks: (S, H, W) the streams' regions, any resolution; resized to the output by area.
+        grid: (rows, cols) of FLUX's packed latent patches.
+        on_call: called after each blended call (tests count passes with it).
+    """
+    if not streams or masks.shape[0] != len(streams):
+        raise StudioError(f"{len(streams)} streams for {masks.shape[0]} masks")
+    names = sorted({n for s in streams for n in s})
+    original = denoiser.forward
+    patched_before = "forward" in vars(denoiser)  # someone's hook (accelerate offload) to put back
+
+    def forward(*args, **kwargs):
+        key = next((k for k in ("sample", "hidden_states") if k in kwargs), None)
+        hidden = kwargs[key] if key else args[0]  # (B, ...) latents: UNets take them first, FLUX by name
+        batch, count = hidden.shape[0], len(streams)
+        args = tuple(_repeat(a, batch, count) for a in args)
+        kwargs = {k: (v if k in _UNBATCHED else _repeat(v, batch, count)) for k, v in kwargs.items()}
+        per_sample: dict[str, Scale] = {
+            name: torch.tensor(
+                [float(s.get(name, 0.0)) for s in streams for _ in range(batch)], device=hidden.device
+            )
+            for name in names
+        }
+        previous = host.context.active
+        host.context.active = per_sample
+        try:
+            out = original(*args, **kwargs)
+        finally:
+            host.context.active = previous
+        sample = out[0] if isinstance(out, tuple) else out.sample
+        stacked = sample.reshape(count, batch, *sample.shape[1:])  # (S, B, ...)
+        weights = blend_weights(masks.to(sample.device), sample[:batch].shape, grid).to(sample.dtype)
+        blended = (stacked * weights).sum(dim=0)
+        if on_call is not None:
+            on_call()
+        if isinstance(out, tuple):
+            return (blended, *out[1:])
+        out.sample = blended
+        return out
+
+    denoiser.forward = forward
+    try:
+        yield
+    finally:
+        if patched_before:
+            denoiser.forward = original
+        else:
+            del denoiser.forward  # the class's forward shows through again

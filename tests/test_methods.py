@@ -1,0 +1,233 @@
+"""Composition methods: every registered method runs and leaves the pipeline as it found it; regional masks put
+each LoRA's prediction exactly where it is painted; masks and parameters are read strictly."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from composer.adapters.host import AdapterHost
+from composer.errors import StudioError
+from composer.masks import PALETTE, Mask, MaskError, RegionMasks
+from composer.methods import METHODS, MergeParams, RegionalParams, params_from_json, params_to_json
+from composer.methods.streams import blend_weights, denoise_in_streams
+from composer.render import LoraWeight, RenderRequest, render_batch
+
+SIZE = 32  # pixels; the tiny models' latents are 4x4 (SDXL) / 2x2 patches (FLUX) at this size
+
+
+def half_mask(side: str, size: int = SIZE) -> Mask:
+    """White on the `side` ("left" or "right") half."""
+    values = np.zeros((size, size), np.uint8)
+    if side == "left":
+        values[:, : size // 2] = 255
+    else:
+        values[:, size // 2 :] = 255
+    return Mask(size, size, values.tobytes())
+
+
+def full_mask(size: int = SIZE) -> Mask:
+    return Mask(size, size, bytes([255]) * size * size)
+
+
+@pytest.fixture(scope="module", params=["sdxl", "flux"])
+def rig(request, tiny_sdxl_factory, tiny_flux_factory):
+    """A tiny pipeline with two resident random LoRAs, "a" and "b"."""
+    from tests.helpers import random_lora
+
+    backbone, make = tiny_sdxl_factory if request.param == "sdxl" else tiny_flux_factory
+    pipe = make()
+    host = AdapterHost.for_pipeline(pipe, backbone)
+    host.add("a", random_lora(pipe, backbone, seed=1))
+    host.add("b", random_lora(pipe, backbone, seed=2))
+    yield backbone, pipe, host
+    host.detach()
+
+
+def run(rig, method="merge", params=None, loras=(("a", 1.0),), pictures=None, steps=3, seed=0):
+    backbone, pipe, host = rig
+    request = RenderRequest(
+        "a red circle on the left",
+        num_inference_steps=steps,
+        height=SIZE,
+        width=SIZE,
+        seed=seed,
+        loras=tuple(LoraWeight(n, w) for n, w in loras),
+        method=method,
+        method_params=params,
+    )
+    image = render_batch(pipe, backbone, host, [request], pictures=pictures)[0]
+    return np.asarray(image, dtype=np.float32) / 255.0
+
+
+def test_every_registered_method_runs_and_restores_the_pipeline(rig):
+    backbone, pipe, host = rig
+    denoiser = getattr(pipe, backbone.denoiser)
+    base = run(rig, loras=())
+    for name, params in METHODS.items():
+        sample = {"regional": RegionalParams(RegionMasks.of({"a": half_mask("left")}))}.get(name, params())
+        changed = run(rig, name, sample, loras=(("a", 1.0), ("b", 0.5)))
+        assert np.abs(changed - base).max() > 0.01, f"{name} changed nothing"
+        assert "forward" not in vars(denoiser), f"{name} left its denoiser wrapper on"
+        assert host.context.active == {} and host.context.fused == {}
+        assert np.array_equal(run(rig, loras=()), base), f"{name} left the pipeline changed"
+
+
+def test_regional_without_masks_is_a_merge_and_one_full_mask_is_that_lora_alone(rig):
+    merged = run(rig, loras=(("a", 1.0), ("b", 0.7)))
+    assert np.array_equal(run(rig, "regional", RegionalParams(), loras=(("a", 1.0), ("b", 0.7))), merged)
+    # a covers every pixel, b has no mask: one stream of a + b, which is the merge again
+    everywhere = RegionalParams(RegionMasks.of({"a": full_mask()}))
+    assert np.abs(run(rig, "regional", everywhere, loras=(("a", 1.0), ("b", 0.7))) - merged).max() < 2 / 255
+    alone = run(rig, loras=(("a", 1.0),))
+    assert np.abs(run(rig, "regional", everywhere, loras=(("a", 1.0),)) - alone).max() < 2 / 255
+
+
+def test_each_stream_owns_its_pixels_in_one_batched_pass(rig):
+    """Left half from LoRA a's prediction, right half from b's, bit for bit, in a single denoiser call."""
+    backbone, pipe, host = rig
+    denoiser = getattr(pipe, backbone.denoiser)
+    torch.manual_seed(0)
+    if backbone.family == "sdxl":
+        c = denoiser.config
+        args = (torch.randn(2, c.in_channels, 4, 4), torch.tensor(500))
+        kwargs = dict(
+            encoder_hidden_states=torch.randn(2, 77, c.cross_attention_dim),
+            added_cond_kwargs={
+                "text_embeds": torch.randn(2, pipe.text_encoder_2.config.projection_dim),
+                "time_ids": torch.tensor([[SIZE, SIZE, 0, 0, SIZE, SIZE]] * 2, dtype=torch.float32),
+            },
+            return_dict=False,
+        )
+        grid = None
+    else:
+        c = denoiser.config
+        args = ()
+        kwargs = dict(
+            hidden_states=torch.randn(1, 4, c.in_channels),  # a 2x2 grid of packed patches
+            encoder_hidden_states=torch.randn(1, 8, c.joint_attention_dim),
+            pooled_projections=torch.randn(1, c.pooled_projection_dim),
+            timestep=torch.tensor([0.5]),
+            img_ids=pipe._prepare_latent_image_ids(1, 2, 2, "cpu", torch.float32),
+            txt_ids=torch.zeros(8, 3),
+            guidance=torch.tensor([3.5]) if c.guidance_embeds else None,
+            return_dict=False,
+        )
+        grid = (2, 2)
+    with torch.no_grad():
+        with host.activate({"a": 1.0}):
+            only_a = denoiser(*args, **kwargs)[0]
+        with host.activate({"b": 0.5}):
+            only_b = denoiser(*args, **kwargs)[0]
+        left = torch.zeros(SIZE, SIZE)
+        left[:, : SIZE // 2] = 1
+        calls = []
+        with denoise_in_streams(
+            denoiser,
+            host,
+            [{"a": 1.0}, {"b": 0.5}],
+            torch.stack([left, 1 - left]),
+            grid,
+            lambda: calls.append(1),
+        ):
+            blended = denoiser(*args, **kwargs)[0]
+    assert calls == [1]
+    if grid is None:  # (B, C, h, w): columns 0-1 are left
+        assert torch.allclose(blended[..., :2], only_a[..., :2], atol=1e-5)
+        assert torch.allclose(blended[..., 2:], only_b[..., 2:], atol=1e-5)
+        assert not torch.allclose(only_a, only_b, atol=1e-3)
+    else:  # (B, 4 patches, C) in row-major order: patches 0 and 2 are the left column
+        assert torch.allclose(blended[:, [0, 2]], only_a[:, [0, 2]], atol=1e-5)
+        assert torch.allclose(blended[:, [1, 3]], only_b[:, [1, 3]], atol=1e-5)
+    assert "forward" not in vars(denoiser)
+
+
+def test_regional_render_shows_its_masks_and_keeps_loras_apart(rig):
+    backbone, pipe, host = rig
+    pictures = []
+    params = RegionalParams(RegionMasks.of({"a": half_mask("left"), "b": half_mask("right")}))
+    image = run(rig, "regional", params, loras=(("a", 1.0), ("b", 1.0)), pictures=pictures)
+    assert [caption for caption, _ in pictures] == ["region: a (50%)", "region: b (50%)"]
+    assert all(p.size == (SIZE, SIZE) for _, p in pictures)
+    assert np.asarray(pictures[0][1])[:, : SIZE // 2].min() == 255
+    merged = run(rig, loras=(("a", 1.0), ("b", 1.0)))
+    assert np.abs(image - merged).max() > 0.01  # not a merge
+    # one LoRA painted on the left only: the pixels nobody painted get the base model's stream
+    pictures = []
+    run(
+        rig,
+        "regional",
+        RegionalParams(RegionMasks.of({"a": half_mask("left")}), feather=2),
+        pictures=pictures,
+    )
+    assert [c for c, _ in pictures] == ["region: a (50%)", "region: no mask (50%)"]
+
+
+def test_masks_from_a_painted_canvas_and_from_json():
+    canvas = Image.new("RGBA", (8, 4), (255, 255, 255, 255))
+    for x in range(4):
+        canvas.putpixel((x, 0), PALETTE[0] + (255,))
+        canvas.putpixel(
+            (x + 4, 1), (PALETTE[1][0] + 20, PALETTE[1][1] - 10, PALETTE[1][2], 255)
+        )  # antialiased
+    masks = RegionMasks.from_colour_map(canvas, ["star", "heart", "ring"])
+    assert masks.names() == ["star", "heart"]  # ring's colour was not painted: it acts everywhere
+    assert masks.get("star").coverage() == pytest.approx(4 / 32)
+    assert np.asarray(masks.get("heart").to_image())[1, 4:].tolist() == [255] * 4
+    back = RegionMasks.from_json(masks.to_json())
+    assert back == masks
+    buffer = io.BytesIO()
+    Image.new("L", (8, 4), 255).save(buffer, format="PNG")
+    plain = RegionMasks.from_json({"star": base64.b64encode(buffer.getvalue()).decode()})
+    assert plain.get("star").coverage() == 1.0
+    transparent = Image.new("RGBA", (4, 4), (0, 0, 0, 0))
+    transparent.putpixel((0, 0), (0, 0, 0, 255))
+    assert Mask.from_image(transparent).coverage() == pytest.approx(1 / 16)  # alpha carries the region
+    with pytest.raises(MaskError, match="the mask of 'star' is not base64"):
+        RegionMasks.from_json({"star": "%%%"})
+    with pytest.raises(MaskError, match="not a picture"):
+        RegionMasks.from_json({"star": base64.b64encode(b"hello").decode()})
+    with pytest.raises(MaskError, match="one size"):
+        RegionMasks.of({"a": half_mask("left", 8), "b": half_mask("left", 16)})
+    with pytest.raises(MaskError, match="8 colours"):
+        RegionMasks.from_colour_map(canvas, [str(i) for i in range(9)])
+
+
+def test_method_parameters_are_read_strictly():
+    regional = params_from_json("regional", {"regions": {"a": half_mask("left").encode()}, "feather": 3})
+    assert regional == RegionalParams(RegionMasks.of({"a": half_mask("left")}), 3)
+    assert params_from_json("regional", params_to_json(regional)) == regional
+    assert params_from_json("merge", None) == MergeParams()
+    request = RenderRequest("x", loras=(LoraWeight("a"),), method="regional", method_params=regional)
+    assert RenderRequest.from_json(request.to_json()) == request
+    cases = [
+        ("blend", {}, "unknown composition method 'blend'; choose merge, regional"),
+        ("merge", {"feather": 1}, "merge has no parameter feather"),
+        ("regional", {"feather": "2"}, "regional.feather must be int"),
+        ("regional", {"feather": 999}, "feather must be an integer in 0..256"),
+        ("regional", {"regions": ["a"]}, "regional.regions: regions must be an object"),
+    ]
+    for method, data, message in cases:
+        with pytest.raises(StudioError, match=message):
+            params_from_json(method, data)
+    with pytest.raises(StudioError, match="masks for LoRAs not in the stack: b"):
+        RenderRequest(
+            "x",
+            loras=(LoraWeight("a"),),
+            method="regional",
+            method_params=RegionalParams(RegionMasks.of({"b": full_mask()})),
+        ).validate()
+    with pytest.raises(StudioError, match="parameters of 'merge' given for method 'regional'"):
+        RenderRequest("x", method="regional", method_params=MergeParams()).validate()
+
+
+def test_blend_weights_refuse_uncovered_pixels_and_bad_shapes():
+    with pytest.raises(StudioError, match="belong to no stream"):
+        blend_weights(torch.zeros(2, 4, 4), torch.Size([1, 4, 4, 4]), None)
+    with pytest.raises(StudioError, match="does not match the latent grid"):
+        blend_weights(torch.ones(1, 4, 4), torch.Size([1, 5, 8]), (2, 2))
