@@ -3,6 +3,7 @@ submit, poll, fetch PNGs equal to Studio.render's; idempotency; cancel; the boun
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import io
 import json
@@ -119,6 +120,53 @@ def test_submit_poll_and_fetch_images_equal_to_studio_render(client, studio):
     page = client.get(f"{API}/renders").json()
     assert page["total"] == 1 and page["items"][0]["id"] == job["id"]
     assert client.get(f"{API}/renders", params={"status": "queued"}).json()["total"] == 0
+
+
+def test_regional_job_with_masks_equals_studio_render_and_bad_params_are_400(client, studio):
+    left = np.zeros((32, 32), np.uint8)
+    left[:, :16] = 255
+    buffer = io.BytesIO()
+    Image.fromarray(left).save(buffer, format="PNG")
+    mask = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    request = {
+        "prompt": "a red circle",
+        "seed": 2,
+        "loras": [{"name": "inkwell"}],
+        "method": "regional",
+        "method_params": {"regions": {"inkwell": mask}, "feather": 1},
+        **SMALL,
+    }
+    r = client.post(f"{API}/renders", json={"requests": [request]})
+    assert r.status_code == 202, r.text
+    done = poll(client, r.headers["location"])
+    assert done["status"] == "done", done
+    provenance = done["results"][0]["provenance"]
+    assert provenance["method"] == "regional" and provenance["method_params"]["feather"] == 1
+    reference = studio.render(RenderRequest.from_json(request))
+    image = png(client.get(done["results"][0]["images"][0]))
+    np.testing.assert_array_equal(
+        np.asarray(image.convert("RGB")), np.asarray(reference.images[0].convert("RGB"))
+    )
+    merged = studio.render(RenderRequest("a red circle", seed=2, loras=(LoraWeight("inkwell"),), **SMALL))
+    assert np.abs(np.asarray(reference.images[0], float) - np.asarray(merged.images[0], float)).max() > 2
+    for params, message in [
+        ({"regions": {"pastel": mask}}, "masks for LoRAs not in the stack: pastel"),
+        ({"regions": {"inkwell": "not base64!"}}, "the mask of 'inkwell' is not base64"),
+        ({"feather": -1}, "feather must be an integer in 0..256"),
+        ({"strength": 1}, "regional has no parameter strength"),
+    ]:
+        body = error(
+            client.post(f"{API}/renders", json={"requests": [{**request, "method_params": params}]}),
+            400,
+            "bad_request",
+        )
+        assert body["message"].startswith("requests[0]:") and message in body["message"], body
+    body = error(
+        client.post(f"{API}/renders", json={"requests": [{**request, "method": "blend"}]}),
+        400,
+        "bad_request",
+    )
+    assert "unknown composition method 'blend'" in body["message"]
 
 
 def test_idempotency_key_gives_one_job_and_refuses_another_body(client):

@@ -61,6 +61,31 @@ def test_cli_end_to_end(tmp_path, tiny_sdxl_factory):
     meta = json.loads(Image.open(png).text["lora_studio"])
     assert [(x["name"], x["weight"]) for x in meta["loras"]] == [("alpha", 0.7), ("beta", 1.0)]
 
+    left = Image.new("L", (32, 32), 0)
+    left.paste(255, (0, 0, 16, 32))
+    left.save(tmp_path / "left.png")
+    regional = tmp_path / "regional.png"
+    result = runner.invoke(
+        app,
+        [*args, "--method", "regional", "--mask", f"alpha={tmp_path / 'left.png'}", "--param", "feather=2"]
+        + ["--out", str(regional), *data],
+    )
+    assert result.exit_code == 0, result.output
+    meta = json.loads(Image.open(regional).text["lora_studio"])
+    assert meta["method"] == "regional" and list(meta["method_params"]["regions"]) == ["alpha"]
+    assert meta["method_params"]["feather"] == 2
+    masks = sorted(tmp_path.glob("regional.regional*.png"))  # the masks used, beside the render
+    assert [m.name for m in masks] == ["regional.regional0.png", "regional.regional1.png"]
+    assert "region: alpha (50%)" in result.output
+    for bad, message in [
+        (["--mask", "alpha"], "write NAME=PICTURE"),
+        (["--mask", f"alpha={tmp_path / 'missing.png'}"], "no file"),
+        (["--mask", f"gamma={tmp_path / 'left.png'}"], "masks for LoRAs not in the stack: gamma"),
+        (["--param", "blur=1"], "regional has no parameter blur"),
+    ]:
+        result = runner.invoke(app, [*args, "--method", "regional", *bad, "--out", str(regional), *data])
+        assert result.exit_code == 1 and message in result.output, result.output
+
     result = runner.invoke(app, ["render", "--backbone", "sdxl", "--prompt", "x", "--lora", "alpah", *data])
     assert result.exit_code == 1 and "alpah" in result.output and "alpha" in result.output
     assert "Traceback" not in result.output
