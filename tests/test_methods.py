@@ -231,3 +231,14 @@ def test_blend_weights_refuse_uncovered_pixels_and_bad_shapes():
         blend_weights(torch.zeros(2, 4, 4), torch.Size([1, 4, 4, 4]), None)
     with pytest.raises(StudioError, match="does not match the latent grid"):
         blend_weights(torch.ones(1, 4, 4), torch.Size([1, 5, 8]), (2, 2))
+
+
+def test_every_method_file_is_registered():
+    from pathlib import Path
+
+    import composer.methods as package
+
+    helpers = {"__init__", "base", "streams"}
+    files = {p.stem for p in Path(package.__file__).parent.glob("*.py")} - helpers
+    registered = {cls.__module__.rsplit(".", 1)[1] for cls in METHODS.values()}
+    assert files == registered, f"method files not in composer.methods.METHODS: {files - registered}"
