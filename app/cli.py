@@ -282,6 +282,9 @@ def train(
         str,
         typer.Option(help="attention, transformer (all its Linears) or full (and convs; lora, kron, tensor)"),
     ] = "attention",
+    train_text_encoder: Annotated[
+        bool, typer.Option(help="also adapt the CLIP text encoders' attention (not blora)")
+    ] = False,
     snr_gamma: Annotated[
         float | None, typer.Option(help="Min-SNR-gamma loss weighting, e.g. 5 (SDXL; default off)")
     ] = None,
@@ -323,6 +326,7 @@ def train(
         gradient_checkpointing=gradient_checkpointing,
         targets=targets,
         snr_gamma=snr_gamma,
+        text_encoder=train_text_encoder,
     ).validate()
     studio = _studio(data_dir)
     with Progress(

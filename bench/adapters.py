@@ -61,6 +61,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=None, help="override the LoRA/B-LoRA rank")
     parser.add_argument("--kron", default=None, help="override the Kronecker factors, A1xA2")
     parser.add_argument("--targets", default="attention", choices=["attention", "transformer", "full"])
+    parser.add_argument("--text-encoder", action="store_true", help="adapt the text encoders too")
     parser.add_argument("--snr-gamma", type=float, default=None, help="Min-SNR-gamma loss weighting")
     args = parser.parse_args()
     for recipe in RECIPES.values():
@@ -88,6 +89,7 @@ def main() -> None:
             checkpoint_every=args.steps,
             targets=args.targets if kind != "blora" else "attention",
             snr_gamma=args.snr_gamma,
+            text_encoder=args.text_encoder and kind != "blora",
             **RECIPES[kind],
         )
         result, seconds = concepts.train_in_scratch(pipe, backbone, config, data)
@@ -120,6 +122,7 @@ def main() -> None:
                 "targets": args.targets if kind != "blora" else "attention",
                 "success_by_guidance": {str(g): round(r, 3) for g, r in rates.items()},
                 "snr_gamma": args.snr_gamma,
+                "text_encoder": args.text_encoder and kind != "blora",
                 "final_loss": round(sum(result.losses[-20:]) / min(20, len(result.losses)), 4),
                 **{k: (list(v) if isinstance(v, tuple) else v) for k, v in RECIPES[kind].items()},
             },

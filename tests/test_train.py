@@ -383,3 +383,35 @@ def test_min_snr_gamma_weights_each_sample_by_its_timestep(sdxl):
         TrainConfig(prompt="x", snr_gamma=0.0).validate()
     with pytest.raises(StudioError, match="rectified flow"):
         Objective(pipe, "flux", size, snr_gamma=5.0)
+
+
+def test_text_encoder_adapters_train_and_change_the_prompt_embedding(sdxl, tmp_path):
+    from composer.adapters.host import AdapterHost
+
+    backbone, pipe = sdxl
+    result = _train(sdxl, tmp_path, steps=3, text_encoder=True)
+    components = {m.component for m in result.lora.modules.values()}
+    assert components == {"unet", "text_encoder", "text_encoder_2"}
+    te_keys = [k for k, m in result.lora.modules.items() if m.component.startswith("text_encoder")]
+    assert all(k.endswith(("q_proj", "k_proj", "v_proj", "out_proj")) for k in te_keys)
+    path = tmp_path / "te.safetensors"
+    write_kohya(result.lora, path, title="te")
+
+    def embeds():
+        with torch.no_grad():
+            return pipe.encode_prompt("a photo of sks", device="cpu", do_classifier_free_guidance=False)[0]
+
+    base = embeds()
+    outs = []
+    for lora in (result.lora, read_lora(path)):  # the text-encoder parts survive the kohya file
+        host = AdapterHost.for_pipeline(pipe, backbone)
+        try:
+            host.add("te", lora)
+            with host.activate({"te": 1.0}):
+                outs.append(embeds())
+        finally:
+            host.detach()
+    assert torch.equal(outs[0], outs[1]) and not torch.allclose(outs[0], base)
+    assert torch.equal(embeds(), base)  # the encoders come back unadapted
+    with pytest.raises(TrainConfigError, match="B-LoRA adapts its two UNet blocks only"):
+        TrainConfig(kind="blora", prompt="x", text_encoder=True).validate()

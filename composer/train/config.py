@@ -51,6 +51,7 @@ class TrainConfig:
         "attention"  # "attention" (q/k/v/out), "transformer" (every Linear of the transformer blocks) or
         # "full" (those and the ResNet/resampling convolutions, kohya's LoCon set; CONV_KINDS only)
     )
+    text_encoder: bool = False  # also adapt the CLIP text encoders' attention (kohya trains them by default)
     snr_gamma: float | None = None  # Min-SNR-gamma loss weighting (SDXL; kohya/diffusers use 5); None: off
     flip: bool = False  # horizontal flip augmentation (off: positions are part of many prompts)
     min_images: int = 1
@@ -105,6 +106,8 @@ class TrainConfig:
             raise TrainConfigError(
                 "prior preservation (prior_weight > 0) needs a class prompt, e.g. 'a photo of a dog'"
             )
+        if self.text_encoder and self.kind == "blora":
+            raise TrainConfigError("B-LoRA adapts its two UNet blocks only; train it without text_encoder")
         if self.snr_gamma is not None and not 0 < self.snr_gamma <= 1000:
             raise TrainConfigError(f"snr_gamma must be in (0, 1000] (5 is usual), got {self.snr_gamma}")
         if self.targets not in TARGETS:

@@ -123,8 +123,9 @@ class Trainer:
             if cfg.gradient_checkpointing and hasattr(denoiser, "enable_gradient_checkpointing"):
                 denoiser.enable_gradient_checkpointing()
             began = time.monotonic()
+            captions = [img.caption for img in images]
             step, losses = self._loop(
-                step, losses, mean, std, cond, prior, params, optimizer, generator, adapters
+                step, losses, mean, std, cond, captions, prior, params, optimizer, generator, adapters
             )
             seconds = time.monotonic() - began
             sample_images = self._samples(samples, sample_steps) if samples else []
@@ -154,7 +155,7 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast("cuda", dtype=torch.float16 if precision == "fp16" else torch.bfloat16)
 
-    def _loop(self, step, losses, mean, std, cond, prior, params, optimizer, generator, adapters):
+    def _loop(self, step, losses, mean, std, cond, captions, prior, params, optimizer, generator, adapters):
         cfg = self.config
         autocast = self._autocast()
         scaler = self._scaler
@@ -165,12 +166,22 @@ class Trainer:
             if cfg.flip:
                 flip = torch.rand(cfg.batch_size, generator=generator) < 0.5
                 x0 = torch.where(flip.view(-1, 1, 1, 1).to(x0.device), x0.flip(-1), x0)
+            if cfg.text_encoder:  # the captions through the adapted text encoders, with their graph
+                fresh = {
+                    captions[i]: self.objective.encode_caption(captions[i], self.device, grad=True)
+                    for i in dict.fromkeys(idx.tolist())
+                }
+                batch_cond = [fresh[captions[i]] for i in idx.tolist()]
+            else:
+                batch_cond = [cond[i] for i in idx.tolist()]
             with autocast:
-                loss = self.objective.loss(x0, [cond[i] for i in idx.tolist()], generator, self.dtype)
+                loss = self.objective.loss(x0, batch_cond, generator, self.dtype)
                 if prior is not None:
                     p_mean, p_std, p_cond = prior
                     p_idx = torch.randint(0, p_mean.shape[0], (cfg.batch_size,), generator=generator)
                     p_x0 = self.objective.latents(p_mean[p_idx], p_std[p_idx], generator)
+                    if cfg.text_encoder:
+                        p_cond = self.objective.encode_caption(cfg.class_prompt, self.device, grad=True)
                     loss = loss + cfg.prior_weight * self.objective.loss(
                         p_x0, [p_cond] * cfg.batch_size, generator, self.dtype
                     )

@@ -89,8 +89,12 @@ class Objective:
         shift = getattr(cfg, "shift_factor", None) or 0.0
         return (x - shift) * cfg.scaling_factor
 
-    @torch.no_grad()
-    def encode_caption(self, caption: str, device) -> Conditioning:
+    def encode_caption(self, caption: str, device, grad: bool = False) -> Conditioning:
+        """The caption's conditioning; `grad`: keep the graph (text-encoder adapters are training)."""
+        with torch.set_grad_enabled(grad):
+            return self._encode_caption(caption, device)
+
+    def _encode_caption(self, caption: str, device) -> Conditioning:
         if self.family == "sdxl":
             embeds, _, pooled, _ = self.pipe.encode_prompt(
                 caption, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False

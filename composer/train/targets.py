@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import torch
 from torch import nn
@@ -20,6 +21,7 @@ TRANSFORMER = r"(^|\.)(attentions|transformer_blocks|single_transformer_blocks)\
 RESNET_CONVS = (
     r"(^|\.)(resnets\.\d+\.(conv1|conv2|conv_shortcut)|downsamplers\.\d+\.conv|upsamplers\.\d+\.conv)$"
 )
+CLIP_ATTENTION = re.compile(r"self_attn\.(q_proj|k_proj|v_proj|out_proj)$")
 KIND_OF = {"lora": "lora", "blora": "lora", "kron": "kron", "tensor": "tensor"}  # config kind -> file kind
 
 
@@ -42,7 +44,28 @@ def target_keys(backbone: Backbone, pipe, config: TrainConfig) -> list[str]:
             )
     if not names:
         raise TrainConfigError(f"no target modules match {backbone.target_pattern!r} in this model")
-    return [f"{backbone.denoiser}.{n}" for n in names]
+    keys = [f"{backbone.denoiser}.{n}" for n in names]
+    if config.text_encoder:
+        keys += text_encoder_keys(backbone, pipe)
+    return keys
+
+
+def text_encoder_keys(backbone: Backbone, pipe) -> list[str]:
+    """The self-attention q/k/v/out projections of the pipeline's CLIP text encoders (kohya's TE targets;
+    FLUX's T5 is left alone, as sd-scripts does by default)."""
+    keys = []
+    for component in backbone.text_encoders:
+        model = getattr(pipe, component, None)
+        if model is None or "CLIP" not in type(model).__name__:
+            continue
+        keys += [
+            f"{component}.{n}"
+            for n, m in model.named_modules()
+            if isinstance(getattr(m, "base", m), nn.Linear) and CLIP_ATTENTION.search(n)
+        ]
+    if not keys:
+        raise TrainConfigError(f"this {backbone.family} model has no CLIP text encoder to adapt")
+    return keys
 
 
 def create(base: nn.Module, config: TrainConfig, generator: torch.Generator) -> nn.Module:
