@@ -55,6 +55,12 @@ class Settings(BaseSettings):
         description="server folder the admin page imports folders from (default: <data_dir>/import)",
     )
     admin_session_hours: float = Field(default=12, gt=0, description="admin login lifetime, in hours")
+    admin_login_attempts: int = Field(
+        default=5, ge=1, description="failed admin logins per address and username before it must wait"
+    )
+    admin_login_window_s: float = Field(
+        default=900, gt=0, description="how long a failed admin login counts against its address, in seconds"
+    )
 
     @property
     def root(self) -> Path:

@@ -110,6 +110,44 @@ def test_login_is_refused_with_a_wrong_password_or_user(live):
         assert client.get("/admin/").status_code == 303
 
 
+def test_repeated_failed_logins_must_wait_and_others_can_still_log_in(live):
+    with anonymous(live) as client:
+        token = csrf_of(client.get("/admin/login"))
+        for _ in range(5):  # admin_login_attempts
+            r = client.post("/admin/login", data={"username": "mallory", "password": "guess", "csrf": token})
+            assert r.status_code == 401
+        r = client.post("/admin/login", data={"username": "mallory", "password": "guess", "csrf": token})
+        assert r.status_code == 429 and "too many failed logins" in body(r)
+        assert 850 <= int(r.headers["retry-after"]) <= 901
+    with anonymous(live) as client:  # the same address, another username: not locked out
+        token = csrf_of(client.get("/admin/login"))
+        r = client.post("/admin/login", data={"username": USER, "password": PASSWORD, "csrf": token})
+        assert r.status_code == 303
+
+
+def test_login_throttle_counts_in_a_sliding_window():
+    from app.admin.throttle import LoginThrottle
+
+    now = [0.0]
+    throttle = LoginThrottle(per_user=2, per_address=3, window_s=100, clock=lambda: now[0])
+    throttle.failed("1.2.3.4", "a")
+    assert throttle.retry_after("1.2.3.4", "a") == 0
+    now[0] = 10.0
+    throttle.failed("1.2.3.4", "a")
+    assert throttle.retry_after("1.2.3.4", "a") == 91  # until the first failure leaves the window
+    assert throttle.retry_after("1.2.3.4", "b") == 0 and throttle.retry_after("5.6.7.8", "a") == 0
+    throttle.failed("1.2.3.4", "b")  # the address's third failure: every username waits
+    assert throttle.retry_after("1.2.3.4", "c") > 0
+    now[0] = 101.0
+    assert throttle.retry_after("1.2.3.4", "a") == 0  # the failure at 0 has left the window
+    now[0] = 200.0
+    assert throttle.retry_after("1.2.3.4", "a") == 0 and throttle.retry_after("1.2.3.4", "c") == 0
+    throttle.failed("1.2.3.4", "a")
+    throttle.failed("1.2.3.4", "a")
+    throttle.succeeded("1.2.3.4", "a")  # a success clears the username's count
+    assert throttle.retry_after("1.2.3.4", "a") == 0
+
+
 def test_login_goes_back_where_it_was_sent_from_and_nowhere_else(live):
     with anonymous(live) as client:
         token = csrf_of(client.get("/admin/login"))

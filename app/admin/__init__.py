@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from app.admin import auth, catalog, files, ops
 from app.admin.core import install_handlers
 from app.admin.session import SessionCodec, load_secret
+from app.admin.throttle import LoginThrottle
 from app.frontend import Frontend
 
 
@@ -22,6 +23,9 @@ def create_admin_app(front: Frontend) -> FastAPI:
     app.state.front = front
     app.state.codec = SessionCodec(
         load_secret(settings.session_secret_path), max_age_s=int(settings.admin_session_hours * 3600)
+    )
+    app.state.throttle = LoginThrottle(
+        per_user=settings.admin_login_attempts, window_s=settings.admin_login_window_s
     )
     install_handlers(app)
     for module in (auth, catalog, files, ops):

@@ -28,8 +28,22 @@ def login_form(request: Request, next: str = ""):
 
 @router.post("/login")
 def login(request: Request, form: FormDep, front: FrontDep):
-    """Check the password (Argon2) and start a signed-in session."""
+    """Check the password (Argon2) and start a signed-in session; repeated failures make the client wait."""
     username, password = form.get("username"), form.get("password")
+    throttle = request.app.state.throttle
+    address = request.client.host if request.client else "unknown"
+    name = username if isinstance(username, str) else ""
+    wait = throttle.retry_after(address, name)
+    if wait:
+        response = page(
+            request,
+            "login.html",
+            429,
+            next=form.get("next", ""),
+            error=f"too many failed logins; try again in {wait} s",
+        )
+        response.headers["Retry-After"] = str(wait)
+        return response
     with unit_of_work(front.studio.sessions) as db:
         users = UserRepository(db)
         user = users.verify(username, password) if isinstance(username, str) else None
@@ -39,7 +53,9 @@ def login(request: Request, form: FormDep, front: FrontDep):
         else:
             user_id = None
     if user_id is None:
+        throttle.failed(address, name)
         return page(request, "login.html", 401, next=form.get("next", ""), error="wrong username or password")
+    throttle.succeeded(address, name)
     request.state.admin_session = Session.new(user_id)
     response = redirect(request, safe_next(form.get("next"), request.scope.get("root_path", "")))
     request.app.state.codec.write(response, session_of(request), request)
