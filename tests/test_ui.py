@@ -187,6 +187,31 @@ def test_train_shows_the_loss_curve_and_links_the_new_adapter(client, live, tmp_
         client.predict([], "lora", "other", "a photo", "", 3, api_name="/train")
 
 
+def test_stop_ends_a_training_run_and_catalogs_nothing(client, live, tmp_path):
+    import time
+
+    rng = np.random.default_rng(1)
+    files = []
+    for i in range(3):
+        files.append(tmp_path / f"img{i}.png")
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(files[-1])
+    before, _ = render(client)
+    job = client.submit(
+        [handle_file(str(f)) for f in files], "lora", "stopped", "a photo of sks", "", 5000, api_name="/train"
+    )
+    deadline = time.monotonic() + 120
+    while not job.outputs() and time.monotonic() < deadline:  # the first steps have run
+        time.sleep(0.2)
+    assert job.outputs(), "training did not start"
+    assert "Stopping" in client.predict(api_name="/stop_training")
+    curve, status = job.result(timeout=120)
+    assert "Training stopped at step" in status and "nothing was added to the catalog" in status
+    assert len(curve["data"]) < 5000
+    assert "stopped" not in live.studio.library.names()
+    after, _ = render(client)
+    assert np.array_equal(pixels(after[0]["image"]), pixels(before[0]["image"]))  # the pipeline came back
+
+
 def test_uploads_over_the_limit_are_refused(live):
     big = {"files": ("big.png", b"\0" * (2 * 2**20), "image/png")}
     r = httpx.post(f"{live.url}/gradio_api/upload", files=big, timeout=60)

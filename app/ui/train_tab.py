@@ -19,6 +19,10 @@ from composer.errors import StudioError
 POLL_SECONDS = 0.5
 
 
+class TrainingStopped(StudioError):
+    """The user pressed Stop: the run ends at its next step and nothing enters the catalog."""
+
+
 def loss_frame(losses: list[tuple[int, float]]) -> pd.DataFrame:
     return pd.DataFrame(losses, columns=["step", "loss"])
 
@@ -51,12 +55,17 @@ def build_train_tab(front: Frontend) -> None:
             steps = gr.Number(
                 label="Steps (0: the type's recipe)", value=0, precision=0, elem_id="train-steps"
             )
-            go = gr.Button("Train", variant="primary", elem_id="train")
+            with gr.Row():
+                go = gr.Button("Train", variant="primary", elem_id="train")
+                stop = gr.Button("Stop", variant="stop", elem_id="train-stop")
         with gr.Column():
             curve = gr.LinePlot(x="step", y="loss", title="Training loss", elem_id="loss-curve")
             status = gr.Markdown(elem_id="train-status")
 
+    stopping = threading.Event()  # one training run at a time (concurrency "gpu", limit 1)
+
     def train(files, kind_, name_, prompt_, triggers_, steps_, progress=gr.Progress()):
+        stopping.clear()
         with user_errors():
             if not files:
                 raise StudioError("upload at least one training image")
@@ -71,6 +80,8 @@ def build_train_tab(front: Frontend) -> None:
         def on_step(done: int, steps_total: int, loss: float) -> None:
             total[0] = steps_total
             losses.append((done, float(loss)))
+            if stopping.is_set() and done < steps_total:
+                raise TrainingStopped(f"stopped at step {done} of {steps_total}")
 
         def run() -> None:
             try:
@@ -97,6 +108,14 @@ def build_train_tab(front: Frontend) -> None:
                 done = losses[-1][0]
                 progress((done, total[0]), desc=f"training, loss {losses[-1][1]:.4f}", unit="steps")
                 yield loss_frame(list(losses)), f"step {done} of {total[0]}"
+        if isinstance(outcome.get("error"), TrainingStopped):
+            yield (
+                loss_frame(list(losses)),
+                f"Training {outcome['error']}; nothing was added to the catalog. Its checkpoints stay in the "
+                f"data dir's `training/{name_.strip()}` folder: `lora-studio train ... --resume` continues "
+                "it there; delete that folder to train this name again from the start.",
+            )
+            return
         with user_errors():
             if "error" in outcome:
                 raise outcome["error"]
@@ -108,6 +127,11 @@ def build_train_tab(front: Frontend) -> None:
             f"final loss {result.final_loss:.4f}): [open it in the catalog](/admin/loras/{quote(info.name)})",
         )
 
+    def stop_training() -> str:
+        stopping.set()
+        return "Stopping after the current step..."
+
+    stop.click(stop_training, None, status, api_name="stop_training", concurrency_limit=None)
     go.click(
         train,
         [images, kind, name, prompt, triggers, steps],
