@@ -65,16 +65,21 @@ def pick(page, name: str) -> None:
     )
 
 
+def open_with_two_loras(page, live) -> None:
+    """The studio page with a prompt and inkwell + pastel picked."""
+    page.goto(f"{live.url}/")
+    page.locator("#prompt textarea").fill("a red circle on the left")
+    pick(page, "inkwell")
+    pick(page, "pastel")
+
+
 def set_number(page, elem_id: str, value: str) -> None:
     page.locator(f"#{elem_id} input").fill(value)
 
 
 def test_render_with_two_loras_from_the_studio_page(live, tab):
     page = tab
-    page.goto(f"{live.url}/")
-    page.locator("#prompt textarea").fill("a red circle on the left")
-    pick(page, "inkwell")
-    pick(page, "pastel")
+    open_with_two_loras(page, live)
     prompt = page.locator("#prompt textarea")
     page.wait_for_function(
         "() => document.querySelector('#prompt textarea').value.includes('pastelstyle')", timeout=WAIT_MS
@@ -143,10 +148,7 @@ def test_admin_edits_trigger_words_that_the_studio_picker_then_uses(live, tab):
 
 def test_regional_masks_painted_on_the_canvas_show_in_the_gallery(live, tab):
     page = tab
-    page.goto(f"{live.url}/")
-    page.locator("#prompt textarea").fill("a red circle on the left")
-    pick(page, "inkwell")
-    pick(page, "pastel")
+    open_with_two_loras(page, live)
     page.locator("#method input").click()
     page.get_by_role("option", name="regional", exact=True).click()
     legend = page.locator("#region-legend")

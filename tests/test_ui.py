@@ -165,12 +165,18 @@ def test_catalog_endpoint_lists_adapters(client):
     assert [row[0] for row in table["data"]] == ["pastel"]
 
 
-def test_train_shows_the_loss_curve_and_links_the_new_adapter(client, live, tmp_path):
-    rng = np.random.default_rng(0)
+def noise_images(folder, seed: int, n: int = 3) -> list:
+    """`n` random 32 px PNGs in `folder` (training uploads)."""
+    rng = np.random.default_rng(seed)
     files = []
-    for i in range(3):
-        files.append(tmp_path / f"img{i}.png")
+    for i in range(n):
+        files.append(folder / f"img{i}.png")
         Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(files[-1])
+    return files
+
+
+def test_train_shows_the_loss_curve_and_links_the_new_adapter(client, live, tmp_path):
+    files = noise_images(tmp_path, seed=0)
     curve, status = client.predict(
         [handle_file(str(f)) for f in files], "lora", "trained", "a photo of sks", "sks", 3, api_name="/train"
     )
@@ -190,11 +196,7 @@ def test_train_shows_the_loss_curve_and_links_the_new_adapter(client, live, tmp_
 def test_stop_ends_a_training_run_and_catalogs_nothing(client, live, tmp_path):
     import time
 
-    rng = np.random.default_rng(1)
-    files = []
-    for i in range(3):
-        files.append(tmp_path / f"img{i}.png")
-        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(files[-1])
+    files = noise_images(tmp_path, seed=1)
     before, _ = render(client)
     job = client.submit(
         [handle_file(str(f)) for f in files], "lora", "stopped", "a photo of sks", "", 5000, api_name="/train"
