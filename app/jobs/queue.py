@@ -3,7 +3,6 @@ the model), the bounded queue, idempotent submission and cancellation. Executors
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 from abc import ABC, abstractmethod
@@ -20,17 +19,6 @@ from db.models import RenderJob
 from db.session import unit_of_work
 
 log = logging.getLogger(__name__)
-
-REQUEST_FIELDS = tuple(f.name for f in dataclasses.fields(RenderRequest))
-
-
-def to_request(data: dict[str, Any]) -> RenderRequest:
-    """A stored request (JSON: RenderRequest's fields, LoRAs as {name, weight}) as a RenderRequest.
-
-    Raises:
-        StudioError: an unknown field, a malformed LoRA entry or bad method parameters.
-    """
-    return RenderRequest.from_json(data)
 
 
 class JobQueue(ABC):
@@ -125,7 +113,7 @@ class JobQueue(ABC):
         total = 0
         for i, data in enumerate(requests):
             try:
-                request = to_request(data)
+                request = RenderRequest.from_json(data)
                 request.validate()
                 for lw in request.loras:
                     info, _ = self.studio.resolve_lora(lw.name)
@@ -152,4 +140,4 @@ class JobQueue(ABC):
         )
 
 
-__all__ = ["REQUEST_FIELDS", "JobQueue", "to_request"]
+__all__ = ["JobQueue"]

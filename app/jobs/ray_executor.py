@@ -25,11 +25,12 @@ from typing import Any
 import ray
 from ray.exceptions import RayActorError, RayError
 
-from app.jobs.queue import JobQueue, to_request
+from app.jobs.queue import JobQueue
 from app.jobs.runner import Heartbeats, JobControl, run_job
 from app.settings import Settings
 from app.studio import Studio
 from composer.errors import StudioError
+from composer.render import RenderRequest
 from db.errors import CatalogError
 from db.jobs import JobRepository
 from db.session import unit_of_work
@@ -214,7 +215,7 @@ class RayExecutor(JobQueue):
         if job_id not in self._loras:
             found = set()
             for data in requests:
-                for lw in to_request(data).loras:
+                for lw in RenderRequest.from_json(data).loras:
                     # a LoRA gone since submission adds nothing: its job fails on the actor, naming it
                     with suppress(StudioError, CatalogError):
                         found.add(self.studio.resolve_lora(lw.name)[0].sha256)

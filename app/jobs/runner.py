@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
-from app.jobs.queue import to_request
 from app.studio import RenderResult, Studio
 from composer.errors import StudioError
 from composer.render import RenderRequest, batch_key
@@ -144,7 +143,7 @@ def run_job(studio: Studio, control: JobControl) -> str:
 
     try:
         studio.pipeline(backbone, model)  # cached after the first job
-        pending = [(i, to_request(data)) for i, data in enumerate(requests) if i not in recorded]
+        pending = [(i, RenderRequest.from_json(data)) for i, data in enumerate(requests) if i not in recorded]
         for group in batches(pending, studio.settings.max_batch):
             reason = control.interrupted()
             if reason is not None:

@@ -84,6 +84,25 @@ def denoise_in_streams(
     names = sorted({n for s in streams for n in s})
     original = denoiser.forward
     patched_before = "forward" in vars(denoiser)  # someone's hook (accelerate offload) to put back
+    cache: dict[tuple, object] = {}  # every step asks for the same scales and weights: build them once
+
+    def scales_for(batch: int, device) -> dict[str, Scale]:
+        key = ("scales", batch, device)
+        if key not in cache:
+            cache[key] = {
+                name: torch.tensor(
+                    [float(s.get(name, 0.0)) for s in streams for _ in range(batch)], device=device
+                )
+                for name in names
+            }
+        return cache[key]
+
+    def weights_for(sample: torch.Tensor, batch: int) -> torch.Tensor:
+        shape = sample[:batch].shape
+        key = ("weights", shape, sample.device, sample.dtype)
+        if key not in cache:
+            cache[key] = blend_weights(masks.to(sample.device), shape, grid).to(sample.dtype)
+        return cache[key]
 
     def forward(*args, **kwargs):
         key = next((k for k in ("sample", "hidden_states") if k in kwargs), None)
@@ -91,22 +110,15 @@ def denoise_in_streams(
         batch, count = hidden.shape[0], len(streams)
         args = tuple(_repeat(a, batch, count) for a in args)
         kwargs = {k: (v if k in _UNBATCHED else _repeat(v, batch, count)) for k, v in kwargs.items()}
-        per_sample: dict[str, Scale] = {
-            name: torch.tensor(
-                [float(s.get(name, 0.0)) for s in streams for _ in range(batch)], device=hidden.device
-            )
-            for name in names
-        }
         previous = host.context.active
-        host.context.active = per_sample
+        host.context.active = scales_for(batch, hidden.device)
         try:
             out = original(*args, **kwargs)
         finally:
             host.context.active = previous
         sample = out[0] if isinstance(out, tuple) else out.sample
         stacked = sample.reshape(count, batch, *sample.shape[1:])  # (S, B, ...)
-        weights = blend_weights(masks.to(sample.device), sample[:batch].shape, grid).to(sample.dtype)
-        blended = (stacked * weights).sum(dim=0)
+        blended = (stacked * weights_for(sample, batch)).sum(dim=0)
         if on_call is not None:
             on_call()
         if isinstance(out, tuple):
