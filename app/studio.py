@@ -211,7 +211,14 @@ class Studio:
         names = {lw.name: key for lw, key in zip(stack, keys, strict=True)}
         pictures: list = []
         images = render_batch(
-            loaded.pipe, bb, loaded.host, requests, adapter_names=names, progress=progress, pictures=pictures
+            loaded.pipe,
+            bb,
+            loaded.host,
+            requests,
+            adapter_names=names,
+            progress=progress,
+            pictures=pictures,
+            triggers={lw.name: info.trigger_words for lw, info in zip(stack, infos, strict=True)},
         )
         results = []
         for i, request in enumerate(requests):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -134,14 +134,16 @@ def render(
     request: RenderRequest,
     adapter_names: dict[str, str] | None = None,
     progress: Progress | None = None,
+    triggers: Mapping[str, Sequence[str]] | None = None,
 ):
     """Run the pipeline with the request's LoRAs active; returns PIL images.
 
     Args:
         adapter_names: catalog name -> resident adapter name on `host` (default: the same name).
         progress: called after every denoising step.
+        triggers: catalog name -> trigger words (methods that find LoRAs' concepts in the prompt need them).
     """
-    return render_batch(pipe, backbone, host, [request], adapter_names, progress)
+    return render_batch(pipe, backbone, host, [request], adapter_names, progress, triggers=triggers)
 
 
 def render_batch(
@@ -152,11 +154,13 @@ def render_batch(
     adapter_names: dict[str, str] | None = None,
     progress: Progress | None = None,
     pictures: list | None = None,
+    triggers: Mapping[str, Sequence[str]] | None = None,
 ):
     """Render several requests of one `batch_key` in one pipeline call: a list of prompts, and one generator
     per request seeded with its seed (diffusers draws each sample's latents from its own generator). Returns
     PIL images in request order (`num_images` of each; a batch of several holds single-image requests only).
-    The composition method's pictures (e.g. the masks it used: (caption, PIL image)) go into `pictures`.
+    The composition method's pictures (e.g. the masks it used: (caption, PIL image)) go into `pictures`;
+    `triggers` (catalog name -> trigger words) is what methods that look for concepts in the prompt read.
 
     Raises:
         StudioError: no requests, an invalid one, or requests that cannot share a call.
@@ -188,13 +192,6 @@ def render_batch(
         kwargs["negative_prompt"] = first.negative_prompt if single else [r.negative_prompt for r in requests]
     if "max_sequence_length" in accepted and getattr(pipe, "tokenizer_2", None) is not None:
         kwargs["max_sequence_length"] = min(512, pipe.tokenizer_2.model_max_length)
-    if progress is not None:
-
-        def on_step_end(_pipe, step, _timestep, callback_kwargs):
-            progress(step + 1, steps)
-            return callback_kwargs
-
-        kwargs["callback_on_step_end"] = on_step_end
     run = MethodRun(
         pipe,
         backbone,
@@ -202,8 +199,20 @@ def render_batch(
         [(lw.name, adapter_names.get(lw.name, lw.name), lw.weight) for lw in first.loras],
         first.height or backbone.native_size(pipe),
         first.width or backbone.native_size(pipe),
+        prompts=[r.prompt for r in requests],
+        images_per_prompt=first.num_images,
+        triggers={name: list(words) for name, words in (triggers or {}).items()},
     )
-    with first.params().apply(run), torch.inference_mode():
+
+    def on_step_end(step_pipe, step, timestep, tensors):
+        for hook in run.step_end:
+            tensors = hook(step_pipe, step, timestep, tensors)
+        if progress is not None:
+            progress(step + 1, steps)
+        return tensors
+
+    kwargs["callback_on_step_end"] = on_step_end
+    with first.params().apply(run), torch.no_grad() if run.needs_grad else torch.inference_mode():
         images = pipe(**kwargs).images
     if pictures is not None:
         pictures.extend(run.pictures)

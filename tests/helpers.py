@@ -52,3 +52,36 @@ def render(pipe, prompt: str = "a red circle on the left", steps: int = 3, seed:
         width=kwargs.pop("width", 32),
         **kwargs,
     ).images
+
+
+def denoiser_inputs(backbone, pipe, size: int, batch: int = 2, latent: int = 4):
+    """Random arguments for one direct call of a tiny pipeline's denoiser: latents of `latent` x `latent`
+    (FLUX: packed into 2x2 patches), size conditioning of `size` pixels. Returns (args, kwargs, grid), grid
+    being FLUX's (rows, cols) of packed patches (None for a UNet)."""
+    import torch
+
+    torch.manual_seed(0)
+    c = getattr(pipe, backbone.denoiser).config
+    if backbone.family == "sdxl":
+        args = (torch.randn(batch, c.in_channels, latent, latent), torch.tensor(500))
+        kwargs = dict(
+            encoder_hidden_states=torch.randn(batch, 77, c.cross_attention_dim),
+            added_cond_kwargs={
+                "text_embeds": torch.randn(batch, pipe.text_encoder_2.config.projection_dim),
+                "time_ids": torch.tensor([[size, size, 0, 0, size, size]] * batch, dtype=torch.float32),
+            },
+            return_dict=False,
+        )
+        return args, kwargs, None
+    side = latent // 2
+    kwargs = dict(
+        hidden_states=torch.randn(batch, side * side, c.in_channels),  # packed 2x2 patches
+        encoder_hidden_states=torch.randn(batch, 8, c.joint_attention_dim),
+        pooled_projections=torch.randn(batch, c.pooled_projection_dim),
+        timestep=torch.tensor([0.5] * batch),
+        img_ids=pipe._prepare_latent_image_ids(batch, side, side, "cpu", torch.float32),
+        txt_ids=torch.zeros(8, 3),
+        guidance=torch.tensor([3.5] * batch) if c.guidance_embeds else None,
+        return_dict=False,
+    )
+    return (), kwargs, (side, side)

@@ -92,7 +92,8 @@ class AdaptedModule(nn.Module):
         adapters = [self.adapters[n] for n, _ in work]
         # parameter versions in the key: an in-place update (an optimizer step) invalidates the stack
         names = tuple((n, a.down._version, a.up._version) for (n, _), a in zip(work, adapters, strict=True))
-        names = (*names, x.dtype)
+        # inference-mode tensors cannot enter a graph: a stack built under inference_mode serves only there
+        names = (*names, x.dtype, torch.is_inference_mode_enabled())
         stack = self._stacks.get(names)
         if stack is None:
             down = torch.cat([a.down for a in adapters], dim=0).to(x.dtype)  # (R, in)

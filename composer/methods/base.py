@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -17,7 +18,13 @@ class MethodRun:
     Attributes:
         stack: (catalog name, resident adapter name on `host`, weight) per LoRA, in the request's order.
         height, width: the size being rendered, in pixels.
+        prompts: the call's prompts, one per request; each gives `images_per_prompt` samples, in order.
+        triggers: catalog name -> the LoRA's trigger words.
         pictures: what the method shows beside the images (caption, PIL image), e.g. the masks it used.
+        step_end: hooks run after every denoising step as diffusers' `callback_on_step_end` runs them
+            (pipe, step, timestep, tensors) -> tensors; the latents they return replace the pipeline's.
+        needs_grad: the method takes gradients during the call (the call runs under no_grad, not
+            inference_mode, and the method enables grad where it needs it).
     """
 
     pipe: Any
@@ -26,7 +33,12 @@ class MethodRun:
     stack: list[tuple[str, str, float]]
     height: int
     width: int
+    prompts: list[str] = field(default_factory=list)
+    images_per_prompt: int = 1
+    triggers: dict[str, list[str]] = field(default_factory=dict)
     pictures: list[tuple[str, Any]] = field(default_factory=list)
+    step_end: list[Callable[[Any, int, Any, dict], dict]] = field(default_factory=list)
+    needs_grad: bool = False
 
     @property
     def scales(self) -> dict[str, float]:

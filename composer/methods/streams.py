@@ -27,12 +27,13 @@ def blend_weights(masks: torch.Tensor, shape: torch.Size, grid: tuple[int, int] 
     """Per-stream weights shaped to broadcast over a denoiser output of `shape`, summing to 1 at every pixel.
 
     Args:
-        masks: (S, H, W) non-negative stream masks at any resolution (each pixel covered by some stream).
+        masks: (S, H, W) non-negative stream masks at any resolution (each pixel covered by some stream), the
+            same for every sample, or (S, B, H, W), one per sample of the output's batch.
         shape: the output's shape: (B, C, h, w) for a UNet, (B, seq, C) for FLUX's packed 2x2 patches.
         grid: (rows, cols) of the packed patches, for a 3-d output.
 
     Returns:
-        (S, 1, 1, h, w) or (S, 1, seq, 1).
+        (S, b, 1, h, w) or (S, b, seq, 1), b = 1 or B.
     """
     if len(shape) == 4:
         size = tuple(shape[-2:])
@@ -42,14 +43,17 @@ def blend_weights(masks: torch.Tensor, shape: torch.Size, grid: tuple[int, int] 
         size = grid
     else:
         raise StudioError(f"cannot blend a denoiser output of shape {tuple(shape)}")
-    resized = F.interpolate(masks[:, None].float(), size=size, mode="area")[:, 0]  # (S, h, w)
+    per_sample = masks if masks.ndim == 4 else masks[:, None]  # (S, b, H, W)
+    streams, b = per_sample.shape[:2]
+    flat = per_sample.reshape(streams * b, 1, *per_sample.shape[2:]).float()
+    resized = F.interpolate(flat, size=size, mode="area").reshape(streams, b, *size)
     total = resized.sum(dim=0, keepdim=True)
     if bool((total <= 0).any()):
         raise StudioError("some pixels belong to no stream")
     weights = resized / total
     if len(shape) == 4:
-        return weights[:, None, None]  # (S, 1, 1, h, w)
-    return weights.reshape(weights.shape[0], 1, -1, 1)  # (S, 1, seq, 1)
+        return weights[:, :, None]  # (S, b, 1, h, w)
+    return weights.reshape(streams, b, -1, 1)  # (S, b, seq, 1)
 
 
 def _repeat(value: Any, batch: int, times: int) -> Any:
@@ -65,9 +69,9 @@ def denoise_in_streams(
     denoiser: torch.nn.Module,
     host: AdapterHost,
     streams: Sequence[Mapping[str, float]],
-    masks: torch.Tensor,
+    masks: torch.Tensor | Callable[[int], torch.Tensor],
     grid: tuple[int, int] | None = None,
-    on_call: Callable[[], None] | None = None,
+    on_call: Callable[[tuple, dict], None] | None = None,
 ) -> Iterator[None]:
     """While the block runs, every `denoiser(...)` call returns the mask-weighted blend of its streams.
 
@@ -75,12 +79,15 @@ def denoise_in_streams(
         denoiser: the pipeline's unet or transformer (its forward is replaced, then put back).
         host: the AdapterHost on the pipeline; its active set is replaced per call, then put back.
         streams: per stream, adapter name -> scale (an empty mapping: the base model).
-        masks: (S, H, W) the streams' regions, any resolution; resized to the output by area.
+        masks: (S, H, W) the streams' regions, any resolution; resized to the output by area. Or a function
+            of the call's batch size, asked after the streams ran (their attention read), that returns the
+            regions for this call: (S, H, W) or (S, batch, H, W) (CLoRA's masks change every step).
         grid: (rows, cols) of FLUX's packed latent patches.
-        on_call: called after each blended call (tests count passes with it).
+        on_call: called after each blended call with the call's own (args, kwargs), before any repeat.
     """
-    if not streams or masks.shape[0] != len(streams):
-        raise StudioError(f"{len(streams)} streams for {masks.shape[0]} masks")
+    fixed = isinstance(masks, torch.Tensor)
+    if not streams or (fixed and masks.shape[0] != len(streams)):
+        raise StudioError(f"{len(streams)} streams for {masks.shape[0] if fixed else '?'} masks")
     names = sorted({n for s in streams for n in s})
     original = denoiser.forward
     patched_before = "forward" in vars(denoiser)  # someone's hook (accelerate offload) to put back
@@ -99,17 +106,24 @@ def denoise_in_streams(
 
     def weights_for(sample: torch.Tensor, batch: int) -> torch.Tensor:
         shape = sample[:batch].shape
+        if not fixed:
+            regions = masks(batch)
+            if regions.shape[0] != len(streams):
+                raise StudioError(f"{len(streams)} streams for {regions.shape[0]} masks")
+            return blend_weights(regions.to(sample.device), shape, grid).to(sample.dtype)
         key = ("weights", shape, sample.device, sample.dtype)
         if key not in cache:
             cache[key] = blend_weights(masks.to(sample.device), shape, grid).to(sample.dtype)
         return cache[key]
 
-    def forward(*args, **kwargs):
-        key = next((k for k in ("sample", "hidden_states") if k in kwargs), None)
-        hidden = kwargs[key] if key else args[0]  # (B, ...) latents: UNets take them first, FLUX by name
+    def forward(*call_args, **call_kwargs):
+        key = next((k for k in ("sample", "hidden_states") if k in call_kwargs), None)
+        hidden = (
+            call_kwargs[key] if key else call_args[0]
+        )  # (B, ...) latents: UNets take them first, FLUX by name
         batch, count = hidden.shape[0], len(streams)
-        args = tuple(_repeat(a, batch, count) for a in args)
-        kwargs = {k: (v if k in _UNBATCHED else _repeat(v, batch, count)) for k, v in kwargs.items()}
+        args = tuple(_repeat(a, batch, count) for a in call_args)
+        kwargs = {k: (v if k in _UNBATCHED else _repeat(v, batch, count)) for k, v in call_kwargs.items()}
         previous = host.context.active
         host.context.active = scales_for(batch, hidden.device)
         try:
@@ -120,7 +134,7 @@ def denoise_in_streams(
         stacked = sample.reshape(count, batch, *sample.shape[1:])  # (S, B, ...)
         blended = (stacked * weights_for(sample, batch)).sum(dim=0)
         if on_call is not None:
-            on_call()
+            on_call(call_args, call_kwargs)
         if isinstance(out, tuple):
             return (blended, *out[1:])
         out.sample = blended
