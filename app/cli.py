@@ -163,7 +163,7 @@ def render_(
     width: int | None = None,
     seed: int = 0,
     num_images: int = 1,
-    method: Annotated[str, typer.Option(help="composition method: merge or regional")] = "merge",
+    method: Annotated[str, typer.Option(help="composition method: merge, regional or clora")] = "merge",
     param: Annotated[
         list[str] | None,
         typer.Option("--param", help="method parameter KEY=VALUE, e.g. feather=4 (repeatable)"),

@@ -86,6 +86,20 @@ def test_cli_end_to_end(tmp_path, tiny_sdxl_factory):
         result = runner.invoke(app, [*args, "--method", "regional", *bad, "--out", str(regional), *data])
         assert result.exit_code == 1 and message in result.output, result.output
 
+    contrastive = tmp_path / "clora.png"
+    clora_args = ["render", "--backbone", "sdxl", "--prompt", "alphatok left, betatok right", "--steps", "2"]
+    clora_args += ["--lora", "alpha", "--lora", "beta", "--method", "clora", "--param", "threshold=0.4"]
+    result = runner.invoke(app, [*clora_args, "--out", str(contrastive), *data])
+    assert result.exit_code == 0, result.output
+    assert json.loads(Image.open(contrastive).text["lora_studio"])["method_params"]["threshold"] == 0.4
+    masks = sorted(p.name for p in tmp_path.glob("clora.clora*.png"))  # base, alpha, beta
+    assert masks == ["clora.clora0.png", "clora.clora1.png", "clora.clora2.png"]
+    assert "clora: alpha (" in result.output
+    result = runner.invoke(
+        app, [*clora_args[:4], "alphatok only", *clora_args[5:], "--out", str(contrastive), *data]
+    )
+    assert result.exit_code == 1 and "does not contain 'beta''s trigger word ('betatok')" in result.output
+
     result = runner.invoke(app, ["render", "--backbone", "sdxl", "--prompt", "x", "--lora", "alpah", *data])
     assert result.exit_code == 1 and "alpah" in result.output and "alpha" in result.output
     assert "Traceback" not in result.output

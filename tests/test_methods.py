@@ -14,9 +14,17 @@ from PIL import Image
 from composer.adapters.host import AdapterHost
 from composer.errors import StudioError
 from composer.masks import PALETTE, Mask, MaskError, RegionMasks
-from composer.methods import METHODS, MergeParams, RegionalParams, params_from_json, params_to_json
+from composer.methods import (
+    METHODS,
+    CLoRAParams,
+    MergeParams,
+    RegionalParams,
+    params_from_json,
+    params_to_json,
+)
 from composer.methods.streams import blend_weights, denoise_in_streams
 from composer.render import LoraWeight, RenderRequest, render_batch
+from tests.helpers import denoiser_inputs
 
 SIZE = 32  # pixels; the tiny models' latents are 4x4 (SDXL) / 2x2 patches (FLUX) at this size
 
@@ -49,6 +57,9 @@ def rig(request, tiny_sdxl_factory, tiny_flux_factory):
     host.detach()
 
 
+TRIGGERS = {"a": ["red"], "b": ["circle"]}  # words of the prompt below, standing for the LoRAs' concepts
+
+
 def run(rig, method="merge", params=None, loras=(("a", 1.0),), pictures=None, steps=3, seed=0):
     backbone, pipe, host = rig
     request = RenderRequest(
@@ -61,7 +72,7 @@ def run(rig, method="merge", params=None, loras=(("a", 1.0),), pictures=None, st
         method=method,
         method_params=params,
     )
-    image = render_batch(pipe, backbone, host, [request], pictures=pictures)[0]
+    image = render_batch(pipe, backbone, host, [request], pictures=pictures, triggers=TRIGGERS)[0]
     return np.asarray(image, dtype=np.float32) / 255.0
 
 
@@ -70,7 +81,10 @@ def test_every_registered_method_runs_and_restores_the_pipeline(rig):
     denoiser = getattr(pipe, backbone.denoiser)
     base = run(rig, loras=())
     for name, params in METHODS.items():
-        sample = {"regional": RegionalParams(RegionMasks.of({"a": half_mask("left")}))}.get(name, params())
+        sample = {
+            "regional": RegionalParams(RegionMasks.of({"a": half_mask("left")})),
+            "clora": CLoRAParams(update_until=1.0),
+        }.get(name, params())
         changed = run(rig, name, sample, loras=(("a", 1.0), ("b", 0.5)))
         assert np.abs(changed - base).max() > 0.01, f"{name} changed nothing"
         assert "forward" not in vars(denoiser), f"{name} left its denoiser wrapper on"
@@ -92,33 +106,7 @@ def test_each_stream_owns_its_pixels_in_one_batched_pass(rig):
     """Left half from LoRA a's prediction, right half from b's, bit for bit, in a single denoiser call."""
     backbone, pipe, host = rig
     denoiser = getattr(pipe, backbone.denoiser)
-    torch.manual_seed(0)
-    if backbone.family == "sdxl":
-        c = denoiser.config
-        args = (torch.randn(2, c.in_channels, 4, 4), torch.tensor(500))
-        kwargs = dict(
-            encoder_hidden_states=torch.randn(2, 77, c.cross_attention_dim),
-            added_cond_kwargs={
-                "text_embeds": torch.randn(2, pipe.text_encoder_2.config.projection_dim),
-                "time_ids": torch.tensor([[SIZE, SIZE, 0, 0, SIZE, SIZE]] * 2, dtype=torch.float32),
-            },
-            return_dict=False,
-        )
-        grid = None
-    else:
-        c = denoiser.config
-        args = ()
-        kwargs = dict(
-            hidden_states=torch.randn(1, 4, c.in_channels),  # a 2x2 grid of packed patches
-            encoder_hidden_states=torch.randn(1, 8, c.joint_attention_dim),
-            pooled_projections=torch.randn(1, c.pooled_projection_dim),
-            timestep=torch.tensor([0.5]),
-            img_ids=pipe._prepare_latent_image_ids(1, 2, 2, "cpu", torch.float32),
-            txt_ids=torch.zeros(8, 3),
-            guidance=torch.tensor([3.5]) if c.guidance_embeds else None,
-            return_dict=False,
-        )
-        grid = (2, 2)
+    args, kwargs, grid = denoiser_inputs(backbone, pipe, SIZE)
     with torch.no_grad():
         with host.activate({"a": 1.0}):
             only_a = denoiser(*args, **kwargs)[0]
@@ -133,7 +121,7 @@ def test_each_stream_owns_its_pixels_in_one_batched_pass(rig):
             [{"a": 1.0}, {"b": 0.5}],
             torch.stack([left, 1 - left]),
             grid,
-            lambda: calls.append(1),
+            lambda *_: calls.append(1),
         ):
             blended = denoiser(*args, **kwargs)[0]
     assert calls == [1]
@@ -206,7 +194,7 @@ def test_method_parameters_are_read_strictly():
     request = RenderRequest("x", loras=(LoraWeight("a"),), method="regional", method_params=regional)
     assert RenderRequest.from_json(request.to_json()) == request
     cases = [
-        ("blend", {}, "unknown composition method 'blend'; choose merge, regional"),
+        ("blend", {}, "unknown composition method 'blend'; choose merge, regional, clora"),
         ("merge", {"feather": 1}, "merge has no parameter feather"),
         ("regional", {"feather": "2"}, "regional.feather must be int"),
         ("regional", {"feather": 999}, "feather must be an integer in 0..256"),
@@ -238,7 +226,7 @@ def test_every_method_file_is_registered():
 
     import composer.methods as package
 
-    helpers = {"__init__", "base", "streams"}
+    helpers = {"__init__", "base", "streams", "attention"}
     files = {p.stem for p in Path(package.__file__).parent.glob("*.py")} - helpers
     registered = {cls.__module__.rsplit(".", 1)[1] for cls in METHODS.values()}
     assert files == registered, f"method files not in composer.methods.METHODS: {files - registered}"

@@ -50,7 +50,8 @@ def stack(*rows):
 
 
 def render(client, prompt="a red circle on the left", rows=(), seed=0, method="merge", canvas=None, **kw):
-    """The /render endpoint: the fixed inputs, then every method's controls (regional: canvas, feather)."""
+    """The /render endpoint: the fixed inputs, then every method's controls (regional: canvas, feather;
+    clora: threshold, temperature, step size, update until)."""
     s = {**SMALL, **kw}
     return client.predict(
         prompt,
@@ -64,6 +65,7 @@ def render(client, prompt="a red circle on the left", rows=(), seed=0, method="m
         s["height"],
         canvas,
         s.get("feather", 0),
+        *s.get("clora", (0.3, 0.5, 0.02, 0.5)),
         api_name="/render",
     )
 
@@ -143,13 +145,35 @@ def test_regional_render_from_a_painted_canvas_shows_its_masks(client, tmp_path)
     assert np.abs(pixels(image["image"]) - pixels(merged[0]["image"])).mean() > 0.005
 
 
+def test_clora_render_shows_the_masks_it_found(client):
+    rows = [("inkwell", 1.0), ("pastel", 1.0)]
+    prompt = "a red circle inkwellstyle on the left, pastelstyle background"  # the LoRAs' trigger words
+    gallery, provenance = render(client, prompt, rows=rows, method="clora", clora=(0.3, 0.5, 0.05, 0.5))
+    assert provenance["method"] == "clora"
+    assert provenance["method_params"] == {
+        "threshold": 0.3,
+        "temperature": 0.5,
+        "step_size": 0.05,
+        "update_until": 0.5,
+    }
+    image, *masks = gallery
+    assert [m["caption"].split(" (")[0] for m in masks] == ["clora: base", "clora: inkwell", "clora: pastel"]
+    shown = [np.asarray(Image.open(m["image"]).convert("L")) > 0 for m in masks]
+    assert all(s.shape == (64, 64) for s in shown)
+    assert np.array_equal(shown[0], ~(shown[1] | shown[2]))  # the base stream gets what no LoRA claims
+    merged, _ = render(client, prompt, rows=rows)
+    assert np.abs(pixels(image["image"]) - pixels(merged[0]["image"])).mean() > 0.005
+    with pytest.raises(AppError, match="the prompt does not contain 'pastel''s trigger word"):
+        render(client, "a red circle inkwellstyle", rows=rows, method="clora")
+
+
 @pytest.mark.parametrize(
     "rows, kw, message",
     [
         ([("inkwel", 1.0)], {}, "no adapter named 'inkwel'; did you mean 'inkwell'"),
         ([("inkwell", "strong")], {}, "weight of LoRA 'inkwell' is not a number"),
         ([], {"width": 60}, "multiples of 8"),
-        ([], {"method": "blend"}, "blend is not in the list of choices: \\['merge', 'regional'\\]"),
+        ([], {"method": "blend"}, "blend is not in the list of choices: \\['merge', 'regional', 'clora'\\]"),
     ],
 )
 def test_bad_render_input_is_a_clear_error(client, rows, kw, message):
@@ -265,11 +289,13 @@ def test_method_controls_are_built_from_the_dataclass_fields():
     ]
     assert not by_name["knobs"].group.visible
     assert [type(c).__name__ for _, c in by_name["regional"].controls] == ["ImageEditor", "Number"]
-    values = [None, 0, "hard", 0.9, 4.0, True, "x"]  # regional's canvas and feather, then knobs'
+    clora = [0.25, 0.5, 0.0, 0.5]
+    values = [None, 0, *clora, "hard", 0.9, 4.0, True, "x"]  # regional's canvas and feather, clora's, knobs'
     assert params_from(groups, "merge", values) == METHODS["merge"]()
+    assert params_from(groups, "clora", values) == METHODS["clora"](0.25, 0.5, 0.0, 0.5)
     assert params_from(groups, "knobs", values) == _Knobs("hard", 0.9, 4, True, "x")
     with pytest.raises(StudioError, match="knobs: strength needs a value"):
-        params_from(groups, "knobs", [None, 0, "hard", None, 4, True, "x"])
+        params_from(groups, "knobs", [None, 0, *clora, "hard", None, 4, True, "x"])
     painting = Image.new("RGBA", (4, 4), (255, 255, 255, 255))
     painting.putpixel((0, 0), PALETTE[1] + (255,))  # the second LoRA's colour
     regional = params_from(groups, "regional", [{"composite": painting}, 2, *values[2:]], ["a", "b"])

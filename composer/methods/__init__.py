@@ -12,12 +12,14 @@ from typing import Any, Literal
 from composer.errors import StudioError
 from composer.masks import MaskError, RegionMasks
 from composer.methods.base import CompositionParams, MethodRun
+from composer.methods.clora import CLoRAParams
 from composer.methods.merge import MergeParams
 from composer.methods.regional import RegionalParams
 
 METHODS: dict[str, type] = {
     "merge": MergeParams,
     "regional": RegionalParams,
+    "clora": CLoRAParams,
 }
 
 
@@ -88,6 +90,7 @@ def method_name(params: object) -> str:
 
 __all__ = [
     "METHODS",
+    "CLoRAParams",
     "CompositionParams",
     "MergeParams",
     "MethodRun",

@@ -1,0 +1,291 @@
+"""clora: contrastive test-time composition with attention masks (CLoRA, Meral et al., ICCV 2025).
+
+One denoising stream per LoRA (that LoRA alone) plus a base stream (no LoRA), all in one batched call per step
+(`streams`). Each LoRA's concept is the token positions of its trigger words in the prompt, found from the
+catalog's trigger words (never hand-written indices). Every step reads the streams' cross-attention maps at the
+semantic resolution (`attention`) and builds one mask per LoRA stream: the sum of its concept's min-max
+normalised token maps, at or above `threshold` x its maximum. Pixels no LoRA claims go to the base stream, and
+the predictions blend as eps = sum_j M_j eps_j / sum_j M_j (both guidance branches alike).
+
+In the early steps (`update_until`), after each scheduler step the next step's latents take one gradient step on
+an InfoNCE loss (cosine similarity, `temperature`) over every concept token's map in every stream: one concept's
+maps are positives, the other concepts' are negatives, so the concepts' attention pulls apart. The step moves
+each sample's latents by `step_size` times their RMS along its normalised gradient (schedulers scale latents differently; a
+relative step means the same on each). With one LoRA there is nothing to contrast and only the masks act.
+
+The text encoders see the whole stack (as in merge); the prompt is the same in every stream, written with the
+LoRAs' trigger words. Cost: (LoRAs + 1) denoiser passes per step, plus a backward pass on the update steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from composer.errors import StudioError
+from composer.methods.attention import MapStore, capture_cross_attention, semantic_grid, trigger_positions
+from composer.methods.base import MethodRun
+from composer.methods.streams import denoise_in_streams
+
+
+@dataclass(frozen=True)
+class CLoRAParams:
+    """CLoRA's knobs; the paper's values are the defaults."""
+
+    threshold: float = field(
+        default=0.3, metadata={"help": "a LoRA's mask: its attention at or above this share of its peak"}
+    )
+    temperature: float = field(default=0.5, metadata={"help": "contrastive loss temperature"})
+    step_size: float = field(
+        default=0.02,
+        metadata={"help": "latent update per step, relative to the latents' RMS (0: masks only)"},
+    )
+    update_until: float = field(
+        default=0.5, metadata={"help": "share of the steps that update the latents (the paper: 25 of 50)"}
+    )
+
+    def __post_init__(self):
+        for name, low, high in (
+            ("threshold", 0.0, 1.0),
+            ("temperature", 1e-3, 10.0),
+            ("step_size", 0.0, 1.0),
+            ("update_until", 0.0, 1.0),
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+                raise StudioError(f"clora.{name} must be a number in {low}..{high}, got {value!r}")
+
+    def check(self, stack: list[str]) -> None:
+        if not stack:
+            raise StudioError("clora composes LoRAs: pick at least one")
+
+    @contextmanager
+    def apply(self, run: MethodRun) -> Iterator[None]:
+        state = ContrastiveRun(self, run)
+        run.needs_grad = True
+        run.step_end.append(state.step_end)
+        with ExitStack() as stack:
+            stack.enter_context(run.host.activate(run.scales))  # text encoders: the whole stack
+            stack.enter_context(
+                capture_cross_attention(run.backbone.family, state.denoiser, state.store, state.latent)
+            )
+            stack.enter_context(
+                denoise_in_streams(
+                    state.denoiser, run.host, state.streams, state.masks, state.grid, state.record
+                )
+            )
+            yield
+        state.show_masks()
+
+
+def info_nce(embeddings: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
+    """NT-Xent over labelled embeddings: for every ordered pair (i, p) of one label, -log of
+    exp(s_ip / t) / (exp(s_ip / t) + sum over other labels k of exp(s_ik / t)), s the cosine similarity; the mean
+    over pairs. Zero when there are no positive pairs or no negatives."""
+    unit = F.normalize(embeddings.float(), dim=-1)
+    logits = unit @ unit.T / temperature
+    same = labels[:, None] == labels[None, :]
+    positive = same & ~torch.eye(len(labels), dtype=torch.bool, device=labels.device)
+    negative = ~same
+    if not bool(positive.any()) or not bool(negative.any()):
+        return logits.sum() * 0.0
+    negatives = torch.logsumexp(logits.masked_fill(~negative, float("-inf")), dim=1, keepdim=True)
+    per_pair = torch.logaddexp(logits, negatives.expand_as(logits)) - logits  # -log(e^p / (e^p + sum e^n))
+    return per_pair[positive].mean()
+
+
+def _normalise(maps: torch.Tensor) -> torch.Tensor:
+    """Min-max normalise over the last two dims (rows, cols)."""
+    low = maps.amin(dim=(-2, -1), keepdim=True)
+    high = maps.amax(dim=(-2, -1), keepdim=True)
+    return (maps - low) / (high - low).clamp_min(1e-8)
+
+
+def _take(value, batch: int, keep: slice):
+    """The samples `keep` of every batched tensor in a call's arguments (nested dicts too)."""
+    if isinstance(value, torch.Tensor) and value.ndim >= 1 and value.shape[0] == batch:
+        return value[keep]
+    if isinstance(value, dict):
+        return {k: _take(v, batch, keep) for k, v in value.items()}
+    return value
+
+
+class ContrastiveRun:
+    """One CLoRA pipeline call: its streams, concepts, masks and latent updates."""
+
+    def __init__(self, params: CLoRAParams, run: MethodRun):
+        self.params, self.run = params, run
+        backbone, pipe = run.backbone, run.pipe
+        self.denoiser = getattr(pipe, backbone.denoiser)
+        vsf = int(pipe.vae_scale_factor)
+        self.latent = (run.height // vsf, run.width // vsf)
+        self.grid = (self.latent[0] // 2, self.latent[1] // 2) if backbone.family == "flux" else None
+        rows, cols = semantic_grid(backbone.family, self.denoiser, *self.latent)
+        self.store = MapStore(rows, cols)
+        self.names = [name for name, _, _ in run.stack]
+        self.streams = [{}] + [
+            {resident: weight} for _, resident, weight in run.stack
+        ]  # base, then each LoRA
+        self.concepts = [self._concepts(prompt) for prompt in run.prompts]  # per prompt, per LoRA: positions
+        self.samples = len(run.prompts) * run.images_per_prompt
+        self.last_masks: torch.Tensor | None = None  # (S, samples, rows, cols) of the latest step
+        self.call: tuple[tuple, dict] | None = None
+        self.probing = False  # inside `loss_at`: the blend's masks do not matter and the maps are the loss's
+        self.losses: list[tuple[int, float]] = []  # (step updated, loss before the update)
+
+    def _concepts(self, prompt: str) -> list[list[int]]:
+        family, pipe = self.run.backbone.family, self.run.pipe
+        if family == "sdxl":
+            limit = pipe.tokenizer.model_max_length
+        else:
+            limit = min(512, pipe.tokenizer_2.model_max_length)
+        out = []
+        for name in self.names:
+            words = self.run.triggers.get(name) or []
+            if not words:
+                raise StudioError(f"clora finds each LoRA's concept by its trigger words; {name!r} has none")
+            positions = trigger_positions(pipe, family, prompt, words, limit)
+            if not positions:
+                raise StudioError(
+                    f"clora: the prompt does not contain {name!r}'s trigger word "
+                    f"({', '.join(repr(w) for w in words)}); write it where that concept goes"
+                )
+            out.append(positions)
+        return out
+
+    def _prompt_of(self, sample: int) -> int:
+        return sample // self.run.images_per_prompt
+
+    def concept_maps(self, maps: torch.Tensor) -> torch.Tensor:
+        """(S, n, rows, cols, L) maps of n conditional samples -> (S, n, LoRAs, rows, cols): each LoRA's
+        normalised token maps summed."""
+        out = []
+        for sample in range(maps.shape[1]):
+            per_lora = []
+            for positions in self.concepts[self._prompt_of(sample)]:
+                tokens = maps[:, sample, :, :, positions].permute(0, 3, 1, 2)  # (S, T, rows, cols)
+                per_lora.append(_normalise(tokens).sum(dim=1))
+            out.append(torch.stack(per_lora, dim=1))
+        return torch.stack(out, dim=1)
+
+    def _conditional(self, batch: int) -> tuple[slice, int]:
+        """The conditional samples of a call of `batch` (the second half under classifier-free guidance)."""
+        if batch == 2 * self.samples:
+            return slice(self.samples, batch), 2
+        if batch == self.samples:
+            return slice(0, batch), 1
+        raise StudioError(
+            f"clora expected {self.samples} or {2 * self.samples} samples, the denoiser got {batch}"
+        )
+
+    def masks(self, batch: int) -> torch.Tensor:
+        """(S, batch, rows, cols) stream masks from this call's attention: asked by the stream blend."""
+        streams = len(self.streams)
+        if self.probing:
+            return torch.ones(streams, 1, 1)
+        maps = self.store.mean().detach()  # (S * batch, rows, cols, L)
+        self.store.clear()
+        maps = maps.reshape(streams, batch, *maps.shape[1:])
+        keep, copies = self._conditional(batch)
+        concept = self.concept_maps(maps[:, keep])  # (S, n, K, rows, cols)
+        own = torch.stack([concept[1 + k, :, k] for k in range(streams - 1)])  # each LoRA in its own stream
+        peak = own.amax(dim=(-2, -1), keepdim=True)
+        claimed = (own >= self.params.threshold * peak) & (peak > 0)
+        base = ~claimed.any(dim=0, keepdim=True)
+        regions = torch.cat([base, claimed]).float()  # (S, n, rows, cols)
+        self.last_masks = regions
+        return regions.repeat(1, copies, 1, 1)
+
+    def record(self, args: tuple, kwargs: dict) -> None:
+        """The latest denoiser call's arguments, as the pipeline made them (replayed by the latent update)."""
+        if not self.probing:
+            self.call = (args, kwargs)
+
+    def loss_at(self, latents: torch.Tensor, timestep) -> torch.Tensor:
+        """The contrastive loss of the conditional streams at `latents` (the pipeline's, for `timestep`), with
+        its graph back to `latents`."""
+        args, kwargs = self._probe_inputs(latents, timestep)
+        self.store.clear()
+        self.probing = True
+        try:
+            self.denoiser(*args, **kwargs)  # the stream wrapper runs every stream; the maps land in the store
+        finally:
+            self.probing = False
+        maps = self.store.mean()
+        self.store.clear()
+        maps = maps.reshape(len(self.streams), self.samples, *maps.shape[1:])
+        losses = []
+        for sample in range(self.samples):
+            embeddings, labels = [], []
+            for concept, positions in enumerate(self.concepts[self._prompt_of(sample)]):
+                tokens = _normalise(
+                    maps[:, sample, :, :, positions].permute(0, 3, 1, 2)
+                )  # (S, T, rows, cols)
+                embeddings.append(tokens.flatten(2).flatten(0, 1))
+                labels += [concept] * tokens.shape[0] * tokens.shape[1]
+            labels_t = torch.tensor(labels, device=maps.device)
+            losses.append(info_nce(torch.cat(embeddings), labels_t, self.params.temperature))
+        return torch.stack(losses).sum()
+
+    def _probe_inputs(self, latents: torch.Tensor, timestep) -> tuple[tuple, dict]:
+        """The recorded call's arguments for the conditional samples at new latents and timestep."""
+        if self.call is None:
+            raise StudioError("clora: no denoiser call to replay")
+        args, kwargs = self.call
+        hidden_key = "hidden_states" if "hidden_states" in kwargs else "sample"
+        first = kwargs[hidden_key] if hidden_key in kwargs else args[0]
+        keep, _ = self._conditional(first.shape[0])
+        args = tuple(_take(a, first.shape[0], keep) for a in args)
+        kwargs = {k: _take(v, first.shape[0], keep) for k, v in kwargs.items()}
+        pipe = self.run.pipe
+        if self.run.backbone.family == "flux":
+            kwargs["hidden_states"] = latents
+            kwargs["timestep"] = (timestep / 1000).expand(latents.shape[0]).to(latents.dtype)
+            return args, kwargs
+        sample = pipe.scheduler.scale_model_input(latents, timestep)
+        if args:
+            return (sample, timestep, *args[2:]), kwargs
+        return args, {**kwargs, "sample": sample, "timestep": timestep}
+
+    def step_end(self, pipe, step: int, timestep, tensors: dict) -> dict:
+        """After step `step`: one contrastive update of the latents the next step starts from."""
+        timesteps = pipe.scheduler.timesteps
+        following = step + 1
+        if (
+            self.params.step_size <= 0
+            or len(self.streams) < 3  # one LoRA: nothing to contrast
+            or following >= len(timesteps)
+            or following >= self.params.update_until * len(timesteps)
+        ):
+            return tensors
+        latents = tensors["latents"]
+        with torch.inference_mode(False), torch.enable_grad():
+            x = latents.detach().clone().requires_grad_(True)
+            loss = self.loss_at(x, timesteps[following])
+            (grad,) = torch.autograd.grad(loss, x)
+        self.losses.append((following, float(loss)))
+        dims = tuple(range(1, grad.ndim))  # each sample's step is its own: batching changes nothing
+        size = grad.float().pow(2).mean(dim=dims, keepdim=True).sqrt()
+        scale = self.params.step_size * latents.float().pow(2).mean(dim=dims, keepdim=True).sqrt()
+        step = torch.where(size > 0, scale / size.clamp_min(1e-30), torch.zeros_like(size)) * grad.float()
+        return {**tensors, "latents": (latents.float() - step).to(latents.dtype)}
+
+    def show_masks(self) -> None:
+        """The last step's masks as pictures at the render's size."""
+        if self.last_masks is None:
+            return
+        labels = ["base", *self.names]
+        for sample in range(self.last_masks.shape[1]):
+            prefix = f"image {sample + 1}, " if self.last_masks.shape[1] > 1 else ""
+            for label, values in zip(labels, self.last_masks[:, sample], strict=True):
+                array = (values.cpu().numpy() * 255).astype(np.uint8)
+                picture = Image.fromarray(array).resize(
+                    (self.run.width, self.run.height), Image.Resampling.NEAREST
+                )
+                self.run.pictures.append((f"{prefix}clora: {label} ({float(values.mean()):.0%})", picture))
