@@ -173,3 +173,23 @@ def test_regional_masks_painted_on_the_canvas_show_in_the_gallery(live, tab):
     )
     assert page.locator("#gallery img").count() >= 2  # the render and its masks
     assert "regional" in page.locator("#provenance").inner_text()
+
+
+def test_clora_shows_the_masks_it_found_in_the_gallery(live, tab):
+    page = tab
+    open_with_two_loras(page, live)  # picking them writes their trigger words into the prompt, as clora needs
+    page.wait_for_function(
+        "() => document.querySelector('#prompt textarea').value.includes('pastelstyle')", timeout=WAIT_MS
+    )
+    page.locator("#method input").click()
+    page.get_by_role("option", name="clora", exact=True).click()
+    for elem_id, value in [("steps", "4"), ("width", "64"), ("height", "64")]:
+        set_number(page, elem_id, value)
+    page.locator("#render").click()
+    page.wait_for_function(
+        "() => document.querySelector('#gallery').innerText.includes('clora: pastel')", timeout=WAIT_MS
+    )
+    gallery = page.locator("#gallery").inner_text()
+    assert "clora: base" in gallery and "clora: inkwell" in gallery
+    assert page.locator("#gallery img").count() >= 4  # the render, then the base's and each LoRA's mask
+    assert "clora" in page.locator("#provenance").inner_text()
