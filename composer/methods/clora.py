@@ -10,8 +10,9 @@ the predictions blend as eps = sum_j M_j eps_j / sum_j M_j (both guidance branch
 In the early steps (`update_until`), after each scheduler step the next step's latents take one gradient step on
 an InfoNCE loss (cosine similarity, `temperature`) over every concept token's map in every stream: one concept's
 maps are positives, the other concepts' are negatives, so the concepts' attention pulls apart. The step moves
-each sample's latents by `step_size` times their RMS along its normalised gradient (schedulers scale latents differently; a
-relative step means the same on each). With one LoRA there is nothing to contrast and only the masks act.
+each sample's latents by `step_size` times their RMS along its normalised gradient (schedulers scale latents
+differently; a relative step means the same on each). With one LoRA there is nothing to contrast and only the
+masks act.
 
 The text encoders see the whole stack (as in merge); the prompt is the same in every stream, written with the
 LoRAs' trigger words. Cost: (LoRAs + 1) denoiser passes per step, plus a backward pass on the update steps.
