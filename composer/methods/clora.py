@@ -32,7 +32,7 @@ from PIL import Image
 from composer.errors import StudioError
 from composer.methods.attention import MapStore, capture_cross_attention, semantic_grid, trigger_positions
 from composer.methods.base import MethodRun
-from composer.methods.streams import denoise_in_streams
+from composer.methods.streams import denoise_in_streams, map_batched
 
 
 @dataclass(frozen=True)
@@ -106,15 +106,6 @@ def _normalise(maps: torch.Tensor) -> torch.Tensor:
     low = maps.amin(dim=(-2, -1), keepdim=True)
     high = maps.amax(dim=(-2, -1), keepdim=True)
     return (maps - low) / (high - low).clamp_min(1e-8)
-
-
-def _take(value, batch: int, keep: slice):
-    """The samples `keep` of every batched tensor in a call's arguments (nested dicts too)."""
-    if isinstance(value, torch.Tensor) and value.ndim >= 1 and value.shape[0] == batch:
-        return value[keep]
-    if isinstance(value, dict):
-        return {k: _take(v, batch, keep) for k, v in value.items()}
-    return value
 
 
 class ContrastiveRun:
@@ -241,9 +232,10 @@ class ContrastiveRun:
         args, kwargs = self.call
         hidden_key = "hidden_states" if "hidden_states" in kwargs else "sample"
         first = kwargs[hidden_key] if hidden_key in kwargs else args[0]
-        keep, _ = self._conditional(first.shape[0])
-        args = tuple(_take(a, first.shape[0], keep) for a in args)
-        kwargs = {k: _take(v, first.shape[0], keep) for k, v in kwargs.items()}
+        batch = first.shape[0]
+        keep, _ = self._conditional(batch)
+        args = tuple(map_batched(a, batch, lambda t: t[keep]) for a in args)
+        kwargs = {k: map_batched(v, batch, lambda t: t[keep]) for k, v in kwargs.items()}
         pipe = self.run.pipe
         if self.run.backbone.family == "flux":
             kwargs["hidden_states"] = latents

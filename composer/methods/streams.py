@@ -56,12 +56,18 @@ def blend_weights(masks: torch.Tensor, shape: torch.Size, grid: tuple[int, int] 
     return weights.reshape(streams, b, -1, 1)  # (S, b, seq, 1)
 
 
-def _repeat(value: Any, batch: int, times: int) -> Any:
+def map_batched(value: Any, batch: int, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """`fn` applied to every tensor of a call argument whose first dimension is the batch (nested dicts too,
+    like SDXL's `added_cond_kwargs`); anything else as it is."""
     if isinstance(value, torch.Tensor) and value.ndim >= 1 and value.shape[0] == batch:
-        return torch.cat([value] * times)
+        return fn(value)
     if isinstance(value, dict):
-        return {k: _repeat(v, batch, times) for k, v in value.items()}
+        return {k: map_batched(v, batch, fn) for k, v in value.items()}
     return value
+
+
+def _repeat(value: Any, batch: int, times: int) -> Any:
+    return map_batched(value, batch, lambda tensor: torch.cat([tensor] * times))
 
 
 @contextmanager
