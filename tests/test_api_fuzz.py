@@ -19,12 +19,9 @@ from hypothesis import HealthCheck, settings
 
 from app.api import API_PREFIX, create_app
 from app.jobs import make_executor
-from app.settings import Settings
-from app.studio import Studio
-from composer.formats import write_kohya
 from db.repository import ApiKeyRepository
 from db.session import unit_of_work
-from tests.helpers import random_lora
+from tests.live_server import studio_with_loras
 
 # examples per operation and pass; LORA_STUDIO_FUZZ_EXAMPLES=500 for a deeper run
 MAX_EXAMPLES = int(os.environ.get("LORA_STUDIO_FUZZ_EXAMPLES", "25"))
@@ -62,25 +59,9 @@ def auth_headers(tmp_path_factory, tiny_sdxl_factory):
     """Points APP at an API over a Studio with two LoRAs and one finished render job of the key it returns
     (as headers)."""
     tmp = tmp_path_factory.mktemp("fuzz")
-    studio = Studio.open(
-        Settings(
-            data_dir=tmp / "data",
-            bundled=False,
-            backbone="sdxl",
-            model="tiny",
-            max_upload_mb=1,
-            max_queued_jobs=10_000,
-            job_heartbeat_s=0.1,
-        )
+    studio = studio_with_loras(
+        tmp, tiny_sdxl_factory, max_upload_mb=1, max_queued_jobs=10_000, job_heartbeat_s=0.1
     )
-    backbone, make = tiny_sdxl_factory
-    pipe = make()
-    for seed, name in enumerate(["inkwell", "pastel"]):
-        path = tmp / f"{name}.safetensors"
-        write_kohya(
-            random_lora(pipe, backbone, seed=seed, rank=4, std=0.2), path, trigger_words=[f"{name}style"]
-        )
-        studio.library.import_file(path, tags=["fuzz"])
     with unit_of_work(studio.sessions) as session:
         key = ApiKeyRepository(session).create("fuzz", rate_limit_per_minute=1_000_000)[1]
     headers = {"Authorization": f"Bearer {key}"}

@@ -26,21 +26,15 @@ def _folder(path, n):
     return path
 
 
+def train_args(images, name: str, kind: str) -> list[str]:
+    return ["train", "--images", str(images), "--prompt", "a photo of sks", "--name", name, "--type", kind]
+
+
 def test_train_blora_then_render_its_halves(tmp_path):
     data = ["--data-dir", str(tmp_path / "data")]
     tiny = ["--backbone", "sdxl", "--model", "tiny"]
     one = _folder(tmp_path / "one", 1)
-    args = [
-        "train",
-        "--images",
-        str(one),
-        "--prompt",
-        "a photo of sks",
-        "--name",
-        "single",
-        "--type",
-        "blora",
-    ]
+    args = train_args(one, "single", "blora")
     result = runner.invoke(app, [*args, "--steps", "3", "--rank", "2", "--trigger", "sks", *tiny, *data])
     assert result.exit_code == 0, result.output
     assert "single: blora" in result.output
@@ -61,17 +55,7 @@ def test_train_blora_then_render_its_halves(tmp_path):
 
     result = runner.invoke(app, [*args, "--steps", "3", *tiny, *data])  # same name again
     assert result.exit_code == 1 and "'single' is taken" in result.output
-    args = [
-        "train",
-        "--images",
-        str(one),
-        "--prompt",
-        "a photo of sks",
-        "--name",
-        "subject",
-        "--type",
-        "lora",
-    ]
+    args = train_args(one, "subject", "lora")
     result = runner.invoke(app, [*args, "--steps", "3", *tiny, *data])
     assert result.exit_code == 1 and "at least 3" in result.output
     result = runner.invoke(app, [*args, "--steps", "3", "--kron", "3by3", *tiny, *data])

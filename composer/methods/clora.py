@@ -32,7 +32,7 @@ from PIL import Image
 from composer.errors import StudioError
 from composer.methods.attention import MapStore, capture_cross_attention, semantic_grid, trigger_positions
 from composer.methods.base import MethodRun
-from composer.methods.streams import denoise_in_streams, map_batched
+from composer.methods.streams import call_latents, denoise_in_streams, map_batched
 
 
 @dataclass(frozen=True)
@@ -154,17 +154,13 @@ class ContrastiveRun:
     def _prompt_of(self, sample: int) -> int:
         return sample // self.run.images_per_prompt
 
-    def concept_maps(self, maps: torch.Tensor) -> torch.Tensor:
-        """(S, n, rows, cols, L) maps of n conditional samples -> (S, n, LoRAs, rows, cols): each LoRA's
-        normalised token maps summed."""
-        out = []
-        for sample in range(maps.shape[1]):
-            per_lora = []
-            for positions in self.concepts[self._prompt_of(sample)]:
-                tokens = maps[:, sample, :, :, positions].permute(0, 3, 1, 2)  # (S, T, rows, cols)
-                per_lora.append(_normalise(tokens).sum(dim=1))
-            out.append(torch.stack(per_lora, dim=1))
-        return torch.stack(out, dim=1)
+    def token_maps(self, maps: torch.Tensor, sample: int) -> list[torch.Tensor]:
+        """Per LoRA, its concept's min-max normalised token maps in every stream: (S, T, rows, cols), from
+        the (S, n, rows, cols, L) maps of n conditional samples."""
+        return [
+            _normalise(maps[:, sample, :, :, positions].permute(0, 3, 1, 2))
+            for positions in self.concepts[self._prompt_of(sample)]
+        ]
 
     def _conditional(self, batch: int) -> tuple[slice, int]:
         """The conditional samples of a call of `batch` (the second half under classifier-free guidance)."""
@@ -185,8 +181,14 @@ class ContrastiveRun:
         self.store.clear()
         maps = maps.reshape(streams, batch, *maps.shape[1:])
         keep, copies = self._conditional(batch)
-        concept = self.concept_maps(maps[:, keep])  # (S, n, K, rows, cols)
-        own = torch.stack([concept[1 + k, :, k] for k in range(streams - 1)])  # each LoRA in its own stream
+        conditional = maps[:, keep]
+        own = torch.stack(  # (K, n, rows, cols): each LoRA's concept, summed, in its own stream
+            [
+                torch.stack([m[1 + k].sum(dim=0) for k, m in enumerate(self.token_maps(conditional, sample))])
+                for sample in range(conditional.shape[1])
+            ],
+            dim=1,
+        )
         peak = own.amax(dim=(-2, -1), keepdim=True)
         claimed = (own >= self.params.threshold * peak) & (peak > 0)
         base = ~claimed.any(dim=0, keepdim=True)
@@ -215,10 +217,7 @@ class ContrastiveRun:
         losses = []
         for sample in range(self.samples):
             embeddings, labels = [], []
-            for concept, positions in enumerate(self.concepts[self._prompt_of(sample)]):
-                tokens = _normalise(
-                    maps[:, sample, :, :, positions].permute(0, 3, 1, 2)
-                )  # (S, T, rows, cols)
+            for concept, tokens in enumerate(self.token_maps(maps, sample)):  # (S, T, rows, cols)
                 embeddings.append(tokens.flatten(2).flatten(0, 1))
                 labels += [concept] * tokens.shape[0] * tokens.shape[1]
             labels_t = torch.tensor(labels, device=maps.device)
@@ -230,9 +229,7 @@ class ContrastiveRun:
         if self.call is None:
             raise StudioError("clora: no denoiser call to replay")
         args, kwargs = self.call
-        hidden_key = "hidden_states" if "hidden_states" in kwargs else "sample"
-        first = kwargs[hidden_key] if hidden_key in kwargs else args[0]
-        batch = first.shape[0]
+        batch = call_latents(args, kwargs).shape[0]
         keep, _ = self._conditional(batch)
         args = tuple(map_batched(a, batch, lambda t: t[keep]) for a in args)
         kwargs = {k: map_batched(v, batch, lambda t: t[keep]) for k, v in kwargs.items()}

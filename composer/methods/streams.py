@@ -66,6 +66,12 @@ def map_batched(value: Any, batch: int, fn: Callable[[torch.Tensor], torch.Tenso
     return value
 
 
+def call_latents(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The (B, ...) latents of a denoiser call: UNets take them first, FLUX by name."""
+    key = next((k for k in ("sample", "hidden_states") if k in kwargs), None)
+    return kwargs[key] if key else args[0]
+
+
 def _repeat(value: Any, batch: int, times: int) -> Any:
     return map_batched(value, batch, lambda tensor: torch.cat([tensor] * times))
 
@@ -123,10 +129,7 @@ def denoise_in_streams(
         return cache[key]
 
     def forward(*call_args, **call_kwargs):
-        key = next((k for k in ("sample", "hidden_states") if k in call_kwargs), None)
-        hidden = (
-            call_kwargs[key] if key else call_args[0]
-        )  # (B, ...) latents: UNets take them first, FLUX by name
+        hidden = call_latents(call_args, call_kwargs)
         batch, count = hidden.shape[0], len(streams)
         args = tuple(_repeat(a, batch, count) for a in call_args)
         kwargs = {k: (v if k in _UNBATCHED else _repeat(v, batch, count)) for k, v in call_kwargs.items()}
