@@ -32,13 +32,18 @@ RECIPES = {  # toy-model settings per kind: a few hundred steps at batch 8 on a 
 }
 
 
-def trigger_rate(pipe, specs, concept, per_prompt, steps, guidance, evaluator) -> float:
+def trigger_rate(pipe, specs, concept, per_prompt, steps, guidance, evaluator) -> tuple[float, dict]:
+    """Share of renders where the evaluator sees the concept, overall and by the prompt's object size."""
     run = quality.generate(
         pipe, specs, per_prompt, steps, guidance, seed=7, caption=lambda s: s.caption(use_triggers=True)
     )
     reports = evaluator.evaluate(run.images)
     expanded = [s for s in specs for _ in range(per_prompt)]
-    return concepts.hit_rate(reports, expanded, concept)
+    by_size = {}
+    for size in sorted({s.objects[0].size for s in expanded}):
+        pairs = [(r, s) for r, s in zip(reports, expanded, strict=True) if s.objects[0].size == size]
+        by_size[size] = round(concepts.hit_rate(*zip(*pairs, strict=True), concept), 3)
+    return concepts.hit_rate(reports, expanded, concept), by_size
 
 
 def main() -> None:
@@ -76,7 +81,7 @@ def main() -> None:
     evaluator = Evaluator.load()
     specs = concepts.test_specs(args.concept, args.n)
     guidances = [float(g) for g in args.guidance.split(",")]
-    base = trigger_rate(
+    base, _ = trigger_rate(
         pipe, specs, args.concept, args.per_prompt, args.sample_steps, guidances[0], evaluator
     )
     data = concepts.training_images(args.concept, args.images)
@@ -103,7 +108,7 @@ def main() -> None:
                     )
                     for g in guidances
                 }
-            rate = rates[guidances[0]]
+            rate, by_size = rates[guidances[0]]
         finally:
             host.detach()
         emit(
@@ -120,7 +125,8 @@ def main() -> None:
                 "images": args.images,
                 "renders": len(specs) * args.per_prompt,
                 "targets": args.targets if kind != "blora" else "attention",
-                "success_by_guidance": {str(g): round(r, 3) for g, r in rates.items()},
+                "success_by_guidance": {str(g): round(r, 3) for g, (r, _) in rates.items()},
+                "success_by_size": by_size,
                 "snr_gamma": args.snr_gamma,
                 "text_encoder": args.text_encoder and kind != "blora",
                 "final_loss": round(sum(result.losses[-20:]) / min(20, len(result.losses)), 4),
