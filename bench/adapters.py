@@ -39,10 +39,7 @@ def trigger_rate(pipe, specs, concept, per_prompt, steps, guidance, evaluator) -
     )
     reports = evaluator.evaluate(run.images)
     expanded = [s for s in specs for _ in range(per_prompt)]
-    by_size = {}
-    for size in sorted({s.objects[0].size for s in expanded}):
-        pairs = [(r, s) for r, s in zip(reports, expanded, strict=True) if s.objects[0].size == size]
-        by_size[size] = round(concepts.hit_rate(*zip(*pairs, strict=True), concept), 3)
+    by_size = {k: round(v, 3) for k, v in concepts.hit_rate_by_size(reports, expanded, concept).items()}
     return concepts.hit_rate(reports, expanded, concept), by_size
 
 

@@ -231,3 +231,28 @@ def test_scores_fail_against_the_wrong_scenes(evaluator):
     other_bg = next(b for b in scenes.BACKGROUNDS if b != spec.background)
     flags = score(reports[0], SceneSpec(spec.objects, other_bg))
     assert not flags["background"] and flags["shape"] and flags["count"]
+
+
+def test_hit_rate_by_size_splits_by_the_prompts_object_size(evaluator):
+    from PIL import Image
+
+    from toyworld import concepts
+
+    specs = concepts.test_specs("heart", 12)
+    sizes = {s.objects[0].size for s in specs}
+    images = [Image.fromarray(scenes.render(s, 64, i)) for i, s in enumerate(specs)]
+    # the large drawings are replaced by drawings of another subject: only the small ones stay hits
+    wrong = [scenes.replace_object(s, 0, shape="star") for s in specs]
+    mixed = [
+        Image.fromarray(scenes.render(w, 64, i)) if s.objects[0].size == "large" else image
+        for i, (s, w, image) in enumerate(zip(specs, wrong, images, strict=True))
+    ]
+    assert sizes == {"large", "small"}
+    assert concepts.hit_rate_by_size(evaluator.evaluate(images), specs, "heart") == {
+        "large": 1.0,
+        "small": 1.0,
+    }
+    assert concepts.hit_rate_by_size(evaluator.evaluate(mixed), specs, "heart") == {
+        "large": 0.0,
+        "small": 1.0,
+    }

@@ -78,3 +78,12 @@ def concept_hit(report, spec: scenes.SceneSpec, name: str) -> bool:
 
 def hit_rate(reports, specs, name: str) -> float:
     return float(np.mean([concept_hit(r, s, name) for r, s in zip(reports, specs, strict=True)]))
+
+
+def hit_rate_by_size(reports, specs, name: str) -> dict[str, float]:
+    """hit_rate per object size of the specs ("large", "small"): small subjects are the hard ones at 64 px."""
+    rates = {}
+    for size in sorted({s.objects[0].size for s in specs}):
+        pairs = [(r, s) for r, s in zip(reports, specs, strict=True) if s.objects[0].size == size]
+        rates[size] = hit_rate([r for r, _ in pairs], [s for _, s in pairs], name)
+    return rates

@@ -1,0 +1,57 @@
+"""How much of each held-out subject survives the toy model's VAE: the ceiling on what a subject LoRA can show.
+
+python -m bench.vae_ceiling [--model toyworld/model] [--n 100]
+
+A subject LoRA teaches the UNet to make latents of the subject; the VAE decoder turns them into pixels. If the
+evaluator cannot see the subject in the VAE's own reconstruction of a clean drawing, no adapter can make it
+appear in a render. For each held-out subject: `--n` fresh scenes (the test scenes bench.adapters prompts
+with), drawn, encoded to the posterior mean, decoded, and scored; hit rates by object size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from bench.common import emit  # noqa: E402
+from composer.backbones import get_backbone, load_pipeline  # noqa: E402
+from composer.train.data import to_pixels  # noqa: E402
+from toyworld import concepts, model_dir, scenes  # noqa: E402
+from toyworld.evaluator import Evaluator  # noqa: E402
+
+
+@torch.no_grad()
+def reconstruct(vae, images: list[Image.Image]) -> list[Image.Image]:
+    x = torch.stack([to_pixels(image, image.width) for image in images])
+    y = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+    return [Image.fromarray(((t.permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.uint8)) for t in y]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default=str(model_dir()))
+    parser.add_argument("--n", type=int, default=100, help="scenes per subject")
+    args = parser.parse_args()
+    vae = load_pipeline(get_backbone("sdxl"), args.model).vae
+    evaluator = Evaluator.load()
+    figures, drawn = {}, {}
+    for name in scenes.SUBJECTS_HELD_OUT:
+        specs = concepts.test_specs(name, args.n)
+        images = [Image.fromarray(scenes.render(s, 64, i)) for i, s in enumerate(specs)]
+        for label, batch in (("drawn", images), ("vae", reconstruct(vae, images))):
+            reports = evaluator.evaluate(batch)
+            for size, rate in concepts.hit_rate_by_size(reports, specs, name).items():
+                (figures if label == "vae" else drawn)[f"{name}_{size}"] = round(rate, 3)
+    emit("vae_ceiling", figures, {}, {"evaluator_on_drawings": drawn, "scenes_per_subject": args.n})
+
+
+if __name__ == "__main__":
+    main()
