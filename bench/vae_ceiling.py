@@ -15,7 +15,6 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
@@ -27,10 +26,11 @@ from toyworld.evaluator import Evaluator  # noqa: E402
 
 
 @torch.no_grad()
-def reconstruct(vae, images: list[Image.Image]) -> list[Image.Image]:
+def reconstruct(pipe, images: list[Image.Image]) -> list[Image.Image]:
+    """Encode to the posterior mean and decode; pixels come back as the pipeline turns its renders into images."""
     x = torch.stack([to_pixels(image, image.width) for image in images])
-    y = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
-    return [Image.fromarray(((t.permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.uint8)) for t in y]
+    y = pipe.vae.decode(pipe.vae.encode(x).latent_dist.mean).sample
+    return pipe.image_processor.postprocess(y, output_type="pil")
 
 
 def main() -> None:
@@ -40,13 +40,13 @@ def main() -> None:
     parser.add_argument("--model", default=str(model_dir()))
     parser.add_argument("--n", type=int, default=100, help="scenes per subject")
     args = parser.parse_args()
-    vae = load_pipeline(get_backbone("sdxl"), args.model).vae
+    pipe = load_pipeline(get_backbone("sdxl"), args.model)
     evaluator = Evaluator.load()
     figures, drawn = {}, {}
     for name in scenes.SUBJECTS_HELD_OUT:
         specs = concepts.test_specs(name, args.n)
         images = [Image.fromarray(scenes.render(s, 64, i)) for i, s in enumerate(specs)]
-        for label, batch in (("drawn", images), ("vae", reconstruct(vae, images))):
+        for label, batch in (("drawn", images), ("vae", reconstruct(pipe, images))):
             reports = evaluator.evaluate(batch)
             for size, rate in concepts.hit_rate_by_size(reports, specs, name).items():
                 (figures if label == "vae" else drawn)[f"{name}_{size}"] = round(rate, 3)
