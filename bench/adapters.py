@@ -62,6 +62,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=None, help="override the recipes' learning rate")
     parser.add_argument("--rank", type=int, default=None, help="override the LoRA/B-LoRA rank")
     parser.add_argument("--kron", default=None, help="override the Kronecker factors, A1xA2")
+    parser.add_argument("--tensor-rank", type=int, default=None, help="override TLoRA's residual ring rank")
+    parser.add_argument("--transform-rank", type=int, default=None, help="override TLoRA's transform ring rank")
     parser.add_argument("--targets", default="attention", choices=["attention", "transformer", "full"])
     parser.add_argument("--text-encoder", action="store_true", help="adapt the text encoders too")
     parser.add_argument("--snr-gamma", type=float, default=None, help="Min-SNR-gamma loss weighting")
@@ -73,6 +75,9 @@ def main() -> None:
             recipe["rank"] = args.rank
         if args.kron is not None and "kron_factors" in recipe:
             recipe["kron_factors"] = tuple(int(f) for f in args.kron.lower().split("x"))
+        for key in ("tensor_rank", "transform_rank"):
+            if getattr(args, key) is not None and key in recipe:
+                recipe[key] = getattr(args, key)
     backbone = get_backbone("sdxl")
     pipe = load_pipeline(backbone, args.model)
     evaluator = Evaluator.load()

@@ -35,9 +35,15 @@ CONFIGS = {"tiny": sdxl.TINY_UNET, "mid": MID_UNET, "real": sdxl.REAL_UNET}
 def build_unet(config: str, device: str, dtype: torch.dtype):
     from diffusers import UNet2DConditionModel
 
+    if config == "toy":  # the toy world's UNet architecture (random weights, like the others)
+        from toyworld import model_dir
+
+        kwargs = UNet2DConditionModel.load_config(model_dir() / "unet")
+    else:
+        kwargs = CONFIGS[config]
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**CONFIGS[config]).to(device=device, dtype=dtype).eval().requires_grad_(False)
-    return unet
+    unet = UNet2DConditionModel.from_config(kwargs)
+    return unet.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
 def unet_inputs(unet, batch: int, latent: int, device: str, dtype: torch.dtype, tokens: int = 77):

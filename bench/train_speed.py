@@ -1,9 +1,11 @@
 """Training speed per adapter type: one optimizer step (forward, backward, AdamW) of the UNet with adapters.
 
-python -m bench.train_speed [--config real|mid] [--device cuda] [--latent 128] [--repeat 20]
+python -m bench.train_speed [--config real|mid|toy] [--device cuda] [--latent 128] [--repeat 20]
+                            [--batch 1] [--targets attention|transformer|full]
 
 The real SDXL UNet (random weights; fp16 on CUDA with fp32 adapter weights under autocast, as the trainer's
-mixed precision) at latent 128 = 1024 px, batch 1. On a CPU use --config mid --latent 32 for ratios only.
+mixed precision) at latent 128 = 1024 px, batch 1. On a CPU use --config mid --latent 32 for ratios only,
+or --config toy --latent 16 --batch 8 --targets full for the toy world's UNet as bench.adapters trains it.
 """
 
 from __future__ import annotations
@@ -31,22 +33,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--config", default="real", choices=["tiny", "mid", "real"])
+    parser.add_argument("--config", default="real", choices=["tiny", "mid", "real", "toy"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--latent", type=int, default=128)
     parser.add_argument("--repeat", type=int, default=20)
     parser.add_argument("--kinds", default="lora,blora,kron,tensor")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--targets", default="attention", choices=["attention", "transformer", "full"])
     args = parser.parse_args()
     cuda = args.device.startswith("cuda")
     dtype = torch.float16 if cuda else torch.float32
     unet = build_unet(args.config, args.device, dtype)
     backbone = get_backbone("sdxl")
-    inputs = unet_inputs(unet, 1, args.latent, args.device, dtype)
+    inputs = unet_inputs(unet, args.batch, args.latent, args.device, dtype)
     target = torch.randn_like(inputs["sample"])
     host = AdapterHost({"unet": unet}, "sdxl")
     optimizers, counts = {}, {}
     for kind in args.kinds.split(","):
-        config = TrainConfig(prompt="x", **KINDS[kind])
+        config = TrainConfig(prompt="x", targets=args.targets if kind != "blora" else "attention", **KINDS[kind])
         keys = targets.target_keys(backbone, SimpleNamespace(unet=unet), config)
         built = targets.create_all(host.find, keys, config, torch.Generator().manual_seed(0))
         host.attach(kind, built)
@@ -84,7 +88,14 @@ def main() -> None:
         "train_speed",
         figures,
         {},
-        {"config": args.config, "latent": args.latent, "batch": 1, "dtype": str(dtype), "parameters": counts},
+        {
+            "config": args.config,
+            "latent": args.latent,
+            "batch": args.batch,
+            "targets": args.targets,
+            "dtype": str(dtype),
+            "parameters": counts,
+        },
     )
 
 

@@ -67,26 +67,37 @@ def tensor_modes(n: int, order: int = 3) -> tuple[int, ...]:
     return min(ascending(n, order, 1), key=lambda fs: (sum(f * f for f in fs), fs))
 
 
-def tr_matvec(x: torch.Tensor, cores: Sequence[torch.Tensor]) -> torch.Tensor:
-    """M x for the tensor-ring matrix M with these cores, never building M.
+def tr_matvec(x: torch.Tensor, cores: Sequence[torch.Tensor], dim: int = -1) -> torch.Tensor:
+    """M x along one dimension of x, for the tensor-ring matrix M with these cores, never building M.
 
     Args:
-        x: (..., J_1 * ... * J_D) input.
+        x: the input, with J_1 * ... * J_D features on `dim`: (..., d_in) for a Linear,
+            (N, C, H, W) with dim=1 for a Conv2d (every pixel, no channels-last copy).
         cores: G_k of shape (O_k, J_k, R_k, R_{k+1}), R_{D+1} = R_1.
+        dim: the feature dimension.
 
     Returns:
-        (..., O_1 * ... * O_D), row-major in (o_1, ..., o_D).
+        x's shape with O_1 * ... * O_D (row-major in (o_1, ..., o_D)) on `dim`.
+
+    Each core is one matrix product (one GEMM, not a batch of small ones, which ran 2x slower) against the
+    state (R_1 O_1..O_k-1, R_k, B, J_k..J_D T), permuted so that the pair it contracts, the ring index R_k and
+    the input mode J_k, forms its rows; the ring closes with a trace over R_1 and R_{D+1} at the end.
     """
-    lead = x.shape[:-1]
-    g = cores[0]
-    z = x.reshape(-1, g.shape[1], x.shape[-1] // g.shape[1])  # (B, J_1, rest)
-    z = torch.einsum("bjr,ojac->boacr", z, g)  # (B, P = O_1, R_1, R_2, rest)
+    dim = dim % x.ndim
+    lead, trail = x.shape[:dim], x.shape[dim + 1 :]
+    b = math.prod(lead)
+    o, j, r1, r2 = cores[0].shape
+    z = x.reshape(b, j, -1).transpose(0, 1).reshape(j, -1)  # (J_1, B rest)
+    z = cores[0].permute(2, 0, 3, 1).reshape(r1 * o * r2, j) @ z  # (R_1 O_1 R_2, B rest)
+    out = o
     for g in cores[1:]:
-        b, p, ra, rb, _ = z.shape
-        z = z.reshape(b, p, ra, rb, g.shape[1], -1)  # (B, P, R_1, R_k, J_k, rest)
-        z = torch.einsum("bpacjr,ojcd->bpoadr", z, g).reshape(b, p * g.shape[0], ra, g.shape[3], -1)
-    y = z[..., 0].diagonal(dim1=2, dim2=3).sum(-1)  # close the ring: (B, O_1 * ... * O_D)
-    return y.reshape(*lead, y.shape[-1])
+        o, j, rc, rd = g.shape
+        z = z.reshape(r1 * out, rc, b, j, -1).permute(1, 3, 0, 2, 4).reshape(rc * j, -1)  # (R_k J_k, ...)
+        z = g.permute(0, 3, 2, 1).reshape(o * rd, rc * j) @ z  # (O_k R_k+1, R_1 O_1..O_k-1 B rest)
+        z = z.reshape(o, rd, r1 * out, b, -1).permute(2, 0, 1, 3, 4)  # (R_1 O_1..O_k, R_k+1, B, rest)
+        out *= o
+    y = z.reshape(r1, out, r1, b, -1).diagonal(dim1=0, dim2=2).sum(-1)  # close the ring: (O, B, T)
+    return y.transpose(0, 1).reshape(*lead, out, *trail)
 
 
 def tr_matrix(cores: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -109,11 +120,6 @@ def _layer_sizes(base: nn.Module) -> tuple[int, int, dict | None]:
                 f"padding {base.padding}"
             )
     return base.out_channels, base.in_channels, dict(stride=base.stride)
-
-
-def _channels_last(fn, x: torch.Tensor) -> torch.Tensor:
-    """fn over the channel dimension of an (N, C, H, W) tensor, at every pixel."""
-    return fn(x.movedim(1, -1)).movedim(-1, 1)
 
 
 def _check_ring(what: str, cores: Sequence[torch.Tensor], rows: int, cols: int, layer: str) -> None:
@@ -265,10 +271,10 @@ class TensorAdapter(nn.Module):
         w0 = base.weight.to(x.dtype)  # an fp32 adapter on an fp16 layer computes in fp32
         if self._conv is None:
             return nn.functional.linear(tr_matvec(x, self.t_cores) - x, w0) + tr_matvec(x, self.d_cores)
-        mixed = _channels_last(lambda v: tr_matvec(v, self.t_cores), x) - x  # (N, d_in, H, W)
+        mixed = tr_matvec(x, self.t_cores, dim=1) - x  # T mixes the channels at every pixel: (N, d_in, H, W)
         y = nn.functional.conv2d(mixed, w0, None, base.stride, base.padding, base.dilation)
         sh, sw = self._conv["stride"]
-        return y + _channels_last(lambda v: tr_matvec(v, self.d_cores), x[:, :, ::sh, ::sw])
+        return y + tr_matvec(x[:, :, ::sh, ::sw], self.d_cores, dim=1)
 
     def identity_regulariser(self) -> torch.Tensor:
         """||T - I||_F^2 from the cores, without building T (an optional loss term).
