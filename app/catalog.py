@@ -1,12 +1,13 @@
-"""Catalog entries as the CLI, API and UI see them: plain dataclasses, torch-free, so that the web layer
-can build its schemas from them without importing the library's tensor code."""
+"""Catalog entries and render jobs as the CLI, API and UI see them: plain dataclasses, torch-free, so that the
+web layer can build its schemas from them without importing the library's tensor code."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 
-from db.models import Adapter
+from db.models import Adapter, RenderJob
 
 EDITABLE_FIELDS = ("name", "trigger_words", "tags", "description")  # what users may change after import
 
@@ -58,3 +59,71 @@ class AdapterInfo:
             created_at=a.created_at,
             updated_at=a.updated_at,
         )
+
+
+@dataclass(frozen=True)
+class ImportOutcome:
+    """What happened to one file: "imported", "duplicate" (already catalogued, nothing written) or "failed"."""
+
+    path: Path
+    status: str
+    name: str | None = None
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class JobInfo:
+    """A render job as the API and the admin page see it: the `RenderJob` row's fields under their own names
+    (a plain copy, safe outside a session), plus its place in the queue."""
+
+    id: int
+    status: str
+    progress: float
+    completed: int
+    total: int
+    cancel_requested: bool
+    attempts: int
+    max_attempts: int
+    error: str | None
+    backbone: str
+    model: str | None
+    requests: list[dict]
+    results: list[dict]
+    api_key_id: int | None
+    worker: str | None
+    created_at: datetime | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    queue_position: int | None = None  # 1 for the next job to run; None once the job left the queue
+
+    @classmethod
+    def of(cls, job: RenderJob, queue_position: int | None = None) -> JobInfo:
+        return cls(
+            id=job.id,
+            status=job.status,
+            progress=job.progress or 0.0,
+            completed=job.completed,
+            total=job.total,
+            cancel_requested=bool(job.cancel_requested),
+            attempts=job.attempts,
+            max_attempts=job.max_attempts,
+            error=job.error,
+            backbone=job.backbone,
+            model=job.model,
+            requests=[dict(r) for r in job.requests],
+            results=[dict(r) for r in job.results],
+            api_key_id=job.api_key_id,
+            worker=job.worker,
+            created_at=job.created_at,
+            started_at=job.started_at,
+            finished_at=job.finished_at,
+            queue_position=queue_position,
+        )
+
+
+@dataclass(frozen=True)
+class JobPage:
+    """One page of render jobs and how many there are in all."""
+
+    items: list[JobInfo]
+    total: int

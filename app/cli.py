@@ -299,7 +299,6 @@ def train(
     """Train an adapter on a folder of images and add it to the catalog."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from app.training import train as run_training
     from composer.train import TrainConfig
 
     try:
@@ -338,8 +337,7 @@ def train(
         transient=not sys.stderr.isatty(),
     ) as bar:
         task = bar.add_task(f"training {name}", total=config.steps, loss=float("nan"))
-        outcome = run_training(
-            studio,
+        outcome = studio.train(
             config,
             images,
             name,

@@ -7,12 +7,11 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.catalog import EDITABLE_FIELDS, AdapterInfo
+from app.catalog import EDITABLE_FIELDS, AdapterInfo, ImportOutcome
 from composer.adapters import blora
 from composer.errors import LoraFileError, StudioError
 from composer.formats.readers import read_lora
@@ -25,16 +24,6 @@ log = logging.getLogger(__name__)
 
 SERVED_FAMILIES = ("sdxl", "flux")
 EXPORT_FORMATS = ("kohya", "diffusers")
-
-
-@dataclass(frozen=True)
-class ImportOutcome:
-    """What happened to one file: "imported", "duplicate" (already catalogued, nothing written) or "failed"."""
-
-    path: Path
-    status: str
-    name: str | None = None
-    message: str = ""
 
 
 def adapter_type_of(lora) -> str:
@@ -128,7 +117,7 @@ class Library:
             alphas = {m.alpha for m in lora.modules.values()}
             preview_target = None
             if preview is not None:
-                preview_target = self.lora_dir / f"{hashes.sha256[:16]}.preview{Path(preview).suffix}"
+                preview_target = self.preview_path(hashes.sha256, Path(preview).suffix)
                 _copy_atomic(Path(preview), preview_target)
             _copy_atomic(path, target)
             try:
@@ -173,6 +162,23 @@ class Library:
                 outcomes.append(ImportOutcome(p, "failed", None, str(exc)))
         return outcomes
 
+    def preview_path(self, sha256: str, suffix: str) -> Path:
+        """Where an adapter's preview image is stored: beside its file, named by its hash."""
+        return self.lora_dir / f"{sha256[:16]}.preview{suffix}"
+
+    def set_preview(self, ref: str, image: Path) -> AdapterInfo:
+        """Copy `image` in as the adapter's preview (replacing the one it had) and record it.
+
+        Raises:
+            AdapterNotFoundError: no such entry (close names suggested).
+        """
+        info = self.get(ref)
+        target = self.preview_path(info.sha256, Path(image).suffix)
+        self.lora_dir.mkdir(parents=True, exist_ok=True)
+        _copy_atomic(Path(image), target)
+        with unit_of_work(self.sessions) as session:
+            return AdapterInfo.of(AdapterRepository(session).update(info.name, preview_path=str(target)))
+
     def names(self) -> list[str]:
         """Every catalog name, sorted."""
         with self.sessions() as session:
@@ -182,6 +188,12 @@ class Library:
         """By name, or by hash (SHA-256, AutoV2, tensor hash, or a prefix of 8+ hex)."""
         with self.sessions() as session:
             return AdapterInfo.of(AdapterRepository(session).resolve(ref))
+
+    def find(self, ref: str) -> AdapterInfo | None:
+        """By hash (SHA-256, AutoV2, tensor hash, or a prefix of 8+ hex), or None."""
+        with self.sessions() as session:
+            adapter = AdapterRepository(session).find_by_hash(ref)
+            return None if adapter is None else AdapterInfo.of(adapter)
 
     def list(
         self,

@@ -2,42 +2,42 @@
 
 from __future__ import annotations
 
-import json
 import logging
+import threading
+import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-import torch
-from PIL import PngImagePlugin
 from sqlalchemy.orm import Session
 
 import toyworld
 from app.bundled import import_bundled
+from app.catalog import JobInfo, JobPage
+from app.facade import SamplingDefaults
+from app.jobs.board import JobBoard
 from app.library import AdapterInfo, Library
+from app.rendering import RenderResult, resolve_backbone, resolve_device, resolve_dtype, save_images
 from app.settings import Settings
+from app.training import TrainingRuns, TrainOutcome
 from composer.adapters import blora
 from composer.adapters.host import AdapterHost
-from composer.backbones import TINY, Backbone, get_backbone, load_pipeline
+from composer.backbones import TINY, Backbone, load_pipeline
 from composer.errors import FamilyMismatchError, StudioError
 from composer.formats.readers import read_lora
-from composer.methods import params_to_json
-from composer.render import Progress, RenderRequest, render_batch
-from db.errors import AdapterNotFoundError
+from composer.formats.safetensors_io import FileHashes, file_hashes
+from composer.methods import METHODS, params_to_json
+from composer.render import LoraWeight, Progress, RenderRequest, render_batch
+from composer.train import TrainConfig
+from composer.train.config import ADAPTER_KINDS
+from composer.train.loop import Progress as TrainProgress
+from db.errors import AdapterNotFoundError, CatalogError
 from db.repository import RenderRepository
 from db.session import default_sqlite_url, make_engine, make_session_factory, unit_of_work, upgrade
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class RenderResult:
-    images: list  # PIL images
-    provenance: dict
-    render_id: int
-    paths: list[Path] = field(default_factory=list)
-    pictures: list = field(default_factory=list)  # (caption, PIL image): what the method used, e.g. masks
 
 
 @dataclass
@@ -47,37 +47,37 @@ class _Loaded:
     resident: OrderedDict[str, None] = field(default_factory=OrderedDict)  # sha256, LRU order
 
 
-def resolve_backbone(name: str, model: str | None) -> tuple[Backbone, str]:
-    """A backbone name as users type it, and the model to load: "toy" is SDXL with the shipped toy model;
-    "sdxl" and "flux" default to their tiny random-weight variants."""
-    if name == "toy":  # measured best guidance for the toy model (docs/BENCHMARKS.md)
-        return replace(get_backbone("sdxl"), default_guidance=7.5), str(model or toyworld.model_dir())
-    return get_backbone(name), str(model or TINY)
+def sampling_defaults(request: RenderRequest, backbone: Backbone) -> tuple[int, float]:
+    """The steps and guidance a request renders with: its own, else the backbone's defaults."""
+    steps = request.num_inference_steps or backbone.default_steps
+    guidance = backbone.default_guidance if request.guidance_scale is None else request.guidance_scale
+    return steps, guidance
 
 
-def resolve_device(setting: str) -> str:
-    if setting == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return setting
-
-
-def resolve_dtype(setting: str, device: str) -> torch.dtype:
-    if setting == "auto":
-        return torch.float16 if device.startswith("cuda") else torch.float32
-    try:
-        return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[setting]
-    except KeyError:
-        raise ValueError(f"unknown dtype {setting!r}: float32, float16 or bfloat16") from None
+def check_family(info: AdapterInfo, backbone: str, family: str) -> None:
+    """Raises FamilyMismatchError unless the adapter is for the backbone's family."""
+    if info.family != family:
+        raise FamilyMismatchError(
+            f"LoRA {info.name!r} is for {info.family}; the backbone {backbone!r} is {family}"
+        )
 
 
 class Studio:
-    """Catalog + pipelines. Build one per process with `Studio.open(settings)`."""
+    """Catalog, pipelines, rendering, training and render jobs: the one service object every front end talks
+    to (typed as `app.facade.StudioFacade`). Build one per process with `Studio.open(settings)`.
 
-    def __init__(self, settings: Settings, library: Library, sessions):
+    Every entry that uses a pipeline holds the Studio's lock, so a pipeline is never used by two threads at
+    once; a job worker renders through its own `view()` (its own pipelines and lock)."""
+
+    def __init__(self, settings: Settings, library: Library, sessions, accounts: Any = None):
         self.settings = settings
         self.library = library
         self.sessions = sessions
+        self.accounts = accounts
+        self.jobs = JobBoard(self)
+        self.training = TrainingRuns(self)
         self._pipelines: dict[tuple[str, str], _Loaded] = {}
+        self._lock = threading.RLock()  # one pipeline user at a time (re-entered: render -> pipeline)
 
     @classmethod
     def open(cls, settings: Settings) -> Studio:
@@ -91,15 +91,23 @@ class Studio:
             import_bundled(library, toyworld.loras_dir(), settings.root / "bundled.json")
         return cls(settings, library, sessions)
 
+    def view(self) -> Studio:
+        """The same catalog, sessions and job board's table, with pipelines (and a lock) of its own: what a
+        render worker renders through, so that no pipeline is shared between threads."""
+        return Studio(self.settings, self.library, self.sessions, self.accounts)
+
     # --- pipelines ------------------------------------------------------------------------------------
     def pipeline(self, backbone: str, model: str | None = None) -> _Loaded:
         bb, model = resolve_backbone(backbone, model)
         key = (backbone, model)
-        if key not in self._pipelines:
-            device = resolve_device(self.settings.device)
-            pipe = load_pipeline(bb, model, dtype=resolve_dtype(self.settings.dtype, device), device=device)
-            self._pipelines[key] = _Loaded(pipe, AdapterHost.for_pipeline(pipe, bb))
-        return self._pipelines[key]
+        with self._lock:
+            if key not in self._pipelines:
+                device = resolve_device(self.settings.device)
+                pipe = load_pipeline(
+                    bb, model, dtype=resolve_dtype(self.settings.dtype, device), device=device
+                )
+                self._pipelines[key] = _Loaded(pipe, AdapterHost.for_pipeline(pipe, bb))
+            return self._pipelines[key]
 
     def resident_loras(self) -> set[str]:
         """SHA-256 of every LoRA file resident in a loaded pipeline (a B-LoRA half by its file's hash)."""
@@ -202,28 +210,27 @@ class Studio:
         entries = [self.resolve_lora(lw.name) for lw in stack]
         infos = [info for info, _ in entries]
         for info in infos:
-            if info.family != bb.family:
-                raise FamilyMismatchError(
-                    f"LoRA {info.name!r} is for {info.family}; the backbone is {bb.family}"
-                )
-        loaded = self.pipeline(backbone, model)
-        keys = self._make_resident(loaded, entries)
-        names = {lw.name: key for lw, key in zip(stack, keys, strict=True)}
+            check_family(info, backbone, bb.family)
         pictures: list = []
-        images = render_batch(
-            loaded.pipe,
-            bb,
-            loaded.host,
-            requests,
-            adapter_names=names,
-            progress=progress,
-            pictures=pictures,
-            triggers={lw.name: info.trigger_words for lw, info in zip(stack, infos, strict=True)},
-        )
+        with self._lock:
+            loaded = self.pipeline(backbone, model)
+            keys = self._make_resident(loaded, entries)
+            names = {lw.name: key for lw, key in zip(stack, keys, strict=True)}
+            images = render_batch(
+                loaded.pipe,
+                bb,
+                loaded.host,
+                requests,
+                adapter_names=names,
+                progress=progress,
+                pictures=pictures,
+                triggers={lw.name: info.trigger_words for lw, info in zip(stack, infos, strict=True)},
+            )
         results = []
         for i, request in enumerate(requests):
             n = request.num_images
             mine = images[i * n : (i + 1) * n]
+            steps, guidance = sampling_defaults(request, bb)
             provenance = {
                 "backbone": backbone,
                 "model": str(model),
@@ -232,10 +239,8 @@ class Studio:
                 "prompt": request.prompt,
                 "negative_prompt": request.negative_prompt,
                 "seed": request.seed,
-                "num_inference_steps": request.num_inference_steps or bb.default_steps,
-                "guidance_scale": bb.default_guidance
-                if request.guidance_scale is None
-                else request.guidance_scale,
+                "num_inference_steps": steps,
+                "guidance_scale": guidance,
                 "height": mine[0].height,
                 "width": mine[0].width,
                 "loras": [
@@ -269,24 +274,137 @@ class Studio:
             results.append(result)
         return results
 
+    def check_requests(self, requests: list[dict[str, Any]], backbone: str, model: str | None) -> int:
+        """Check a batch of JSON requests as `render` would, before anything is stored; the number of images
+        it makes.
 
-def save_images(images: list, out: Path, provenance: dict) -> list[Path]:
-    """PNG files with the provenance as JSON text (key "lora_studio") and A1111-style "parameters"."""
-    out = Path(out).expanduser()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    loras = " ".join(f"<lora:{x['name']}:{x['weight']}>" for x in provenance["loras"])
-    a1111 = (
-        f"{provenance['prompt']} {loras}".strip()
-        + f"\nNegative prompt: {provenance['negative_prompt']}\nSteps: {provenance['num_inference_steps']}, "
-        + f"CFG scale: {provenance['guidance_scale']}, Seed: {provenance['seed']}, "
-        + f"Size: {provenance['width']}x{provenance['height']}, Model: {provenance['model']}"
-    )
-    paths = []
-    for i, image in enumerate(images):
-        path = out if len(images) == 1 else out.with_name(f"{out.stem}_{i}{out.suffix or '.png'}")
-        info = PngImagePlugin.PngInfo()
-        info.add_text("lora_studio", json.dumps(provenance, sort_keys=True))
-        info.add_text("parameters", a1111)
-        image.save(path, format="PNG", pnginfo=info)
-        paths.append(path)
-    return paths
+        Raises:
+            StudioError, CatalogError: naming the request (`requests[i]`) and what is wrong.
+        """
+        if model not in (None, TINY, self.settings.model):
+            raise StudioError(
+                f"model {model!r} is not served here; leave it out for the server's model "
+                f"({self.settings.model or 'the backbone default'}) or use {TINY!r}"
+            )
+        family = resolve_backbone(backbone, model)[0].family
+        total = 0
+        for i, data in enumerate(requests):
+            try:
+                request = RenderRequest.from_json(data)
+                request.validate()
+                for lw in request.loras:
+                    check_family(self.resolve_lora(lw.name)[0], backbone, family)
+            except (StudioError, CatalogError) as exc:
+                exc.args = (f"requests[{i}]: {exc.args[0] if exc.args else exc}", *exc.args[1:])
+                raise
+            total += request.num_images
+        return total
+
+    # --- what the front ends call (app.facade.StudioFacade) -------------------------------------------
+    @property
+    def renders_dir(self) -> Path:
+        return self.settings.root / "renders"
+
+    def render_image(
+        self,
+        *,
+        prompt: str,
+        negative_prompt: str = "",
+        loras: Sequence[tuple[str, float]] = (),
+        method: str = "merge",
+        params: object = None,
+        seed: int = 0,
+        steps: int | None = None,
+        guidance: float | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        progress: Progress | None = None,
+    ) -> RenderResult:
+        """One render of plain values with the default backbone, saved as a PNG under `renders_dir`."""
+        request = RenderRequest(
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            height=height,
+            width=width,
+            seed=seed,
+            loras=tuple(LoraWeight(name, float(weight)) for name, weight in loras),
+            method=method,
+            method_params=params,
+        )
+        return self.render(request, out=self.renders_dir / f"{uuid.uuid4().hex[:16]}.png", progress=progress)
+
+    def regenerate_preview(self, ref: str) -> AdapterInfo:
+        """Render the adapter's trigger words (or its name) with it at weight 1 and keep that as its preview."""
+        info = self.library.get(ref)
+        result = self.render_image(
+            prompt=", ".join(info.trigger_words) or info.name, loras=[(info.name, 1.0)], seed=0
+        )
+        return self.library.set_preview(info.name, result.paths[0])
+
+    def train(self, config: TrainConfig, images: Path, name: str, **options: Any) -> TrainOutcome:
+        """`app.training.TrainingRuns.run` with the pipeline held (same arguments)."""
+        with self._lock:
+            return self.training.run(config, images, name, **options)
+
+    def train_adapter(
+        self,
+        *,
+        images: Path,
+        name: str,
+        kind: str,
+        prompt: str,
+        steps: int | None = None,
+        trigger_words: list[str] | None = None,
+        progress: TrainProgress | None = None,
+    ) -> TrainOutcome:
+        """Train an adapter of type `kind` with its recipe's settings and catalog it (plain values)."""
+        config = TrainConfig(kind=kind, prompt=prompt, steps=steps).validate()
+        return self.train(config, images, name, trigger_words=trigger_words or [], progress=progress)
+
+    def composition_methods(self) -> Mapping[str, type]:
+        """Composition method name -> its parameters dataclass."""
+        return dict(METHODS)
+
+    def adapter_types(self) -> tuple[str, ...]:
+        """The adapter types the trainer can train."""
+        return tuple(ADAPTER_KINDS)
+
+    def default_sampling(self) -> SamplingDefaults:
+        """The default backbone's steps and guidance."""
+        bb, _ = resolve_backbone(self.settings.backbone, self.settings.model)
+        return SamplingDefaults(bb.default_steps, bb.default_guidance)
+
+    def file_hashes(self, path: Path) -> FileHashes:
+        """A file's SHA-256, AutoV2 and tensor hash."""
+        return file_hashes(path)
+
+    # --- render jobs (app.jobs.board) -----------------------------------------------------------------
+    def submit_job(
+        self,
+        requests: list[dict[str, Any]],
+        *,
+        backbone: str | None = None,
+        model: str | None = None,
+        api_key_id: int | None = None,
+        idempotency_key: str | None = None,
+    ) -> tuple[JobInfo, bool]:
+        """`JobBoard.submit`: check the batch in full and queue it as one job."""
+        return self.jobs.submit(
+            requests, backbone=backbone, model=model, api_key_id=api_key_id, idempotency_key=idempotency_key
+        )
+
+    def get_job(self, job_id: int, api_key_id: int | None = None) -> JobInfo:
+        return self.jobs.get(job_id, api_key_id)
+
+    def list_jobs(
+        self, status: str | None = None, api_key_id: int | None = None, limit: int = 50, offset: int = 0
+    ) -> JobPage:
+        return self.jobs.list(status, api_key_id, limit, offset)
+
+    def job_image(self, job_id: int, n: int, api_key_id: int | None = None) -> Path:
+        return self.jobs.image(job_id, n, api_key_id)
+
+    def cancel_job(self, job_id: int, api_key_id: int | None = None) -> JobInfo:
+        return self.jobs.cancel(job_id, api_key_id)

@@ -1,4 +1,5 @@
-"""Training from the studio: images in, a catalogued adapter out. The catalog never holds a half-made one.
+"""Training from the studio (`Studio.train`): images in, a catalogued adapter out. The catalog never holds a
+half-made one.
 
 The run folder (<data dir>/training/<name>) keeps checkpoints, the loss log and sample images; the adapter is
 written and imported only after the last step, in one transaction.
@@ -10,15 +11,19 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from app.library import AdapterInfo
-from app.studio import resolve_backbone
+from app.rendering import resolve_backbone
 from composer.formats.writers import write_kohya
 from composer.train import TrainConfig, Trainer, load_images
 from composer.train.data import count_images
 from composer.train.loop import Progress
 from db.errors import NameTakenError
 from db.models import validate_name
+
+if TYPE_CHECKING:
+    from app.studio import Studio
 
 log = logging.getLogger(__name__)
 
@@ -39,68 +44,85 @@ def min_images(kind: str) -> int:
     return 1 if kind == "blora" else 3
 
 
-def train(
-    studio,
-    config: TrainConfig,
-    images: Path,
-    name: str,
-    *,
-    backbone: str | None = None,
-    model: str | None = None,
-    trigger_words: list[str] | None = None,
-    tags: list[str] | None = None,
-    description: str = "",
-    resume: bool = False,
-    progress: Progress | None = None,
-) -> TrainOutcome:
-    """Train an adapter on a folder of images and add it to the catalog under `name`.
+class TrainingRuns:
+    """The Studio's training runs: their folders under <data dir>/training, their adapters in its catalog."""
 
-    Everything that can be checked is checked before the first step: the name (valid and free), the settings,
-    the images (readable, enough of them).
+    def __init__(self, studio: Studio) -> None:
+        self.studio = studio
 
-    Raises:
-        NameTakenError / InvalidFieldError: the name is taken or not allowed.
-        TrainConfigError, TrainingDataError: bad settings or images (named).
-    """
-    validate_name(name)
-    if name in studio.library.names():
-        raise NameTakenError(f"adapter name {name!r} is taken; choose another name", name)
-    config = config.validate()
-    needed = max(config.min_images, min_images(config.kind))
-    count_images(images, needed)  # before loading a model: a bad folder fails in a second
-    backbone = backbone or studio.settings.backbone
-    bb, _ = resolve_backbone(backbone, model or studio.settings.model)
-    loaded = studio.pipeline(backbone, model or studio.settings.model)
-    trainer = Trainer(
-        loaded.pipe, bb, config, studio.settings.root / "training" / name, progress=progress, host=loaded.host
-    )
-    data = load_images(images, config.prompt, trainer.size, min_images=needed)
-    result = trainer.run(data, resume=resume)
-    run_dir = trainer.run_dir
-    samples = []
-    for i, image in enumerate(result.samples):
-        path = run_dir / "samples" / f"sample_{i}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        image.save(path)
-        samples.append(path)
-    (run_dir / "loss.json").write_text(json.dumps({"losses": result.losses}) + "\n")
-    out = run_dir / f"{name}.safetensors"
-    write_kohya(result.lora, out, title=name, trigger_words=trigger_words or [])
-    info = studio.library.import_file(
-        out,
-        name=name,
-        tags=tags,
-        exact_name=True,
-        description=description,
-        training_config={**config.to_json(), "seconds": round(result.seconds, 1), "steps_done": result.steps},
-        preview=samples[0] if samples else None,
-    )
-    return TrainOutcome(
-        info,
-        run_dir,
-        result.steps,
-        result.seconds,
-        result.losses[-1] if result.losses else float("nan"),
-        result.parameters,
-        samples,
-    )
+    def run(
+        self,
+        config: TrainConfig,
+        images: Path,
+        name: str,
+        *,
+        backbone: str | None = None,
+        model: str | None = None,
+        trigger_words: list[str] | None = None,
+        tags: list[str] | None = None,
+        description: str = "",
+        resume: bool = False,
+        progress: Progress | None = None,
+    ) -> TrainOutcome:
+        """Train an adapter on a folder of images and add it to the catalog under `name` (the caller holds
+        the pipeline: `Studio.train`).
+
+        Everything that can be checked is checked before the first step: the name (valid and free), the
+        settings, the images (readable, enough of them).
+
+        Raises:
+            NameTakenError / InvalidFieldError: the name is taken or not allowed.
+            TrainConfigError, TrainingDataError: bad settings or images (named).
+        """
+        studio = self.studio
+        validate_name(name)
+        if name in studio.library.names():
+            raise NameTakenError(f"adapter name {name!r} is taken; choose another name", name)
+        config = config.validate()
+        needed = max(config.min_images, min_images(config.kind))
+        count_images(images, needed)  # before loading a model: a bad folder fails in a second
+        backbone = backbone or studio.settings.backbone
+        bb, _ = resolve_backbone(backbone, model or studio.settings.model)
+        loaded = studio.pipeline(backbone, model or studio.settings.model)
+        trainer = Trainer(
+            loaded.pipe,
+            bb,
+            config,
+            studio.settings.root / "training" / name,
+            progress=progress,
+            host=loaded.host,
+        )
+        data = load_images(images, config.prompt, trainer.size, min_images=needed)
+        result = trainer.run(data, resume=resume)
+        run_dir = trainer.run_dir
+        samples = []
+        for i, image in enumerate(result.samples):
+            path = run_dir / "samples" / f"sample_{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            image.save(path)
+            samples.append(path)
+        (run_dir / "loss.json").write_text(json.dumps({"losses": result.losses}) + "\n")
+        out = run_dir / f"{name}.safetensors"
+        write_kohya(result.lora, out, title=name, trigger_words=trigger_words or [])
+        info = studio.library.import_file(
+            out,
+            name=name,
+            tags=tags,
+            exact_name=True,
+            description=description,
+            training_config={
+                **config.to_json(),
+                "seconds": round(result.seconds, 1),
+                "steps_done": result.steps,
+            },
+            preview=samples[0] if samples else None,
+        )
+        return TrainOutcome(
+            info,
+            run_dir,
+            result.steps,
+            result.seconds,
+            result.losses[-1] if result.losses else float("nan"),
+            result.parameters,
+            samples,
+        )

@@ -67,3 +67,31 @@ class ApiKeyRefusedError(CatalogError):
 
 class MigrationError(CatalogError):
     """The database schema cannot be brought to the version this code expects."""
+
+
+class JobNotFoundError(CatalogError, LookupError):
+    """No job has this id (or not one the caller may see)."""
+
+
+class JobFinishedError(CatalogError):
+    """The job is already done, failed or cancelled."""
+
+
+class IdempotencyConflictError(CatalogError):
+    """An Idempotency-Key was used before with a different request body."""
+
+
+class QueueFullError(CatalogError):
+    """Too many jobs are queued; `retry_after` seconds is a fair time to wait."""
+
+    def __init__(self, message: str, retry_after: int):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class SubmitRaceError(CatalogError):
+    """Another submit with the same Idempotency-Key was stored first; the transaction is spoilt: retry it."""
+
+
+class JobLostError(CatalogError):
+    """The worker no longer holds the job: it was recovered, cancelled or finished elsewhere."""

@@ -18,7 +18,6 @@ from typer.testing import CliRunner
 
 from app.admin import create_admin_app
 from app.cli import app as cli
-from app.web import frontend_for
 from composer.formats import write_kohya
 from db.models import RenderJob
 from db.session import unit_of_work
@@ -385,7 +384,7 @@ def test_session_key_is_private_and_kept(live):
     path = live.studio.settings.session_secret_path
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     key = path.read_bytes()
-    create_admin_app(frontend_for(live.studio))  # a second start reuses it: sessions survive restarts
+    create_admin_app(live.studio)  # a second start reuses it: sessions survive restarts
     assert path.read_bytes() == key
 
 

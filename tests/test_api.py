@@ -16,9 +16,9 @@ from typer.testing import CliRunner
 from app.api import create_app
 from app.api.auth import TokenBucket
 from app.api.schemas import SERVER_ONLY, LoraRead, LoraUpdate
-from app.api.service import StudioService
 from app.catalog import EDITABLE_FIELDS, AdapterInfo
 from app.cli import app as cli
+from app.facade import StudioFacade
 from app.settings import Settings
 from app.studio import Studio
 from composer.errors import StudioError
@@ -349,7 +349,7 @@ def test_openapi_documents_routes_schemas_and_key_schemes(studio):
 
 
 def test_studio_satisfies_the_service_protocol(studio):
-    assert isinstance(studio, StudioService)
+    assert isinstance(studio, StudioFacade)
 
 
 def test_api_package_does_not_import_torch():

@@ -59,7 +59,7 @@ def run(studio: Studio, requests: list[dict]):
     executor = make_executor(studio)
     executor.start()
     try:
-        job, _ = executor.submit(requests)
+        job, _ = studio.submit_job(requests)
         job = wait_for(studio.sessions, job.id)
     finally:
         executor.stop()

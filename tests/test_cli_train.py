@@ -12,7 +12,6 @@ from typer.testing import CliRunner
 from app.cli import app
 from app.settings import Settings
 from app.studio import Studio
-from app.training import train
 from composer.train import TrainConfig
 
 runner = CliRunner()
@@ -75,8 +74,8 @@ def test_interrupted_training_leaves_no_catalog_entry_and_resumes(tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train(studio, config, images, "kr", progress=stop)
+        studio.train(config, images, "kr", progress=stop)
     assert studio.library.list() == []
-    outcome = train(studio, config, images, "kr", resume=True)
+    outcome = studio.train(config, images, "kr", resume=True)
     assert outcome.steps == 4 and outcome.adapter.adapter_type == "kron"
     assert [a.name for a in studio.library.list()] == ["kr"]

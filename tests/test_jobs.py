@@ -235,7 +235,7 @@ def test_executor_renders_what_studio_render_renders(studio, tmp_path, tiny_sdxl
     assert isinstance(executor, LocalExecutor)
     executor.start()
     try:
-        job, created = executor.submit(requests)
+        job, created = studio.submit_job(requests)
         job = wait_for(studio.sessions, job.id)
     finally:
         executor.stop()
@@ -262,30 +262,30 @@ def test_executor_renders_what_studio_render_renders(studio, tmp_path, tiny_sdxl
 
 
 def test_submit_checks_every_request_first_and_bounds_the_queue(studio):
-    executor = make_executor(studio)  # not started: jobs stay queued
+    # no executor: jobs stay queued
     with pytest.raises(Exception, match=r"requests\[1\]: no adapter named 'nope'"):
-        executor.submit([{"prompt": "ok", **SMALL}, {"prompt": "x", "loras": [{"name": "nope"}]}])
+        studio.submit_job([{"prompt": "ok", **SMALL}, {"prompt": "x", "loras": [{"name": "nope"}]}])
     with pytest.raises(Exception, match=r"requests\[0\]: num_images must be 1..16"):
-        executor.submit([{"prompt": "x", "num_images": 17}])
+        studio.submit_job([{"prompt": "x", "num_images": 17}])
     with pytest.raises(Exception, match=r"requests\[0\]: unknown request fields size"):
-        executor.submit([{"prompt": "x", "size": 64}])
+        studio.submit_job([{"prompt": "x", "size": 64}])
     with pytest.raises(Exception, match="model '/etc' is not served here"):
-        executor.submit([{"prompt": "x"}], model="/etc")
+        studio.submit_job([{"prompt": "x"}], model="/etc")
     with pytest.raises(Exception, match="unknown backbone 'sd3'"):
-        executor.submit([{"prompt": "x"}], backbone="sd3")
+        studio.submit_job([{"prompt": "x"}], backbone="sd3")
     assert repo_call(studio.sessions, "count") == 0, "nothing stored"
     for i in range(3):
-        executor.submit([{"prompt": f"p{i}"}], idempotency_key=f"k{i}")
+        studio.submit_job([{"prompt": f"p{i}"}], idempotency_key=f"k{i}")
     with pytest.raises(QueueFullError, match="3 render jobs are queued, the limit is 3") as caught:
-        executor.submit([{"prompt": "one too many"}])
+        studio.submit_job([{"prompt": "one too many"}])
     assert caught.value.retry_after >= 1 and repo_call(studio.sessions, "count") == 3
-    assert executor.submit([{"prompt": "p0"}], idempotency_key="k0")[1] is False  # a repeat is not refused
+    assert studio.submit_job([{"prompt": "p0"}], idempotency_key="k0")[1] is False  # a repeat is not refused
 
 
 def test_a_resumed_job_skips_recorded_requests(studio):
     executor = make_executor(studio)
     slow = {"num_inference_steps": 60, "height": 32, "width": 32}
-    job, _ = executor.submit([{"prompt": "first", **SMALL}, {"prompt": "second", **slow}])
+    job, _ = studio.submit_job([{"prompt": "first", **SMALL}, {"prompt": "second", **slow}])
     repo_call(studio.sessions, "claim", "w-old")
     control = JobControl(job.id, "w-old", stopping=threading.Event())
     outcome: list[str] = []
@@ -315,15 +315,15 @@ def test_cancel_a_running_job_between_steps_and_a_queued_one(studio):
     executor.start()
     try:
         long = [{"prompt": "long", "num_inference_steps": 400, "height": 32, "width": 32}]
-        running, _ = executor.submit(long)
-        queued, _ = executor.submit([{"prompt": "waiting", **SMALL}])
+        running, _ = studio.submit_job(long)
+        queued, _ = studio.submit_job([{"prompt": "waiting", **SMALL}])
         wait_for(studio.sessions, running.id, ("running",))
-        assert executor.cancel(queued.id).status == "cancelled"
+        assert studio.cancel_job(queued.id).status == "cancelled"
         deadline = time.monotonic() + 60
         while repo_call(studio.sessions, "get", running.id).progress == 0 and time.monotonic() < deadline:
             time.sleep(0.02)
         started = time.monotonic()
-        assert executor.cancel(running.id).cancel_requested
+        assert studio.cancel_job(running.id).cancel_requested
         job = wait_for(studio.sessions, running.id)
         assert time.monotonic() - started < 10, "stopped between steps, not after 400 of them"
     finally:
@@ -333,13 +333,13 @@ def test_cancel_a_running_job_between_steps_and_a_queued_one(studio):
     assert repo_call(studio.sessions, "get", queued.id).started_at is None
     assert renders(studio) == 0
     with pytest.raises(JobFinishedError):
-        executor.cancel(running.id)
+        studio.cancel_job(running.id)
 
 
 def test_stop_hands_the_running_job_back_and_a_restart_finishes_it(studio):
     executor = make_executor(studio)
     executor.start()
-    job, _ = executor.submit([{"prompt": "long", "num_inference_steps": 300, "height": 32, "width": 32}])
+    job, _ = studio.submit_job([{"prompt": "long", "num_inference_steps": 300, "height": 32, "width": 32}])
     wait_for(studio.sessions, job.id, ("running",))
     executor.stop()
     job = repo_call(studio.sessions, "get", job.id)
@@ -372,7 +372,9 @@ def test_two_servers_on_one_catalog_run_each_job_exactly_once(backend, tmp_path)
         ]
         executors = [make_executor(s) for s in studios]
         assert executors[0].name != executors[1].name, "worker names never collide across executors"
-        ids = [executors[i % 2].submit([{"prompt": f"job {i}", "seed": i, **SMALL}])[0].id for i in range(8)]
+        ids = [
+            studios[i % 2].submit_job([{"prompt": f"job {i}", "seed": i, **SMALL}])[0].id for i in range(8)
+        ]
         for executor in executors:
             executor.start()
         try:

@@ -21,7 +21,7 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 
-from app.frontend import Frontend
+from app.facade import SamplingDefaults
 from app.ui import create_ui
 from app.ui.methods import build_method_controls, params_from
 from app.ui.studio_tab import caption, insert_triggers, stack_entries
@@ -304,7 +304,7 @@ def test_method_controls_are_built_from_the_dataclass_fields():
 
 
 def test_front_ends_never_import_torch():
-    code = "import sys, app.ui, app.admin, app.web, app.frontend; print('torch' in sys.modules)"
+    code = "import sys, app.ui, app.admin, app.web, app.facade; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -334,9 +334,15 @@ def test_render_event_feeds_the_progress_bar_from_the_studio_callback(tmp_path):
         prov = {"loras": [], "method": "merge", "seed": request["seed"]}
         return SimpleNamespace(paths=[path], provenance=prov, images=[], render_id=1)
 
-    studio = SimpleNamespace(library=_Catalog(), settings=None, sessions=None)
-    front = Frontend(studio, fake_render, None, None, METHODS, ("lora",), {"steps": 30, "guidance": 5.0})
-    demo = create_ui(front)
+    studio = SimpleNamespace(
+        library=_Catalog(),
+        settings=None,
+        render_image=fake_render,
+        composition_methods=lambda: METHODS,
+        adapter_types=lambda: ("lora",),
+        default_sampling=lambda: SamplingDefaults(30, 5.0),
+    )
+    demo = create_ui(studio)
     render_fn = next(f.fn for f in demo.fns.values() if f.api_name == "render")
     seen = []
 

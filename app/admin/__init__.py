@@ -2,7 +2,7 @@
 
 Sign-in with a username and an Argon2-hashed password (`lora-studio admin create`); the session lives in a
 signed cookie whose key is kept in the data dir; every POST form carries a CSRF token. Thin like the REST API:
-each route converts the form, calls the Studio (through the Frontend) or a repository, and renders a page.
+each route converts the form, calls the Studio (typed as `app.facade.StudioFacade`) and renders a page.
 """
 
 from __future__ import annotations
@@ -13,14 +13,14 @@ from app.admin import auth, catalog, files, ops
 from app.admin.core import install_handlers
 from app.admin.session import SessionCodec, load_secret
 from app.admin.throttle import LoginThrottle
-from app.frontend import Frontend
+from app.facade import StudioFacade
 
 
-def create_admin_app(front: Frontend) -> FastAPI:
+def create_admin_app(studio: StudioFacade) -> FastAPI:
     """The admin application, to be mounted at /admin (its cookie is scoped to that path)."""
-    settings = front.studio.settings
+    settings = studio.settings
     app = FastAPI(title="LoRA Studio admin", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.front = front
+    app.state.studio = studio
     app.state.codec = SessionCodec(
         load_secret(settings.session_secret_path), max_age_s=int(settings.admin_session_hours * 3600)
     )

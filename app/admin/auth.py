@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from app.admin.core import FormDep, FrontDep, page, redirect, session_of
+from app.admin.core import FormDep, StudioDep, page, redirect, session_of
 from app.admin.session import Session
 from db.session import unit_of_work
 from db.users import UserRepository
@@ -27,7 +27,7 @@ def login_form(request: Request, next: str = ""):
 
 
 @router.post("/login")
-def login(request: Request, form: FormDep, front: FrontDep):
+def login(request: Request, form: FormDep, studio: StudioDep):
     """Check the password (Argon2) and start a signed-in session; repeated failures make the client wait."""
     username, password = form.get("username"), form.get("password")
     throttle = request.app.state.throttle
@@ -44,7 +44,7 @@ def login(request: Request, form: FormDep, front: FrontDep):
         )
         response.headers["Retry-After"] = str(wait)
         return response
-    with unit_of_work(front.studio.sessions) as db:
+    with unit_of_work(studio.sessions) as db:
         users = UserRepository(db)
         user = users.verify(username, password) if isinstance(username, str) else None
         if user is not None and user.is_admin:

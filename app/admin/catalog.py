@@ -3,7 +3,6 @@ behind a confirmation step (the name typed again)."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Annotated
 from urllib.parse import quote
@@ -11,14 +10,12 @@ from urllib.parse import quote
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse
 
-from app.admin.core import AdminDep, FormDep, FrontDep, checked_name, page, redirect
+from app.admin.core import AdminDep, FormDep, StudioDep, checked_name, page, redirect
 from app.admin.session import AdminError
 from app.api.errors import status_of
 from app.catalog import EDITABLE_FIELDS
 from composer.errors import StudioError
 from db.errors import CatalogError
-from db.repository import AdapterRepository
-from db.session import unit_of_work
 
 router = APIRouter()
 PAGE = 100
@@ -33,12 +30,12 @@ def split_list(text: object) -> list[str]:
 def catalog(
     request: Request,
     admin: AdminDep,
-    front: FrontDep,
+    studio: StudioDep,
     q: Annotated[str, Query(max_length=500)] = "",
     offset: Annotated[int, Query(ge=0)] = 0,
 ):
     """Every adapter, searched by name, trigger word, tag or description."""
-    library = front.studio.library
+    library = studio.library
     rows = library.list(q or None, limit=PAGE, offset=offset)
     total = library.count(q or None)
     return page(
@@ -47,16 +44,16 @@ def catalog(
 
 
 @router.get("/loras/{name}")
-def lora(request: Request, admin: AdminDep, front: FrontDep, name: str, saved: str = ""):
+def lora(request: Request, admin: AdminDep, studio: StudioDep, name: str, saved: str = ""):
     """One adapter: metadata form, preview, hashes."""
-    info = front.studio.library.get(checked_name(name))
+    info = studio.library.get(checked_name(name))
     return page(request, "lora.html", admin=admin, info=info, saved=saved, error=None, fields=EDITABLE_FIELDS)
 
 
 @router.post("/loras/{name}")
-def edit(request: Request, admin: AdminDep, front: FrontDep, form: FormDep, name: str):
+def edit(request: Request, admin: AdminDep, studio: StudioDep, form: FormDep, name: str):
     """Save name, trigger words, tags and description (the file is not touched)."""
-    library = front.studio.library
+    library = studio.library
     info = library.get(checked_name(name))
     changes = {
         "name": str(form.get("name", info.name)).strip(),
@@ -82,39 +79,32 @@ def edit(request: Request, admin: AdminDep, front: FrontDep, form: FormDep, name
 
 
 @router.get("/loras/{name}/preview.png")
-def preview(admin: AdminDep, front: FrontDep, name: str):
+def preview(admin: AdminDep, studio: StudioDep, name: str):
     """The adapter's preview image."""
-    info = front.studio.library.get(checked_name(name))
+    info = studio.library.get(checked_name(name))
     if not info.preview_path or not Path(info.preview_path).is_file():
         raise AdminError(404, f"{info.name!r} has no preview yet")
     return FileResponse(info.preview_path)
 
 
 @router.post("/loras/{name}/preview")
-def regenerate_preview(request: Request, admin: AdminDep, front: FrontDep, form: FormDep, name: str):
+def regenerate_preview(request: Request, admin: AdminDep, studio: StudioDep, form: FormDep, name: str):
     """Render the adapter's trigger words (or its name) with it at weight 1 and keep the image as its preview."""
-    info = front.studio.library.get(checked_name(name))
-    result = front.render(prompt=", ".join(info.trigger_words) or info.name, loras=[(info.name, 1.0)], seed=0)
-    target = Path(info.file_path).with_name(
-        f"{info.sha256[:16]}.preview.png"
-    )  # Library's naming, beside the file
-    shutil.copyfile(result.paths[0], target)
-    with unit_of_work(front.studio.sessions) as db:
-        AdapterRepository(db).update(info.name, preview_path=str(target))
+    info = studio.regenerate_preview(checked_name(name))
     return redirect(request, f"/loras/{quote(info.name)}?saved=preview")
 
 
 @router.get("/loras/{name}/delete")
-def confirm_delete(request: Request, admin: AdminDep, front: FrontDep, name: str):
+def confirm_delete(request: Request, admin: AdminDep, studio: StudioDep, name: str):
     """The confirmation step: the name must be typed again."""
-    info = front.studio.library.get(checked_name(name))
+    info = studio.library.get(checked_name(name))
     return page(request, "delete.html", admin=admin, info=info, error=None)
 
 
 @router.post("/loras/{name}/delete")
-def delete(request: Request, admin: AdminDep, front: FrontDep, form: FormDep, name: str):
+def delete(request: Request, admin: AdminDep, studio: StudioDep, form: FormDep, name: str):
     """Delete the entry and its stored file, if the confirmation names it."""
-    info = front.studio.library.get(checked_name(name))
+    info = studio.library.get(checked_name(name))
     if form.get("confirm") != info.name:
         return page(
             request,
@@ -124,5 +114,5 @@ def delete(request: Request, admin: AdminDep, front: FrontDep, form: FormDep, na
             info=info,
             error=f"type the name {info.name!r} exactly to confirm; nothing was deleted",
         )
-    front.studio.library.delete(info.name)
+    studio.library.delete(info.name)
     return redirect(request, f"/?deleted={quote(info.name)}")

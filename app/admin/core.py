@@ -1,4 +1,4 @@
-"""What every admin route shares: the Frontend, templates, the session and signed-in user, CSRF-checked forms
+"""What every admin route shares: the Studio, templates, the session and signed-in user, CSRF-checked forms
 and the HTML error pages."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException
 
 from app.admin.session import CSRF_FIELD, AdminError, LoginRequired, Session, SessionCodec, check_csrf
 from app.api.errors import status_of
-from app.frontend import Frontend
+from app.facade import StudioFacade
 from composer.errors import StudioError
 from db.errors import CatalogError
 from db.models import validate_name
@@ -37,8 +37,8 @@ class Admin:
     username: str
 
 
-def front_of(request: Request) -> Frontend:
-    return request.app.state.front
+def studio_of(request: Request) -> StudioFacade:
+    return request.app.state.studio
 
 
 def session_of(request: Request) -> Session:
@@ -52,14 +52,14 @@ def current_admin(request: Request) -> Admin:
     session = session_of(request)
     if session.user_id is None:
         raise LoginRequired()
-    with front_of(request).studio.sessions() as db:
+    with request.app.state.studio.sessions() as db:
         user = UserRepository(db).get(session.user_id)
         if user is None or not user.is_admin:  # deleted or demoted since the cookie was issued
             raise LoginRequired()
         return Admin(user.id, user.username)
 
 
-FrontDep = Annotated[Frontend, Depends(front_of)]
+StudioDep = Annotated[StudioFacade, Depends(studio_of)]
 AdminDep = Annotated[Admin, Depends(current_admin)]
 
 

@@ -13,13 +13,12 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from app.admin.catalog import split_list
-from app.admin.core import AdminDep, FormDep, FrontDep, content_length, page, session_of
+from app.admin.core import AdminDep, FormDep, StudioDep, content_length, page, session_of
 from app.admin.session import CSRF_FIELD, AdminError, check_csrf
 from app.api.errors import ApiError
 from app.api.loras import MIB, MULTIPART_SLACK
 from app.api.loras import _store as store_upload
-from app.frontend import Frontend
-from db.repository import AdapterRepository
+from app.facade import StudioFacade
 
 router = APIRouter()
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
@@ -46,13 +45,13 @@ def refuse_by_name(filename: str) -> None:
         raise AdminError(415, f"{filename}: only .safetensors files are imported")
 
 
-def resolve_folder(front: Frontend, text: str) -> Path:
+def resolve_folder(studio: StudioFacade, text: str) -> Path:
     """A folder inside the import folder, given relative to it or absolute.
 
     Raises:
         AdminError: empty, with '..', outside the import folder (symlinks resolved), or not a folder.
     """
-    root = front.studio.settings.import_root
+    root = studio.settings.import_root
     text = text.strip()
     if not text:
         raise AdminError(400, f"name a folder inside the import folder {root}")
@@ -67,10 +66,10 @@ def resolve_folder(front: Frontend, text: str) -> Path:
     return folder
 
 
-def files_in(front: Frontend, folder: Path) -> tuple[list[Path], list[Path]]:
+def files_in(studio: StudioFacade, folder: Path) -> tuple[list[Path], list[Path]]:
     """(*.safetensors, pickle checkpoints) under `folder`, recursively; links that leave the import folder are
     skipped."""
-    root = front.studio.settings.import_root
+    root = studio.settings.import_root
     found = sorted(p for p in folder.rglob("*") if p.is_file() and p.resolve().is_relative_to(root))
     return (
         [p for p in found if p.suffix.lower() == ".safetensors"],
@@ -79,15 +78,15 @@ def files_in(front: Frontend, folder: Path) -> tuple[list[Path], list[Path]]:
 
 
 @router.get("/import")
-def import_form(request: Request, admin: AdminDep, front: FrontDep):
+def import_form(request: Request, admin: AdminDep, studio: StudioDep):
     """Upload a file or import a server folder."""
-    return page(request, "import.html", admin=admin, root=front.studio.settings.import_root, lines=None)
+    return page(request, "import.html", admin=admin, root=studio.settings.import_root, lines=None)
 
 
 @router.post("/import/upload")
-async def import_upload(request: Request, admin: AdminDep, front: FrontDep):
+async def import_upload(request: Request, admin: AdminDep, studio: StudioDep):
     """Import one uploaded .safetensors (size limit: max_upload_mb)."""
-    settings = front.studio.settings
+    settings = studio.settings
     content_length(
         request,
         settings.max_upload_mb * MIB + MULTIPART_SLACK,
@@ -103,7 +102,7 @@ async def import_upload(request: Request, admin: AdminDep, front: FrontDep):
         try:
             info = await run_in_threadpool(
                 store_upload,
-                front.studio,
+                studio,
                 upload.file,
                 filename,
                 name=None,
@@ -117,11 +116,11 @@ async def import_upload(request: Request, admin: AdminDep, front: FrontDep):
 
 
 @router.post("/import/folder")
-def import_folder(request: Request, admin: AdminDep, front: FrontDep, form: FormDep):
+def import_folder(request: Request, admin: AdminDep, studio: StudioDep, form: FormDep):
     """Import every .safetensors under a folder inside the import folder; one report line per file."""
-    folder = resolve_folder(front, str(form.get("folder", "")))
-    safetensors, pickles = files_in(front, folder)
-    outcomes = front.studio.library.import_paths(safetensors, tags=split_list(form.get("tags")))
+    folder = resolve_folder(studio, str(form.get("folder", "")))
+    safetensors, pickles = files_in(studio, folder)
+    outcomes = studio.library.import_paths(safetensors, tags=split_list(form.get("tags")))
     lines = [
         Line(str(o.path.relative_to(folder)), o.status, o.name if o.status == "imported" else o.message)
         for o in outcomes
@@ -129,43 +128,42 @@ def import_folder(request: Request, admin: AdminDep, front: FrontDep, form: Form
     lines += [Line(str(p.relative_to(folder)), "failed", PICKLE_MESSAGE) for p in pickles]
     if not lines:
         raise AdminError(404, f"no .safetensors files in {folder}")
-    return page(request, "import.html", admin=admin, root=front.studio.settings.import_root, lines=lines)
+    return page(request, "import.html", admin=admin, root=studio.settings.import_root, lines=lines)
 
 
-def folder_duplicates(front: Frontend, folder: Path) -> list[dict]:
+def folder_duplicates(studio: StudioFacade, folder: Path) -> list[dict]:
     """Files under `folder` grouped by tensor hash: groups of two or more, or any already in the catalog."""
     groups: dict[str, list[tuple[Path, str]]] = defaultdict(list)
-    safetensors, _ = files_in(front, folder)
+    safetensors, _ = files_in(studio, folder)
     for path in safetensors:
-        hashes = front.file_hashes(path)
+        hashes = studio.file_hashes(path)
         groups[hashes.tensor_sha256].append((path, hashes.sha256))
     out = []
-    with front.studio.sessions() as db:
-        repo = AdapterRepository(db)
-        for tensor_hash, files in sorted(groups.items()):
-            entry = repo.find_by_hash(tensor_hash) or next(
-                (a for a in (repo.find_by_hash(sha) for _, sha in files) if a is not None), None
+    library = studio.library
+    for tensor_hash, files in sorted(groups.items()):
+        entry = library.find(tensor_hash) or next(
+            (a for a in (library.find(sha) for _, sha in files) if a is not None), None
+        )
+        if len(files) > 1 or entry is not None:
+            out.append(
+                {
+                    "tensor_sha256": tensor_hash,
+                    "catalog": entry.name if entry else None,
+                    "files": [str(p.relative_to(folder)) for p, _ in files],
+                }
             )
-            if len(files) > 1 or entry is not None:
-                out.append(
-                    {
-                        "tensor_sha256": tensor_hash,
-                        "catalog": entry.name if entry else None,
-                        "files": [str(p.relative_to(folder)) for p, _ in files],
-                    }
-                )
     return out
 
 
 @router.get("/duplicates")
-def duplicates(request: Request, admin: AdminDep, front: FrontDep, folder: str = ""):
+def duplicates(request: Request, admin: AdminDep, studio: StudioDep, folder: str = ""):
     """Duplicate files in a server folder (same tensors), and which are already catalogued."""
-    groups = folder_duplicates(front, resolve_folder(front, folder)) if folder else None
+    groups = folder_duplicates(studio, resolve_folder(studio, folder)) if folder else None
     return page(
         request,
         "duplicates.html",
         admin=admin,
         folder=folder,
-        root=front.studio.settings.import_root,
+        root=studio.settings.import_root,
         groups=groups,
     )

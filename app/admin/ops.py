@@ -6,9 +6,8 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
 
-from app.admin.core import AdminDep, FormDep, FrontDep, checked_name, page, redirect
+from app.admin.core import AdminDep, FormDep, StudioDep, checked_name, page, redirect
 from app.admin.session import AdminError
-from db.jobs import JobRepository
 from db.models import JOB_STATUSES
 from db.repository import DEFAULT_RATE_LIMIT, ApiKeyRepository
 from db.session import unit_of_work
@@ -16,8 +15,8 @@ from db.session import unit_of_work
 router = APIRouter()
 
 
-def key_rows(front) -> list:
-    with front.studio.sessions() as db:
+def key_rows(studio) -> list:
+    with studio.sessions() as db:
         return [
             {
                 "name": k.name,
@@ -32,19 +31,19 @@ def key_rows(front) -> list:
 
 
 @router.get("/keys")
-def keys(request: Request, admin: AdminDep, front: FrontDep):
+def keys(request: Request, admin: AdminDep, studio: StudioDep):
     """API keys for the REST API."""
-    return page(request, "keys.html", admin=admin, keys=key_rows(front), secret=None, error=None)
+    return page(request, "keys.html", admin=admin, keys=key_rows(studio), secret=None, error=None)
 
 
 @router.post("/keys")
-def create_key(request: Request, admin: AdminDep, front: FrontDep, form: FormDep):
+def create_key(request: Request, admin: AdminDep, studio: StudioDep, form: FormDep):
     """Create a key; its secret is on this response only (the catalog keeps its hash)."""
     name = str(form.get("name", "")).strip()
     raw_rate = str(form.get("rate_limit", "") or DEFAULT_RATE_LIMIT)
     if not raw_rate.isdigit():
         raise AdminError(422, f"rate limit {raw_rate!r}: requests per minute, a whole number")
-    with unit_of_work(front.studio.sessions) as db:
+    with unit_of_work(studio.sessions) as db:
         key, secret = ApiKeyRepository(db).create(name, rate_limit_per_minute=int(raw_rate))
         created = key.name
     return page(
@@ -52,7 +51,7 @@ def create_key(request: Request, admin: AdminDep, front: FrontDep, form: FormDep
         "keys.html",
         201,
         admin=admin,
-        keys=key_rows(front),
+        keys=key_rows(studio),
         secret=secret,
         created=created,
         error=None,
@@ -60,9 +59,9 @@ def create_key(request: Request, admin: AdminDep, front: FrontDep, form: FormDep
 
 
 @router.post("/keys/{name}/revoke")
-def revoke_key(request: Request, admin: AdminDep, front: FrontDep, form: FormDep, name: str):
+def revoke_key(request: Request, admin: AdminDep, studio: StudioDep, form: FormDep, name: str):
     """Revoke a key: requests with it are refused from now on."""
-    with unit_of_work(front.studio.sessions) as db:
+    with unit_of_work(studio.sessions) as db:
         ApiKeyRepository(db).revoke(checked_name(name))
     return redirect(request, "/keys")
 
@@ -71,32 +70,31 @@ def revoke_key(request: Request, admin: AdminDep, front: FrontDep, form: FormDep
 def jobs(
     request: Request,
     admin: AdminDep,
-    front: FrontDep,
+    studio: StudioDep,
     status: Annotated[str, Query(max_length=16)] = "",
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
 ):
     """Render jobs, newest first (read-only)."""
     if status and status not in JOB_STATUSES:
         raise AdminError(400, f"job status {status!r}: expected one of {', '.join(JOB_STATUSES)}")
-    with front.studio.sessions() as db:
-        repo = JobRepository(db)
-        rows = [
-            {
-                "id": j.id,
-                "status": j.status,
-                "created": j.created_at,
-                "started": j.started_at,
-                "finished": j.finished_at,
-                "backbone": j.backbone,
-                "done": f"{j.completed}/{j.total}",
-                "progress": round(100 * (j.progress or 0.0)),
-                "attempts": j.attempts,
-                "worker": j.worker or "",
-                "error": j.error or "",
-            }
-            for j in repo.list(status or None, limit=limit)
-        ]
-        total = repo.count(status or None)
+    found = studio.list_jobs(status or None, limit=limit)
+    rows = [
+        {
+            "id": j.id,
+            "status": j.status,
+            "created": j.created_at,
+            "started": j.started_at,
+            "finished": j.finished_at,
+            "backbone": j.backbone,
+            "done": f"{j.completed}/{j.total}",
+            "progress": round(100 * (j.progress or 0.0)),
+            "attempts": j.attempts,
+            "worker": j.worker or "",
+            "error": j.error or "",
+        }
+        for j in found.items
+    ]
+    total = found.total
     return page(
         request, "jobs.html", admin=admin, jobs=rows, total=total, status=status, statuses=JOB_STATUSES
     )

@@ -1,4 +1,4 @@
-"""The REST API under /api/v1: a thin layer over the Studio service (it never imports torch)."""
+"""The REST API under /api/v1: a thin layer over the Studio facade (it never imports torch)."""
 
 from __future__ import annotations
 
@@ -8,14 +8,15 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI
 
 from app.api import loras, renders, search
-from app.api.auth import TokenBucket, authenticate
+from app.api.auth import TokenBucket, authenticate, key_refused
 from app.api.errors import install_error_handlers
-from app.api.service import JobExecutor, StudioService
+from app.api.service import Executor
+from app.facade import StudioFacade
 
 API_PREFIX = "/api/v1"
 
 
-def create_app(studio: StudioService, executor: JobExecutor | None = None) -> FastAPI:
+def create_app(studio: StudioFacade, executor: Executor | None = None) -> FastAPI:
     """The web application over one ready Studio; OpenAPI docs at /api/v1/docs.
 
     `executor` runs render jobs (`app.jobs.make_executor`); it is started and stopped with the app. Without
@@ -44,7 +45,7 @@ def create_app(studio: StudioService, executor: JobExecutor | None = None) -> Fa
     app.state.studio = studio
     app.state.executor = executor
     app.state.rate_limiter = TokenBucket()
-    install_error_handlers(app)
+    install_error_handlers(app, key_refused)
     for router in (loras.router, search.router, renders.router):
         app.include_router(router, prefix=API_PREFIX, dependencies=[Depends(authenticate)])
     return app

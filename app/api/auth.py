@@ -11,10 +11,11 @@ from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request, Security
+from fastapi.responses import JSONResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 
-from app.api.errors import ApiError
+from app.api.errors import ApiError, error_response
 from app.api.service import StudioDep
 from db.errors import ApiKeyRefusedError
 from db.repository import ApiKeyRepository
@@ -106,6 +107,22 @@ async def authenticate_request(request: Request) -> Principal:
     """
     credentials, api_key = await bearer(request), await key_header(request)
     return await run_in_threadpool(authenticate, request, request.app.state.studio, credentials, api_key)
+
+
+async def key_refused(request: Request) -> JSONResponse | None:
+    """The 401 (or 429) of a request whose body was refused before its API key was checked, else None.
+
+    FastAPI reads and parses the body before a route's dependencies, so a body it cannot parse (malformed
+    JSON: 422, undecodable: 400, too large: 413) is answered before `authenticate` runs; without a valid key
+    the answer is 401 all the same.
+    """
+    if "route" not in request.scope or hasattr(request.state, "principal"):
+        return None  # no route matched, or the key was checked already
+    try:
+        await authenticate_request(request)
+    except ApiError as exc:
+        return error_response(exc.status, exc.type, exc.message, exc.headers, **exc.extra)
+    return None
 
 
 PrincipalDep = Annotated[Principal, Depends(authenticate)]

@@ -4,6 +4,7 @@ project exceptions by a table (most specific first), request validation, HTTP er
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -105,6 +106,8 @@ def _validation_message(errors: list[dict[str, Any]]) -> str:
     return f"{where}: {first.get('msg', 'invalid')}{more}"
 
 
+KeyCheck = Callable[[Request], Awaitable[JSONResponse | None]]  # the 401/429 answer for a request, or None
+
 HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
 
@@ -121,25 +124,10 @@ def allowed_methods(request: Request) -> list[str]:
     ]
 
 
-async def key_refused(request: Request) -> JSONResponse | None:
-    """The 401 (or 429) of a request whose body was refused before its API key was checked, else None.
+def install_error_handlers(app: FastAPI, key_refused: KeyCheck) -> None:
+    """JSON error answers for every error; `key_refused` (`app.api.auth.key_refused`) answers the requests
+    whose body was refused before their API key was checked."""
 
-    FastAPI reads and parses the body before a route's dependencies, so a body it cannot parse (malformed
-    JSON: 422, undecodable: 400, too large: 413) is answered before `authenticate` runs; without a valid key
-    the answer is 401 all the same.
-    """
-    if "route" not in request.scope or hasattr(request.state, "principal"):
-        return None  # no route matched, or the key was checked already
-    from app.api.auth import authenticate_request  # auth imports this module
-
-    try:
-        await authenticate_request(request)
-    except ApiError as exc:
-        return error_response(exc.status, exc.type, exc.message, exc.headers, **exc.extra)
-    return None
-
-
-def install_error_handlers(app: FastAPI) -> None:
     async def on_api_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, ApiError)
         return error_response(exc.status, exc.type, exc.message, exc.headers, **exc.extra)

@@ -14,8 +14,9 @@ from starlette.datastructures import UploadFile
 
 from app.api.errors import ApiError
 from app.api.schemas import MAX_OFFSET, ErrorResponse, LoraPage, LoraRead, LoraUpdate, to_read
-from app.api.service import StudioDep, StudioService
+from app.api.service import StudioDep
 from app.catalog import AdapterInfo
+from app.facade import StudioFacade
 from composer.errors import StudioError
 from db.errors import CatalogError, InvalidFieldError
 from db.models import ADAPTER_TYPES, FAMILIES, validate_name
@@ -130,7 +131,7 @@ async def upload_lora(request: Request, response: Response, studio: StudioDep) -
     return to_read(info)
 
 
-def _too_large(size: int, studio: StudioService) -> ApiError:
+def _too_large(size: int, studio: StudioFacade) -> ApiError:
     return ApiError(
         413,
         "payload_too_large",
@@ -140,7 +141,7 @@ def _too_large(size: int, studio: StudioService) -> ApiError:
 
 
 def _store(
-    studio: StudioService,
+    studio: StudioFacade,
     source: BinaryIO,
     filename: str,
     *,

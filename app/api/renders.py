@@ -14,16 +14,10 @@ from app.api.auth import PrincipalDep
 from app.api.errors import ApiError
 from app.api.render_schemas import JobPage, JobRead, RenderBatch, RenderResultRead
 from app.api.schemas import MAX_OFFSET, ErrorResponse
-from app.api.service import JobExecutor, StudioDep
-from db.jobs import (
-    IdempotencyConflictError,
-    JobFinishedError,
-    JobNotFoundError,
-    JobRepository,
-    QueueFullError,
-)
-from db.models import JOB_STATUSES, RenderJob
-from db.session import unit_of_work
+from app.api.service import StudioDep
+from app.catalog import JobInfo
+from db.errors import IdempotencyConflictError, JobFinishedError, JobNotFoundError, QueueFullError
+from db.models import JOB_STATUSES
 
 router = APIRouter(
     prefix="/renders",
@@ -36,14 +30,13 @@ MAX_JOB_ID = 2**31 - 1  # job ids are 32-bit integers in the catalog (PostgreSQL
 JobId = Annotated[int, Path(ge=1, le=MAX_JOB_ID, description="the job's id")]
 
 
-def get_executor(request: Request) -> JobExecutor:
-    executor = request.app.state.executor
-    if executor is None:
+def require_executor(request: Request) -> None:
+    """503 unless this app runs a render executor (jobs submitted here would never run)."""
+    if request.app.state.executor is None:
         raise ApiError(503, "no_executor", "this server runs no render executor (see `lora-studio serve`)")
-    return executor
 
 
-ExecutorDep = Annotated[JobExecutor, Depends(get_executor)]
+ExecutorRequired = Depends(require_executor)
 
 
 @contextmanager
@@ -67,7 +60,7 @@ def job_url(request: Request, job_id: int) -> str:
     return str(request.url_for("get_render", job_id=job_id).path)
 
 
-def to_read(request: Request, repo: JobRepository, job: RenderJob) -> JobRead:
+def to_read(request: Request, job: JobInfo) -> JobRead:
     base = job_url(request, job.id)
     results, n = [], 0
     for result in sorted(job.results, key=lambda r: r["index"]):
@@ -87,7 +80,7 @@ def to_read(request: Request, repo: JobRepository, job: RenderJob) -> JobRead:
         progress=job.progress,
         completed=job.completed,
         total=job.total,
-        queue_position=repo.queue_position(job),
+        queue_position=job.queue_position,
         cancel_requested=job.cancel_requested,
         attempts=job.attempts,
         max_attempts=job.max_attempts,
@@ -103,9 +96,8 @@ def to_read(request: Request, repo: JobRepository, job: RenderJob) -> JobRead:
 
 
 def read_job(request: Request, studio: StudioDep, job_id: int, key_id: int) -> JobRead:
-    with job_errors(), unit_of_work(studio.sessions) as session:
-        repo = JobRepository(session)
-        return to_read(request, repo, repo.get(job_id, key_id))
+    with job_errors():
+        return to_read(request, studio.get_job(job_id, key_id))
 
 
 @router.post(
@@ -121,13 +113,13 @@ def read_job(request: Request, studio: StudioDep, job_id: int, key_id: int) -> J
         422: {"model": ErrorResponse},
         503: {"model": ErrorResponse},
     },
+    dependencies=[ExecutorRequired],
 )
 def create_render(
     batch: RenderBatch,
     request: Request,
     response: Response,
     studio: StudioDep,
-    executor: ExecutorDep,
     principal: PrincipalDep,
     idempotency_key: Annotated[
         str | None,
@@ -137,7 +129,7 @@ def create_render(
     """Queue a batch of renders as one job; every request is checked (LoRA names too) before it is stored."""
     body = batch.model_dump(mode="json")
     with job_errors():
-        job, created = executor.submit(
+        job, created = studio.submit_job(
             body["requests"],
             backbone=body["backbone"],
             model=body["model"],
@@ -160,15 +152,10 @@ def list_renders(
     offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> JobPage:
     """The caller's render jobs, newest first."""
-    with unit_of_work(studio.sessions) as session:
-        repo = JobRepository(session)
-        jobs = repo.list(status, principal.key_id, limit, offset)
-        return JobPage(
-            items=[to_read(request, repo, job) for job in jobs],
-            total=repo.count(status, principal.key_id),
-            limit=limit,
-            offset=offset,
-        )
+    page = studio.list_jobs(status, principal.key_id, limit, offset)
+    return JobPage(
+        items=[to_read(request, job) for job in page.items], total=page.total, limit=limit, offset=offset
+    )
 
 
 @router.get("/{job_id}", response_model=JobRead, name="get_render")
@@ -186,17 +173,8 @@ def get_render_image(
     job_id: JobId, n: Annotated[int, Path(ge=0)], studio: StudioDep, principal: PrincipalDep
 ) -> FileResponse:
     """Image `n` of a job (numbered across the batch, in request order)."""
-    with job_errors(), unit_of_work(studio.sessions) as session:
-        job = JobRepository(session).get(job_id, principal.key_id)
-        paths = [p for r in sorted(job.results, key=lambda r: r["index"]) for p in r["images"]]
-    if not 0 <= n < len(paths):
-        raise ApiError(
-            404, "not_found", f"render job {job_id} has {len(paths)} image(s) so far; no image {n}"
-        )
-    root = studio.settings.root
-    path = (root / paths[n]).resolve()
-    if not path.is_relative_to(root / "renders") or not path.is_file():
-        raise ApiError(404, "not_found", f"image {n} of render job {job_id} is no longer stored")
+    with job_errors():
+        path = studio.job_image(job_id, n, principal.key_id)
     return FileResponse(path, media_type="image/png", filename=f"job-{job_id}-{n}.png")
 
 
@@ -207,19 +185,15 @@ def get_render_image(
         202: {"model": JobRead, "description": "running: its worker was asked to stop"},
         409: {"model": ErrorResponse},
     },
+    dependencies=[ExecutorRequired],
 )
 def cancel_render(
-    job_id: JobId,
-    request: Request,
-    response: Response,
-    studio: StudioDep,
-    executor: ExecutorDep,
-    principal: PrincipalDep,
+    job_id: JobId, request: Request, response: Response, studio: StudioDep, principal: PrincipalDep
 ) -> JobRead:
     """Cancel a job: a queued one at once (200), a running one between denoising steps (202); 409 if it
     already finished."""
     with job_errors():
-        job = executor.cancel(job_id, principal.key_id)
+        job = studio.cancel_job(job_id, principal.key_id)
     if job.status == "running":
         response.status_code = 202
     return read_job(request, studio, job_id, principal.key_id)

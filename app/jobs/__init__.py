@@ -7,10 +7,13 @@ way (`runner.run_job`), so results do not depend on which one ran them.
 from __future__ import annotations
 
 from importlib import import_module
+from typing import TYPE_CHECKING
 
 from app.jobs.queue import JobQueue
 from app.settings import Settings
-from app.studio import Studio
+
+if TYPE_CHECKING:  # app.studio imports this package (its job board)
+    from app.studio import Studio
 
 EXECUTORS = {  # name -> "module:class", imported on use (Ray is heavy, and optional)
     "local": "app.jobs.local:LocalExecutor",

@@ -15,12 +15,12 @@ import socket
 import threading
 from datetime import timedelta
 
+from app.catalog import JobInfo
 from app.jobs.queue import JobQueue
 from app.jobs.runner import Heartbeats, JobControl, run_job
 from app.settings import Settings
 from app.studio import Studio
 from db.jobs import JobRepository
-from db.models import RenderJob
 from db.session import unit_of_work
 
 log = logging.getLogger(__name__)
@@ -56,17 +56,19 @@ class LocalExecutor(JobQueue):
         self._stopping.clear()
         self.heartbeats.start()
         for i in range(self.settings.workers):
-            view = Studio(self.studio.settings, self.studio.library, self.studio.sessions)
+            view = self.studio.view()
             self.studios.append(view)
             thread = threading.Thread(
                 target=self._work, args=(view, f"{self.name}:{i}"), name=f"render-worker-{i}", daemon=True
             )
             thread.start()
             self._threads.append(thread)
+        self.listen()
         log.info("local executor: %d render worker(s)", self.settings.workers)
 
     def stop(self) -> None:
         """Stop the workers; a job being rendered goes back to the queue (no attempt used)."""
+        self.unlisten()
         self._stopping.set()
         self.wake(all_workers=True)
         for thread in self._threads:
@@ -83,12 +85,10 @@ class LocalExecutor(JobQueue):
             else:
                 self._wake.notify()
 
-    def cancel(self, job_id: int, api_key_id: int | None = None) -> RenderJob:
-        job = super().cancel(job_id, api_key_id)
-        control = self.heartbeats.get(job_id)
+    def cancelled(self, job: JobInfo) -> None:
+        control = self.heartbeats.get(job.id)
         if control is not None and job.cancel_requested:
             control.cancel.set()  # no need to wait for the next heartbeat
-        return job
 
     def _work(self, studio: Studio, worker: str) -> None:
         while not self._stopping.is_set():

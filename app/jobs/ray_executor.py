@@ -114,10 +114,12 @@ class RayExecutor(JobQueue):
         self.heartbeats.start()
         self._thread = threading.Thread(target=self._drive, name="ray-driver", daemon=True)
         self._thread.start()
+        self.listen()
         log.info("ray executor: %d actor(s)", self.settings.workers)
 
     def stop(self) -> None:
         """Stop the driver and the actors; jobs they were running go back to the queue (no attempt used)."""
+        self.unlisten()
         self._stopping.set()
         self._wake.set()
         if self._thread is not None:

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
-from app.studio import RenderResult, Studio
+from app.rendering import RenderResult
+from app.studio import Studio
 from composer.errors import StudioError
 from composer.render import RenderRequest, batch_key
 from db.errors import CatalogError

@@ -1,5 +1,6 @@
-"""The Gradio studio at /: Studio, Training and Catalog tabs over one Frontend. Thin: every event converts its
-inputs, makes one call into the Studio (through the Frontend) and converts the result; never imports torch.
+"""The Gradio studio at /: Studio, Training and Catalog tabs over one Studio (typed as `app.facade.StudioFacade`).
+Thin: every event converts its inputs, makes one call into the Studio and converts the result; never imports
+torch.
 
 Named endpoints for `gradio_client`: /render, /search_loras, /pick_loras, /train, /catalog.
 """
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from app.frontend import Frontend
+from app.facade import StudioFacade
 from app.ui.catalog_tab import build_catalog_tab
 from app.ui.studio_tab import build_studio_tab
 from app.ui.train_tab import build_train_tab
@@ -16,17 +17,17 @@ from app.ui.train_tab import build_train_tab
 QUEUE_SIZE = 64
 
 
-def create_ui(front: Frontend) -> gr.Blocks:
+def create_ui(studio: StudioFacade) -> gr.Blocks:
     """The studio's Blocks, queued; renders and training share one concurrency slot ("gpu")."""
     # delete_cache: Gradio's copies of uploads and results older than a day go, checked hourly
     with gr.Blocks(title="LoRA Studio", analytics_enabled=False, delete_cache=(3600, 86400)) as demo:
         gr.Markdown("# LoRA Studio\n[Admin](/admin/) · [REST API](/api/v1/docs)")
         with gr.Tab("Studio", id="studio"):
-            build_studio_tab(front, demo)
+            build_studio_tab(studio, demo)
         with gr.Tab("Training", id="training"):
-            build_train_tab(front)
+            build_train_tab(studio)
         with gr.Tab("Catalog", id="catalog"):
-            build_catalog_tab(front, demo)
+            build_catalog_tab(studio, demo)
     return demo.queue(max_size=QUEUE_SIZE)
 
 

@@ -8,7 +8,7 @@ import gradio as gr
 from PIL import Image
 
 from app.catalog import AdapterInfo
-from app.frontend import Frontend
+from app.facade import StudioFacade
 from app.ui.common import user_errors
 
 HEADERS = ["name", "type", "family", "rank", "trigger words", "tags", "description", "sha256", "MiB"]
@@ -39,7 +39,7 @@ def previews(adapters: list[AdapterInfo]) -> list[tuple[Image.Image, str]]:
     return out
 
 
-def build_catalog_tab(front: Frontend, demo: gr.Blocks) -> None:
+def build_catalog_tab(studio: StudioFacade, demo: gr.Blocks) -> None:
     """The tab's components and events (call inside `gr.Tab`); the table fills when the page loads."""
     with gr.Row():
         query = gr.Textbox(
@@ -51,7 +51,7 @@ def build_catalog_tab(front: Frontend, demo: gr.Blocks) -> None:
 
     def catalog(text: str):
         with user_errors():
-            found = front.studio.library.list(query=(text or "").strip() or None, limit=LIMIT)
+            found = studio.library.list(query=(text or "").strip() or None, limit=LIMIT)
         return [catalog_row(a) for a in found], previews(found)
 
     query.submit(catalog, query, [table, gallery], api_name="catalog")

@@ -9,7 +9,7 @@ from typing import Any
 
 import gradio as gr
 
-from app.frontend import Frontend
+from app.facade import StudioFacade
 from app.ui.common import count, optional, rows_of, user_errors
 from app.ui.methods import build_method_controls, colour_legend, has_canvas, params_from
 from composer.errors import StudioError
@@ -54,9 +54,11 @@ def caption(provenance: dict) -> str:
     return f"{loras or 'no LoRA'} | {provenance['method']} | seed {provenance['seed']}"
 
 
-def build_studio_tab(front: Frontend, demo: gr.Blocks) -> None:
+def build_studio_tab(studio: StudioFacade, demo: gr.Blocks) -> None:
     """The tab's components and events (call inside `gr.Tab`); the picker fills when the page loads."""
-    library = front.studio.library
+    library = studio.library
+    methods = studio.composition_methods()
+    defaults = studio.default_sampling()
 
     with gr.Row():
         with gr.Column(scale=3):
@@ -86,20 +88,20 @@ def build_studio_tab(front: Frontend, demo: gr.Blocks) -> None:
             )
             method = gr.Dropdown(
                 label="Composition method",
-                choices=list(front.methods),
+                choices=list(methods),
                 value=DEFAULT_METHOD,
                 elem_id="method",
             )
-            groups = build_method_controls(front.methods, DEFAULT_METHOD)
+            groups = build_method_controls(methods, DEFAULT_METHOD)
             legend = gr.Markdown(
                 colour_legend([]),
-                visible=has_canvas(front.methods[DEFAULT_METHOD]),
+                visible=has_canvas(methods[DEFAULT_METHOD]),
                 elem_id="region-legend",
             )
             with gr.Row():
                 seed = gr.Number(label="Seed", value=0, precision=0, elem_id="seed")
-                steps = gr.Number(label="Steps", value=front.defaults["steps"], precision=0, elem_id="steps")
-                guidance = gr.Number(label="Guidance", value=front.defaults["guidance"], elem_id="guidance")
+                steps = gr.Number(label="Steps", value=defaults.steps, precision=0, elem_id="steps")
+                guidance = gr.Number(label="Guidance", value=defaults.guidance, elem_id="guidance")
             with gr.Row():
                 width = gr.Number(
                     label="Width (0: the model's native)", value=0, precision=0, elem_id="width"
@@ -136,7 +138,7 @@ def build_studio_tab(front: Frontend, demo: gr.Blocks) -> None:
         with user_errors():
             loras = stack_entries(table)
             params = params_from(groups, chosen, method_values, [name for name, _ in loras])
-            result = front.render(
+            result = studio.render_image(
                 prompt=text,
                 negative_prompt=neg,
                 loras=loras,
@@ -156,7 +158,7 @@ def build_studio_tab(front: Frontend, demo: gr.Blocks) -> None:
 
     def show_method(chosen: str):
         return [gr.Group(visible=g.method == chosen) for g in groups] + [
-            gr.Markdown(visible=has_canvas(front.methods[chosen]))
+            gr.Markdown(visible=has_canvas(methods[chosen]))
         ]
 
     def show_legend(table: Any):

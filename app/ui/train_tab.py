@@ -12,7 +12,7 @@ from urllib.parse import quote
 import gradio as gr
 import pandas as pd
 
-from app.frontend import Frontend
+from app.facade import StudioFacade
 from app.ui.common import count, user_errors
 from composer.errors import StudioError
 
@@ -37,7 +37,7 @@ def copy_uploads(files: list[str], folder: Path) -> None:
         shutil.copyfile(src, target)
 
 
-def build_train_tab(front: Frontend) -> None:
+def build_train_tab(studio: StudioFacade) -> None:
     """The tab's components and events (call inside `gr.Tab`)."""
     with gr.Row():
         with gr.Column():
@@ -45,7 +45,7 @@ def build_train_tab(front: Frontend) -> None:
                 label="Training images", file_count="multiple", file_types=["image"], elem_id="train-images"
             )
             kind = gr.Dropdown(
-                label="Adapter type", choices=list(front.adapter_types), value="lora", elem_id="train-kind"
+                label="Adapter type", choices=list(studio.adapter_types()), value="lora", elem_id="train-kind"
             )
             name = gr.Textbox(label="Catalog name", elem_id="train-name")
             prompt = gr.Textbox(
@@ -74,8 +74,8 @@ def build_train_tab(front: Frontend) -> None:
         losses: list[tuple[int, float]] = []
         total = [count(steps_) or 0]
         outcome: dict = {}
-        front.studio.settings.root.mkdir(parents=True, exist_ok=True)
-        folder = Path(tempfile.mkdtemp(dir=front.studio.settings.root, prefix=".train-upload-"))
+        studio.settings.root.mkdir(parents=True, exist_ok=True)
+        folder = Path(tempfile.mkdtemp(dir=studio.settings.root, prefix=".train-upload-"))
 
         def on_step(done: int, steps_total: int, loss: float) -> None:
             total[0] = steps_total
@@ -86,7 +86,7 @@ def build_train_tab(front: Frontend) -> None:
         def run() -> None:
             try:
                 copy_uploads(files, folder)
-                outcome["result"] = front.train(
+                outcome["result"] = studio.train_adapter(
                     images=folder,
                     name=name_.strip(),
                     kind=kind_,
