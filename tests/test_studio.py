@@ -253,3 +253,61 @@ def test_resident_loras_are_evicted_least_recently_used(tmp_path, lora_files):
     assert len(loaded.host.names) == 2
     studio.render(RenderRequest(prompt="x", num_inference_steps=1, loras=(LoraWeight("pastel"),)))
     assert loaded.host.names == [studio.library.get("pastel").sha256]
+
+
+def test_pipeline_users_take_turns_and_a_worker_view_has_its_own_lock(studio, monkeypatch):
+    """The pipeline lock is inside the Studio: two threads rendering through one Studio never overlap in the
+    pipeline call; a view (what a job worker renders through) shares the catalog, not the lock."""
+    import contextlib
+    import threading
+    import time
+
+    import app.studio as studio_module
+
+    inside, overlaps = [0], []
+    guard = threading.Lock()
+    meet: list[threading.Barrier] = []  # phase two: both renders must be inside at once
+
+    def fake_render_batch(pipe, backbone, host, requests, **kw):
+        with guard:
+            inside[0] += 1
+            overlaps.append(inside[0])
+        if meet:
+            with contextlib.suppress(threading.BrokenBarrierError):
+                meet[0].wait()
+        time.sleep(0.05)
+        with guard:
+            inside[0] -= 1
+        return [Image.new("RGB", (8, 8)) for r in requests for _ in range(r.num_images)]
+
+    monkeypatch.setattr(studio_module, "render_batch", fake_render_batch)
+    threads = [threading.Thread(target=studio.render_image, kwargs={"prompt": f"p{i}"}) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert overlaps == [1, 1, 1], "renders through one Studio never run at once"
+    view = studio.view()
+    assert view.library is studio.library and view.sessions is studio.sessions
+    assert view._lock is not studio._lock and view._pipelines is not studio._pipelines
+    view.pipeline("sdxl", "tiny")
+    overlaps.clear()
+    meet.append(threading.Barrier(2, timeout=10))
+    both = [threading.Thread(target=s.render_image, kwargs={"prompt": "q"}) for s in (studio, view)]
+    for t in both:
+        t.start()
+    for t in both:
+        t.join()
+    assert max(overlaps) == 2, "a worker's view renders beside the Studio (its own pipeline)"
+
+
+def test_one_family_check_for_renders_and_jobs(studio, lora_files):
+    """A LoRA of another family is refused with the same message when rendered and when queued as a job."""
+    studio.library.import_file(lora_files["inkwell"])
+    flux = Studio(studio.settings.model_copy(update={"backbone": "flux"}), studio.library, studio.sessions)
+    with pytest.raises(FamilyMismatchError) as rendered:
+        flux.render(RenderRequest("x", loras=(LoraWeight("inkwell", 1.0),)))
+    with pytest.raises(FamilyMismatchError) as queued:
+        flux.submit_job([{"prompt": "x", "loras": [{"name": "inkwell"}]}])
+    assert str(queued.value) == f"requests[0]: {rendered.value}"
+    assert "'inkwell' is for sdxl; the backbone 'flux' is flux" in str(rendered.value)

@@ -391,3 +391,36 @@ def test_serve_runs_the_whole_web_app(tmp_path, monkeypatch):
     mounts = {getattr(r, "path", None) for r in served["app"].routes}
     assert {"/admin", "/static", ""} <= mounts and served["port"] == 8123  # "" is the studio at /
     assert "/api/v1/loras" in served["app"].openapi()["paths"]
+
+
+def test_serve_hands_one_studio_to_the_api_the_admin_page_and_the_studio_ui(tmp_path, monkeypatch):
+    """`serve` builds one Studio; the REST API, the admin page and every Gradio event get that same object,
+    typed as the facade Protocol."""
+    import inspect
+
+    import uvicorn
+    from starlette.routing import Mount
+    from typer.testing import CliRunner
+
+    from app.cli import app as cli
+    from app.facade import StudioFacade
+    from app.studio import Studio
+
+    served = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: served.update(app=app, **kw))
+    result = CliRunner().invoke(cli, ["serve", "--data-dir", str(tmp_path / "data")])
+    assert result.exit_code == 0, result.output
+    web = served["app"]
+    api_studio = web.state.studio
+    assert isinstance(api_studio, Studio) and isinstance(api_studio, StudioFacade)
+    mounts = {r.path: r.app for r in web.routes if isinstance(r, Mount)}
+    assert mounts["/admin"].state.studio is api_studio
+    blocks = mounts[""].blocks
+    events = {f.api_name: f.fn for f in blocks.fns.values() if f.api_name}
+    for name in ("render", "train"):
+        assert inspect.getclosurevars(events[name]).nonlocals["studio"] is api_studio, name
+    for name in ("search_loras", "catalog"):
+        free = inspect.getclosurevars(events[name]).nonlocals
+        assert api_studio in (free.get("studio"), getattr(free.get("library"), "__self__", None)) or (
+            free.get("library") is api_studio.library
+        ), name
