@@ -14,6 +14,7 @@ from PIL import PngImagePlugin
 from sqlalchemy.orm import Session
 
 import toyworld
+from app.accounts import Accounts
 from app.bundled import import_bundled
 from app.library import AdapterInfo, Library
 from app.settings import Settings
@@ -77,6 +78,7 @@ class Studio:
         self.settings = settings
         self.library = library
         self.sessions = sessions
+        self.accounts = Accounts(sessions)
         self._pipelines: dict[tuple[str, str], _Loaded] = {}
 
     @classmethod
