@@ -10,54 +10,14 @@ from typing import Annotated
 
 import typer
 
-from app.cli_admin import admin_app
+from app.cli_admin import admin_app, apikey_app
+from app.cli_common import DataDir, _fail, _guard, _studio
 
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     help="LoRA Studio: train, catalog, retrieve and compose LoRAs.",
 )
-
-DataDir = Annotated[
-    Path | None, typer.Option("--data-dir", envvar="LORA_STUDIO_DATA_DIR", help="catalog and stored files")
-]
-
-
-def _studio(data_dir: Path | None):
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # read when huggingface_hub is imported: set it first
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    for lib in (diffusers_logging, transformers_logging):  # our own progress bar is the only one shown
-        lib.disable_progress_bar()
-        lib.set_verbosity_error()
-    from app.settings import Settings
-    from app.studio import Studio
-
-    settings = Settings(data_dir=data_dir) if data_dir else Settings()
-    return Studio.open(settings)
-
-
-def _fail(message: str, code: int = 1):
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code)
-
-
-def _guard(fn):
-    """Project errors become one red line and exit status 1, never a traceback."""
-    from functools import wraps
-
-    @wraps(fn)
-    def wrapper(*args, **kwargs):
-        from composer.errors import StudioError
-        from db.errors import CatalogError
-
-        try:
-            return fn(*args, **kwargs)
-        except (StudioError, CatalogError) as exc:
-            _fail(str(exc))
-
-    return wrapper
 
 
 @app.command("import")
@@ -356,66 +316,8 @@ def train(
     typer.echo(f"run folder {outcome.run_dir}")
 
 
-apikey_app = typer.Typer(no_args_is_help=True, help="API keys for the REST API (stored hashed).")
 app.add_typer(apikey_app, name="apikey")
 app.add_typer(admin_app, name="admin")
-
-
-@apikey_app.command("create")
-@_guard
-def apikey_create(
-    name: Annotated[str, typer.Argument(help="a name to tell the key by, e.g. the client's")],
-    rate_limit: Annotated[int, typer.Option("--rate-limit", help="requests per minute")] = 60,
-    data_dir: DataDir = None,
-):
-    """Create a key and print its secret once (only its hash is kept)."""
-    from db.repository import ApiKeyRepository
-    from db.session import unit_of_work
-
-    with unit_of_work(_studio(data_dir).sessions) as session:
-        key, secret = ApiKeyRepository(session).create(name, rate_limit_per_minute=rate_limit)
-    typer.echo(secret)
-    typer.secho(
-        f"API key {key.name!r} ({rate_limit}/min): the secret above is shown only now; keep it safe",
-        err=True,
-        fg=typer.colors.YELLOW,
-    )
-
-
-@apikey_app.command("list")
-@_guard
-def apikey_list(data_dir: DataDir = None):
-    """List keys: name, prefix, rate limit, created, last used, revoked."""
-    from db.repository import ApiKeyRepository
-
-    with _studio(data_dir).sessions() as session:
-        keys = ApiKeyRepository(session).list()
-    if not keys:
-        typer.echo("no API keys")
-        return
-    width = max(len(k.name) for k in keys)
-
-    def day(t):
-        return f"{t:%Y-%m-%d %H:%M}" if t else "-"
-
-    for k in keys:
-        state = f"revoked {day(k.revoked_at)}" if k.revoked_at else "active"
-        typer.echo(
-            f"{k.name:{width}}  {k.prefix}...  {k.rate_limit_per_minute:>5}/min  created {day(k.created_at)}  "
-            f"used {day(k.last_used_at)}  {state}"
-        )
-
-
-@apikey_app.command("revoke")
-@_guard
-def apikey_revoke(name: Annotated[str, typer.Argument(help="the key's name")], data_dir: DataDir = None):
-    """Revoke a key: requests with it are refused from now on."""
-    from db.repository import ApiKeyRepository
-    from db.session import unit_of_work
-
-    with unit_of_work(_studio(data_dir).sessions) as session:
-        key = ApiKeyRepository(session).revoke(name)
-    typer.echo(f"revoked {key.name!r} ({key.prefix}...)")
 
 
 @app.command()

@@ -7,10 +7,13 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from app.catalog import AdapterInfo, ImportOutcome, JobInfo, JobPage
 from app.settings import Settings
+
+if TYPE_CHECKING:  # torch-free, but it opens sessions: front ends reach it through the Studio only
+    from app.accounts import Accounts
 
 RenderProgress = Callable[[int, int], None]  # (steps done, total steps)
 TrainProgress = Callable[[int, int, float], None]  # (steps done, total steps, loss)
@@ -93,7 +96,7 @@ class StudioFacade(Protocol):
 
     settings: Settings
     library: Catalog
-    accounts: Any
+    accounts: Accounts
 
     @property
     def renders_dir(self) -> Path: ...

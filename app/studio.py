@@ -14,6 +14,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 import toyworld
+from app.accounts import Accounts
 from app.bundled import import_bundled
 from app.catalog import JobInfo, JobPage
 from app.facade import SamplingDefaults
@@ -69,11 +70,11 @@ class Studio:
     Every entry that uses a pipeline holds the Studio's lock, so a pipeline is never used by two threads at
     once; a job worker renders through its own `view()` (its own pipelines and lock)."""
 
-    def __init__(self, settings: Settings, library: Library, sessions, accounts: Any = None):
+    def __init__(self, settings: Settings, library: Library, sessions):
         self.settings = settings
         self.library = library
         self.sessions = sessions
-        self.accounts = accounts
+        self.accounts = Accounts(sessions)
         self.jobs = JobBoard(self)
         self.training = TrainingRuns(self)
         self._pipelines: dict[tuple[str, str], _Loaded] = {}
@@ -94,7 +95,7 @@ class Studio:
     def view(self) -> Studio:
         """The same catalog, sessions and job board's table, with pipelines (and a lock) of its own: what a
         render worker renders through, so that no pipeline is shared between threads."""
-        return Studio(self.settings, self.library, self.sessions, self.accounts)
+        return Studio(self.settings, self.library, self.sessions)
 
     # --- pipelines ------------------------------------------------------------------------------------
     def pipeline(self, backbone: str, model: str | None = None) -> _Loaded:

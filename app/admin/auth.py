@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from app.admin.core import FormDep, StudioDep, page, redirect, session_of
+from app.admin.core import AccountsDep, FormDep, page, redirect, session_of
 from app.admin.session import Session
-from db.session import unit_of_work
-from db.users import UserRepository
 
 router = APIRouter()
 
@@ -27,7 +25,7 @@ def login_form(request: Request, next: str = ""):
 
 
 @router.post("/login")
-def login(request: Request, form: FormDep, studio: StudioDep):
+def login(request: Request, form: FormDep, accounts: AccountsDep):
     """Check the password (Argon2) and start a signed-in session; repeated failures make the client wait."""
     username, password = form.get("username"), form.get("password")
     throttle = request.app.state.throttle
@@ -44,19 +42,12 @@ def login(request: Request, form: FormDep, studio: StudioDep):
         )
         response.headers["Retry-After"] = str(wait)
         return response
-    with unit_of_work(studio.sessions) as db:
-        users = UserRepository(db)
-        user = users.verify(username, password) if isinstance(username, str) else None
-        if user is not None and user.is_admin:
-            users.touch_login(user)
-            user_id = user.id
-        else:
-            user_id = None
-    if user_id is None:
+    user = accounts.verify_login(username, password)
+    if user is None:
         throttle.failed(address, name)
         return page(request, "login.html", 401, next=form.get("next", ""), error="wrong username or password")
     throttle.succeeded(address, name)
-    request.state.admin_session = Session.new(user_id)
+    request.state.admin_session = Session.new(user.id)
     response = redirect(request, safe_next(form.get("next"), request.scope.get("root_path", "")))
     request.app.state.codec.write(response, session_of(request), request)
     return response

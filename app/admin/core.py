@@ -15,13 +15,13 @@ from fastapi.templating import Jinja2Templates
 from starlette.datastructures import FormData
 from starlette.exceptions import HTTPException
 
+from app.accounts import Accounts
 from app.admin.session import CSRF_FIELD, AdminError, LoginRequired, Session, SessionCodec, check_csrf
 from app.api.errors import status_of
 from app.facade import StudioFacade
 from composer.errors import StudioError
 from db.errors import CatalogError
 from db.models import validate_name
-from db.users import UserRepository
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,11 @@ def studio_of(request: Request) -> StudioFacade:
     return request.app.state.studio
 
 
+def accounts_of(request: Request) -> Accounts:
+    """API keys and users: the one place the admin routes reach the Studio's accounts from."""
+    return studio_of(request).accounts
+
+
 def session_of(request: Request) -> Session:
     if not hasattr(request.state, "admin_session"):
         request.state.admin_session = request.app.state.codec.read(request)
@@ -52,14 +57,14 @@ def current_admin(request: Request) -> Admin:
     session = session_of(request)
     if session.user_id is None:
         raise LoginRequired()
-    with request.app.state.studio.sessions() as db:
-        user = UserRepository(db).get(session.user_id)
-        if user is None or not user.is_admin:  # deleted or demoted since the cookie was issued
-            raise LoginRequired()
-        return Admin(user.id, user.username)
+    user = accounts_of(request).get_user(session.user_id)
+    if user is None or not user.is_admin:  # deleted or demoted since the cookie was issued
+        raise LoginRequired()
+    return Admin(user.id, user.username)
 
 
 StudioDep = Annotated[StudioFacade, Depends(studio_of)]
+AccountsDep = Annotated[Accounts, Depends(accounts_of)]
 AdminDep = Annotated[Admin, Depends(current_admin)]
 
 

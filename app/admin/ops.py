@@ -6,63 +6,58 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
 
-from app.admin.core import AdminDep, FormDep, StudioDep, checked_name, page, redirect
+from app.accounts import DEFAULT_RATE_LIMIT, Accounts
+from app.admin.core import AccountsDep, AdminDep, FormDep, StudioDep, checked_name, page, redirect
 from app.admin.session import AdminError
 from db.models import JOB_STATUSES
-from db.repository import DEFAULT_RATE_LIMIT, ApiKeyRepository
-from db.session import unit_of_work
 
 router = APIRouter()
 
 
-def key_rows(studio) -> list:
-    with studio.sessions() as db:
-        return [
-            {
-                "name": k.name,
-                "prefix": k.prefix,
-                "rate": k.rate_limit_per_minute,
-                "created": k.created_at,
-                "last_used": k.last_used_at,
-                "revoked": k.revoked_at,
-            }
-            for k in ApiKeyRepository(db).list()
-        ]
+def key_rows(accounts: Accounts) -> list:
+    return [
+        {
+            "name": k.name,
+            "prefix": k.prefix,
+            "rate": k.rate_limit_per_minute,
+            "created": k.created_at,
+            "last_used": k.last_used_at,
+            "revoked": k.revoked_at,
+        }
+        for k in accounts.list_api_keys()
+    ]
 
 
 @router.get("/keys")
-def keys(request: Request, admin: AdminDep, studio: StudioDep):
+def keys(request: Request, admin: AdminDep, accounts: AccountsDep):
     """API keys for the REST API."""
-    return page(request, "keys.html", admin=admin, keys=key_rows(studio), secret=None, error=None)
+    return page(request, "keys.html", admin=admin, keys=key_rows(accounts), secret=None, error=None)
 
 
 @router.post("/keys")
-def create_key(request: Request, admin: AdminDep, studio: StudioDep, form: FormDep):
+def create_key(request: Request, admin: AdminDep, accounts: AccountsDep, form: FormDep):
     """Create a key; its secret is on this response only (the catalog keeps its hash)."""
     name = str(form.get("name", "")).strip()
     raw_rate = str(form.get("rate_limit", "") or DEFAULT_RATE_LIMIT)
     if not raw_rate.isdigit():
         raise AdminError(422, f"rate limit {raw_rate!r}: requests per minute, a whole number")
-    with unit_of_work(studio.sessions) as db:
-        key, secret = ApiKeyRepository(db).create(name, rate_limit_per_minute=int(raw_rate))
-        created = key.name
+    key, secret = accounts.create_api_key(name, rate_limit_per_minute=int(raw_rate))
     return page(
         request,
         "keys.html",
         201,
         admin=admin,
-        keys=key_rows(studio),
+        keys=key_rows(accounts),
         secret=secret,
-        created=created,
+        created=key.name,
         error=None,
     )
 
 
 @router.post("/keys/{name}/revoke")
-def revoke_key(request: Request, admin: AdminDep, studio: StudioDep, form: FormDep, name: str):
+def revoke_key(request: Request, admin: AdminDep, accounts: AccountsDep, form: FormDep, name: str):
     """Revoke a key: requests with it are refused from now on."""
-    with unit_of_work(studio.sessions) as db:
-        ApiKeyRepository(db).revoke(checked_name(name))
+    accounts.revoke_api_key(checked_name(name))
     return redirect(request, "/keys")
 
 

@@ -18,8 +18,6 @@ from starlette.concurrency import run_in_threadpool
 from app.api.errors import ApiError, error_response
 from app.api.service import StudioDep
 from db.errors import ApiKeyRefusedError
-from db.repository import ApiKeyRepository
-from db.session import unit_of_work
 
 bearer = HTTPBearer(
     auto_error=False, description="`Authorization: Bearer <key>` (keys: `lora-studio apikey`)"
@@ -78,11 +76,10 @@ def authenticate(
             {"WWW-Authenticate": "Bearer"},
         )
     try:
-        with unit_of_work(studio.sessions) as session:
-            key = ApiKeyRepository(session).verify(secret)
-            principal = Principal(key.id, key.name, key.rate_limit_per_minute)
+        key = studio.accounts.verify_api_key(secret)
     except ApiKeyRefusedError as exc:
         raise ApiError(401, "unauthorized", str(exc), {"WWW-Authenticate": "Bearer"}) from None
+    principal = Principal(key.id, key.name, key.rate_limit_per_minute)
     wait = request.app.state.rate_limiter.take(principal.key_id, principal.rate_limit_per_minute)
     if wait > 0:
         retry = max(1, math.ceil(wait))

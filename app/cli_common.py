@@ -1,0 +1,51 @@
+"""What every `lora-studio` command module shares: the Studio for a data dir, the --data-dir option, and the
+one-red-line error handling."""
+
+from __future__ import annotations
+
+import os
+from functools import wraps
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+DataDir = Annotated[
+    Path | None, typer.Option("--data-dir", envvar="LORA_STUDIO_DATA_DIR", help="catalog and stored files")
+]
+
+
+def _studio(data_dir: Path | None):
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # read when huggingface_hub is imported: set it first
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    for lib in (diffusers_logging, transformers_logging):  # our own progress bar is the only one shown
+        lib.disable_progress_bar()
+        lib.set_verbosity_error()
+    from app.settings import Settings
+    from app.studio import Studio
+
+    settings = Settings(data_dir=data_dir) if data_dir else Settings()
+    return Studio.open(settings)
+
+
+def _fail(message: str, code: int = 1):
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+def _guard(fn):
+    """Project errors become one red line and exit status 1, never a traceback."""
+
+    @wraps(fn)
+    def wrapper(*args, **kwargs):
+        from composer.errors import StudioError
+        from db.errors import CatalogError
+
+        try:
+            return fn(*args, **kwargs)
+        except (StudioError, CatalogError) as exc:
+            _fail(str(exc))
+
+    return wrapper
