@@ -25,12 +25,12 @@ from app.settings import Settings
 from app.training import TrainingRuns, TrainOutcome
 from composer.adapters import blora
 from composer.adapters.host import AdapterHost
-from composer.backbones import TINY, Backbone, load_pipeline
+from composer.backbones import TINY, load_pipeline
 from composer.errors import FamilyMismatchError, StudioError
 from composer.formats.readers import read_lora
 from composer.formats.safetensors_io import FileHashes, file_hashes
 from composer.methods import METHODS, params_to_json
-from composer.render import LoraWeight, Progress, RenderRequest, render_batch
+from composer.render import LoraWeight, Progress, RenderRequest, render_batch, sampling_defaults
 from composer.train import TrainConfig
 from composer.train.config import ADAPTER_KINDS
 from composer.train.loop import Progress as TrainProgress
@@ -46,13 +46,6 @@ class _Loaded:
     pipe: object
     host: AdapterHost
     resident: OrderedDict[str, None] = field(default_factory=OrderedDict)  # sha256, LRU order
-
-
-def sampling_defaults(request: RenderRequest, backbone: Backbone) -> tuple[int, float]:
-    """The steps and guidance a request renders with: its own, else the backbone's defaults."""
-    steps = request.num_inference_steps or backbone.default_steps
-    guidance = backbone.default_guidance if request.guidance_scale is None else request.guidance_scale
-    return steps, guidance
 
 
 def check_family(info: AdapterInfo, backbone: str, family: str) -> None:

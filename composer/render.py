@@ -12,7 +12,15 @@ import torch
 from composer.adapters.host import AdapterHost
 from composer.backbones.base import Backbone
 from composer.errors import StudioError
-from composer.methods import METHODS, MethodRun, method_name, params_class, params_from_json, params_to_json
+from composer.methods import (
+    METHODS,
+    MethodRun,
+    StackEntry,
+    method_name,
+    params_class,
+    params_from_json,
+    params_to_json,
+)
 
 Progress = Callable[[int, int], None]  # (step done, total steps)
 
@@ -127,6 +135,13 @@ def batch_key(request: RenderRequest) -> tuple | None:
     )
 
 
+def sampling_defaults(request: RenderRequest, backbone: Backbone) -> tuple[int, float]:
+    """(steps, guidance scale) a request renders with: its own, or the backbone's defaults where it has none."""
+    steps = request.num_inference_steps or backbone.default_steps
+    guidance = backbone.default_guidance if request.guidance_scale is None else request.guidance_scale
+    return steps, guidance
+
+
 def render(
     pipe,
     backbone: Backbone,
@@ -176,12 +191,12 @@ def render_batch(
         raise StudioError("requests rendered in one call must share LoRAs, settings and size, one image each")
     single = len(requests) == 1
     adapter_names = adapter_names or {}
-    steps = first.num_inference_steps or backbone.default_steps
+    steps, guidance = sampling_defaults(first, backbone)
     generators = [torch.Generator("cpu").manual_seed(r.seed) for r in requests]
     kwargs: dict = dict(
         prompt=first.prompt if single else [r.prompt for r in requests],
         num_inference_steps=steps,
-        guidance_scale=backbone.default_guidance if first.guidance_scale is None else first.guidance_scale,
+        guidance_scale=guidance,
         height=first.height,
         width=first.width,
         num_images_per_prompt=first.num_images,
@@ -196,7 +211,7 @@ def render_batch(
         pipe,
         backbone,
         host,
-        [(lw.name, adapter_names.get(lw.name, lw.name), lw.weight) for lw in first.loras],
+        [StackEntry(lw.name, adapter_names.get(lw.name, lw.name), lw.weight) for lw in first.loras],
         first.height or backbone.native_size(pipe),
         first.width or backbone.native_size(pipe),
         prompts=[r.prompt for r in requests],
@@ -212,7 +227,9 @@ def render_batch(
         return tensors
 
     kwargs["callback_on_step_end"] = on_step_end
-    with first.params().apply(run), torch.no_grad() if run.needs_grad else torch.inference_mode():
+    params = first.params()
+    grad_mode = torch.no_grad() if type(params).needs_grad else torch.inference_mode()
+    with params.apply(run), grad_mode:
         images = pipe(**kwargs).images
     if pictures is not None:
         pictures.extend(run.pictures)

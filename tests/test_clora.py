@@ -17,8 +17,8 @@ from composer.backbones import get_backbone, load_pipeline
 from composer.errors import StudioError
 from composer.formats import read_lora
 from composer.methods import CLoRAParams, clora, params_from_json
-from composer.methods.attention import MapStore, capture_cross_attention, semantic_grid, trigger_positions
 from composer.render import LoraWeight, RenderRequest, render_batch
+from composer.seams.attention import MapStore, capture_cross_attention
 from tests.helpers import denoiser_inputs
 
 TOY_TRIGGERS = {"star": ["xyvo"], "heart": ["quelb"]}  # the bundled subject LoRAs' trigger words
@@ -31,11 +31,11 @@ def test_reading_attention_maps_leaves_the_output_unchanged(family, tiny_sdxl_fa
     pipe = make()
     denoiser = getattr(pipe, backbone.denoiser)
     args, kwargs, _ = denoiser_inputs(backbone, pipe, 32)
-    rows, cols = semantic_grid(family, denoiser, 4, 4)
+    rows, cols = backbone.semantic_grid(denoiser, 4, 4)
     store = MapStore(rows, cols)
     with torch.no_grad():
         plain = denoiser(*args, **kwargs)[0]
-        with capture_cross_attention(family, denoiser, store, (4, 4)):
+        with capture_cross_attention(backbone, denoiser, store, (4, 4)):
             read = denoiser(*args, **kwargs)[0]
         after = denoiser(*args, **kwargs)[0]
     assert torch.allclose(read, plain, atol=1e-5)
@@ -47,11 +47,12 @@ def test_reading_attention_maps_leaves_the_output_unchanged(family, tiny_sdxl_fa
 
 
 def test_semantic_grid_is_32_on_sdxl_at_1024_and_mid_resolution_on_the_toy_model():
-    real = get_backbone("sdxl").build_meta_denoiser()
-    assert semantic_grid("sdxl", real, 128, 128) == (32, 32)  # CLoRA's SDXL resolution
-    toy = load_pipeline(get_backbone("sdxl"), toyworld.model_dir()).unet
-    assert semantic_grid("sdxl", toy, 16, 16) == (8, 8)
-    assert semantic_grid("flux", None, 128, 128) == (32, 32)  # 64x64 patches pooled by 2
+    sdxl, flux = get_backbone("sdxl"), get_backbone("flux")
+    real = sdxl.build_meta_denoiser()
+    assert sdxl.semantic_grid(real, 128, 128) == (32, 32)  # CLoRA's SDXL resolution
+    toy = load_pipeline(sdxl, toyworld.model_dir()).unet
+    assert sdxl.semantic_grid(toy, 16, 16) == (8, 8)
+    assert flux.semantic_grid(None, 128, 128) == (32, 32)  # 64x64 patches pooled by 2
 
 
 def test_info_nce_equals_the_definition():
@@ -75,14 +76,14 @@ def test_trigger_positions_come_from_the_tokeniser(family, tiny_sdxl_factory, ti
     pipe = make()
     tokenizer = pipe.tokenizer if family == "sdxl" else pipe.tokenizer_2
     prompt = "a red xyvo and a blue xyvo, quelb background"
-    found = trigger_positions(pipe, family, prompt, ["xyvo"], 77)
+    found = backbone.trigger_positions(pipe, prompt, ["xyvo"], 77)
     word = tokenizer("xyvo", add_special_tokens=False).input_ids
     assert len(found) == 2 * len(word)  # both occurrences, every token of each
     ids = tokenizer(prompt).input_ids
     assert [ids[i] for i in found] == word * 2
-    assert trigger_positions(pipe, family, prompt, ["quelb", "nothere"], 77) != []
-    assert trigger_positions(pipe, family, prompt, ["nothere"], 77) == []
-    assert trigger_positions(pipe, family, prompt, ["quelb"], 3) == []  # cut off by the sequence length
+    assert backbone.trigger_positions(pipe, prompt, ["quelb", "nothere"], 77) != []
+    assert backbone.trigger_positions(pipe, prompt, ["nothere"], 77) == []
+    assert backbone.trigger_positions(pipe, prompt, ["quelb"], 3) == []  # cut off by the sequence length
 
 
 @pytest.fixture(scope="module")

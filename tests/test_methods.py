@@ -4,6 +4,7 @@ each LoRA's prediction exactly where it is painted; masks and parameters are rea
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 
 import numpy as np
@@ -22,8 +23,8 @@ from composer.methods import (
     params_from_json,
     params_to_json,
 )
-from composer.methods.streams import blend_weights, denoise_in_streams
 from composer.render import LoraWeight, RenderRequest, render_batch
+from composer.seams.streams import blend_weights, denoise_in_streams
 from tests.helpers import denoiser_inputs
 
 SIZE = 32  # pixels; the tiny models' latents are 4x4 (SDXL) / 2x2 patches (FLUX) at this size
@@ -226,7 +227,74 @@ def test_every_method_file_is_registered():
 
     import composer.methods as package
 
-    helpers = {"__init__", "base", "streams", "attention"}
-    files = {p.stem for p in Path(package.__file__).parent.glob("*.py")} - helpers
+    contract = {"__init__", "base"}  # the registry and the method contract; seams live in composer.seams
+    files = {p.stem for p in Path(package.__file__).parent.glob("*.py")} - contract
     registered = {cls.__module__.rsplit(".", 1)[1] for cls in METHODS.values()}
     assert files == registered, f"method files not in composer.methods.METHODS: {files - registered}"
+
+
+def test_a_method_declares_gradients_on_its_class_and_the_render_honours_it(monkeypatch, tiny_sdxl_factory):
+    from contextlib import contextmanager
+    from typing import ClassVar
+
+    from composer.methods import CompositionParams, MethodRun
+
+    assert CLoRAParams.needs_grad and not MergeParams.needs_grad and not RegionalParams.needs_grad
+    assert all("needs_grad" not in {f.name for f in dataclasses.fields(cls)} for cls in METHODS.values())
+    assert not hasattr(MethodRun, "needs_grad")  # apply no longer flips it on the run
+    modes = []
+
+    @dataclasses.dataclass(frozen=True)
+    class GradProbe(CompositionParams):
+        needs_grad: ClassVar[bool] = True
+
+        def check(self, stack):
+            return None
+
+        @contextmanager
+        def apply(self, run):
+            def record(pipe, step, timestep, tensors):
+                modes.append(torch.is_inference_mode_enabled())
+                return tensors
+
+            run.step_end.append(record)
+            yield
+
+    @dataclasses.dataclass(frozen=True)
+    class PlainProbe(GradProbe):
+        needs_grad: ClassVar[bool] = False
+
+    backbone, make = tiny_sdxl_factory
+    pipe = make()
+    host = AdapterHost.for_pipeline(pipe, backbone)
+    for cls, inference in ((GradProbe, False), (PlainProbe, True)):
+        monkeypatch.setitem(METHODS, "probe", cls)
+        modes.clear()
+        request = RenderRequest("a cat", num_inference_steps=1, height=SIZE, width=SIZE, method="probe")
+        render_batch(pipe, backbone, host, [request])
+        assert modes == [inference]
+    host.detach()
+
+
+def test_the_stack_is_named_entries_and_scales_read_them():
+    from composer.methods import MethodRun, StackEntry
+
+    stack = [StackEntry("star", "star#1", 0.8), StackEntry("heart", "heart", 1.0)]
+    run = MethodRun(pipe=None, backbone=None, host=None, stack=stack, height=SIZE, width=SIZE)
+    assert run.scales == {"star#1": 0.8, "heart": 1.0}
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        stack[0].weight = 2.0
+
+
+def test_sampling_defaults_fill_in_the_backbones_where_the_request_has_none(tiny_sdxl_factory):
+    from composer.render import sampling_defaults
+
+    backbone, _ = tiny_sdxl_factory
+    assert sampling_defaults(RenderRequest("x"), backbone) == (
+        backbone.default_steps,
+        backbone.default_guidance,
+    )
+    assert sampling_defaults(RenderRequest("x", num_inference_steps=7, guidance_scale=0.0), backbone) == (
+        7,
+        0.0,
+    )

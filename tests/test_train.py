@@ -356,12 +356,13 @@ def test_checkpoints_carry_the_fp16_loss_scale(tmp_path):
 
 
 def test_min_snr_gamma_weights_each_sample_by_its_timestep(sdxl):
+    from composer.backbones import get_backbone
     from composer.train.objectives import Objective
 
     backbone, pipe = sdxl
     size = pipe.unet.config.sample_size * 8
-    plain = Objective(pipe, "sdxl", size)
-    weighted = Objective(pipe, "sdxl", size, snr_gamma=5.0)
+    plain = Objective(pipe, backbone, size)
+    weighted = Objective(pipe, backbone, size, snr_gamma=5.0)
     alphas = weighted.noise.alphas_cumprod.double()
     snr = alphas / (1 - alphas)
     t = torch.arange(len(alphas))
@@ -382,7 +383,7 @@ def test_min_snr_gamma_weights_each_sample_by_its_timestep(sdxl):
     with pytest.raises(TrainConfigError, match="snr_gamma must be"):
         TrainConfig(prompt="x", snr_gamma=0.0).validate()
     with pytest.raises(StudioError, match="rectified flow"):
-        Objective(pipe, "flux", size, snr_gamma=5.0)
+        Objective(pipe, get_backbone("flux"), size, snr_gamma=5.0)
 
 
 def test_text_encoder_adapters_train_and_change_the_prompt_embedding(sdxl, tmp_path):

@@ -7,7 +7,7 @@ import logging
 import os
 import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from composer.errors import BackboneError
+from composer.errors import BackboneError, StudioError
 
 log = logging.getLogger(__name__)
 
@@ -24,13 +24,27 @@ TINY = "tiny"  # the --model value that builds a family's tiny random-weight var
 # pipeline at once fail with "module 'diffusers' has no attribute ..."): one load at a time per process,
 # whoever loads (render workers, the studio UI, a training run).
 _LOADING = threading.Lock()
+SEMANTIC_SIDE = 32  # the longest side of the cross-attention maps read (CLoRA reads SDXL's 32x32 at 1024 px)
+
+
+@dataclass
+class Conditioning:
+    """Text conditioning of one caption, computed once (text encoders are frozen)."""
+
+    embeds: torch.Tensor  # (1, seq, dim)
+    pooled: torch.Tensor  # (1, dim)
+    text_ids: torch.Tensor | None = None  # FLUX only
 
 
 @dataclass(frozen=True)
 class Backbone:
-    """A model family: how to load it, build it small or on the meta device, and where adapters go.
+    """A model family: how to load it, build it small or on the meta device, where adapters go, and every
+    computation that differs between families (latent grid, prompt tokens, attention capture, replaying a
+    denoiser call, the training loss). Methods and the trainer ask the backbone and never branch on `family`.
 
-    Adding a family = one file that builds one of these + one line in `composer.backbones.BACKBONES`.
+    Adding a family = one file with a subclass overriding the family methods below and an instance of it, + one
+    line in `composer.backbones.BACKBONES`. The base class holds what every family shares; a family method the
+    base cannot answer raises BackboneError naming the family.
     """
 
     family: str  # "sdxl" | "flux" (the LoRA file family it accepts)
@@ -51,9 +65,92 @@ class Backbone:
 
     def native_size(self, pipe) -> int:
         """The pixel size the model was built for (toy 64, SDXL and FLUX 1024 for the real ones)."""
-        if self.family == "sdxl":
-            return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
         return int(getattr(pipe, "default_sample_size", 64)) * int(pipe.vae_scale_factor)
+
+    def _unsupported(self, what: str) -> BackboneError:
+        return BackboneError(f"the {self.family} backbone does not support {what}")
+
+    # --- latent grid ---------------------------------------------------------------------------------
+    def latent_size(self, pipe, height: int, width: int) -> tuple[int, int]:
+        """(rows, cols) of the VAE latents of a render of that size in pixels (before any packing)."""
+        vsf = int(pipe.vae_scale_factor)
+        return height // vsf, width // vsf
+
+    def patch_grid(self, pipe, height: int, width: int) -> tuple[int, int] | None:
+        """(rows, cols) of the packed latent patches the denoiser sees as a sequence (FLUX's 2x2 patches);
+        None when the denoiser takes the latents as an image (SDXL's UNet)."""
+        return None
+
+    def train_size_problem(self, size: int) -> str | None:
+        """Why the family cannot train at `size` pixels, or None when it can."""
+        return None
+
+    # --- prompt tokens -------------------------------------------------------------------------------
+    def prompt_tokenizer(self, pipe):
+        """The tokenizer of the text stream the denoiser attends to."""
+        raise self._unsupported("reading prompt tokens")
+
+    def prompt_length(self, pipe) -> int:
+        """The sequence length of that text stream, as the pipeline encodes prompts."""
+        return int(self.prompt_tokenizer(pipe).model_max_length)
+
+    def token_ids(self, pipe, text: str, special: bool) -> list[int]:
+        """The ids of `text` as the denoiser's text stream sees it."""
+        tokenizer = self.prompt_tokenizer(pipe)
+        return list(tokenizer(text, add_special_tokens=special, truncation=False).input_ids)
+
+    def trigger_positions(
+        self, pipe, prompt: str, triggers: Sequence[str], limit: int | None = None
+    ) -> list[int]:
+        """Token positions of every occurrence of any of `triggers` in `prompt`, below `limit` (default: the
+        text stream's sequence length). Multi-token triggers give all their tokens. Empty: none is there."""
+        limit = self.prompt_length(pipe) if limit is None else limit
+        ids = self.token_ids(pipe, prompt, special=True)[:limit]
+        found: set[int] = set()
+        for trigger in triggers:
+            word = self.token_ids(pipe, trigger, special=False)
+            if not word:
+                continue
+            for start in range(len(ids) - len(word) + 1):
+                if ids[start : start + len(word)] == word:
+                    found.update(range(start, start + len(word)))
+        return sorted(found)
+
+    # --- attention capture ---------------------------------------------------------------------------
+    def semantic_grid(self, denoiser, latent_rows: int, latent_cols: int) -> tuple[int, int]:
+        """(rows, cols) of the cross-attention maps read for a latent of that size (at most SEMANTIC_SIDE)."""
+        raise StudioError(f"cannot read cross-attention maps of a {self.family} denoiser")
+
+    def attention_capture(self, name: str, processor, store, latent: tuple[int, int]):
+        """The processor that replaces the denoiser's `name` processor while maps are read into `store`
+        (a `composer.seams.attention.MapStore`), or None to leave that layer alone.
+
+        Args:
+            latent: (rows, cols) of the latents, before packing.
+        """
+        raise StudioError(f"cannot read cross-attention maps of a {self.family} denoiser")
+
+    # --- replaying a denoiser call -------------------------------------------------------------------
+    def replay_inputs(self, pipe, args: tuple, kwargs: dict, latents: torch.Tensor, timestep) -> tuple:
+        """(args, kwargs) of a recorded denoiser call, at new `latents` (as the scheduler holds them) and
+        `timestep` (a value of `pipe.scheduler.timesteps`), scaled as the pipeline would pass them."""
+        raise self._unsupported("replaying a denoiser call")
+
+    # --- training ------------------------------------------------------------------------------------
+    def training_noise(self, pipe, snr_gamma: float | None):
+        """What the training loss draws noise and timesteps from (a scheduler, or None when the family's
+        loss samples them itself). Raises StudioError on a setting the family's objective cannot honour."""
+        raise self._unsupported("training")
+
+    def encode_caption(self, pipe, caption: str, device) -> Conditioning:
+        """A training caption's text conditioning, as the pipeline encodes prompts."""
+        raise self._unsupported("training")
+
+    def training_loss(self, objective, x0: torch.Tensor, cond: list[Conditioning], generator, dtype):
+        """The denoising loss of a batch of latents x0 (B, C, h, w): timestep sampling, noising, the
+        denoiser's prediction and its target. `objective` is the `composer.train.objectives.Objective` (pipe,
+        size, guidance, noise, snr_weights)."""
+        raise self._unsupported("training")
 
     def target_modules(
         self, denoiser: nn.Module, pattern: str | None = None, conv_pattern: str | None = None

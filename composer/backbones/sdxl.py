@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from composer.backbones.base import Backbone, on_meta
+from composer.backbones.base import SEMANTIC_SIDE, Backbone, Conditioning, on_meta
 from composer.backbones.tokenizers import clip_tokenizer
+from composer.errors import StudioError
 
 # stabilityai/stable-diffusion-xl-base-1.0 unet/config.json (the fields that shape the network)
 REAL_UNET = dict(
@@ -141,7 +145,109 @@ def meta_unet() -> nn.Module:
     return on_meta("UNet2DConditionModel", REAL_UNET)
 
 
-BACKBONE = Backbone(
+class UNetCrossAttention:
+    """diffusers' AttnProcessor arithmetic for a UNet cross-attention layer, keeping its probabilities when its
+    query count is the semantic resolution's (other calls go to the layer's own processor)."""
+
+    def __init__(self, original, store):
+        self.original, self.store = original, store
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw):
+        queries = hidden_states.shape[1] if hidden_states.ndim == 3 else -1
+        plain = attn.spatial_norm is None and attn.group_norm is None and not attn.residual_connection
+        if encoder_hidden_states is None or queries != self.store.rows * self.store.cols or not plain:
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kw)
+        batch, length = encoder_hidden_states.shape[:2]
+        attention_mask = attn.prepare_attention_mask(attention_mask, length, batch)
+        if attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        query = attn.head_to_batch_dim(attn.to_q(hidden_states))
+        key = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))
+        value = attn.head_to_batch_dim(attn.to_v(encoder_hidden_states))
+        probs = attn.get_attention_scores(query, key, attention_mask)  # (B * heads, Q, L)
+        self.store.maps.append(probs.reshape(batch, -1, *probs.shape[1:]).mean(dim=1).float())
+        out = attn.batch_to_head_dim(torch.bmm(probs, value))
+        out = attn.to_out[1](attn.to_out[0](out))
+        return out / attn.rescale_output_factor
+
+
+@dataclass(frozen=True)
+class SDXLBackbone(Backbone):
+    """SDXL's family methods: a UNet on unpacked latents, CLIP prompt tokens, cross-attention in the `attn2`
+    layers, DDPM training (epsilon or v prediction, optional min-SNR-gamma weights)."""
+
+    def native_size(self, pipe) -> int:
+        return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+
+    def prompt_tokenizer(self, pipe):
+        return pipe.tokenizer
+
+    def semantic_grid(self, denoiser, latent_rows: int, latent_cols: int) -> tuple[int, int]:
+        """The largest cross-attention feature map whose longer side is at most SEMANTIC_SIDE (32x32 for SDXL at
+        1024 px, as CLoRA reads it; 8x8 for the toy model at 64 px), else the smallest."""
+        levels = [
+            (latent_rows >> i, latent_cols >> i)
+            for i, kind in enumerate(denoiser.config.down_block_types)
+            if "CrossAttn" in kind
+        ]
+        if not levels:
+            raise StudioError("this UNet has no cross-attention layers to read")
+        fitting = [size for size in levels if max(size) <= SEMANTIC_SIDE]
+        return max(fitting) if fitting else min(levels)
+
+    def attention_capture(self, name: str, processor, store, latent: tuple[int, int]):
+        return UNetCrossAttention(processor, store) if name.endswith("attn2.processor") else None
+
+    def replay_inputs(self, pipe, args: tuple, kwargs: dict, latents: torch.Tensor, timestep) -> tuple:
+        sample = pipe.scheduler.scale_model_input(latents, timestep)
+        if args:
+            return (sample, timestep, *args[2:]), kwargs
+        return args, {**kwargs, "sample": sample, "timestep": timestep}
+
+    def training_noise(self, pipe, snr_gamma: float | None):
+        from diffusers import DDPMScheduler
+
+        noise = DDPMScheduler.from_config(pipe.scheduler.config)
+        if noise.config.prediction_type not in ("epsilon", "v_prediction"):
+            raise StudioError(
+                f"cannot train a model predicting {noise.config.prediction_type!r} (epsilon, v_prediction)"
+            )
+        return noise
+
+    def encode_caption(self, pipe, caption: str, device) -> Conditioning:
+        embeds, _, pooled, _ = pipe.encode_prompt(
+            caption, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
+        )
+        return Conditioning(embeds.float(), pooled.float())
+
+    def training_loss(self, objective, x0, cond, generator, dtype) -> torch.Tensor:
+        """DDPM noise at a uniform timestep; the UNet predicts epsilon (or v, by the scheduler's config); with
+        `snr_gamma`, each sample's loss is weighted by `objective.snr_weights`."""
+        noise_schedule = objective.noise
+        b, device = x0.shape[0], x0.device
+        noise = torch.randn(x0.shape, generator=generator).to(x0)
+        steps = noise_schedule.config.num_train_timesteps
+        t = torch.randint(0, steps, (b,), generator=generator).to(device)
+        noisy = noise_schedule.add_noise(x0, noise, t)
+        kind = noise_schedule.config.prediction_type
+        target = noise if kind == "epsilon" else noise_schedule.get_velocity(x0, noise, t)
+        h = w = objective.size
+        time_ids = torch.tensor([[h, w, 0, 0, h, w]], device=device, dtype=dtype).repeat(b, 1)
+        embeds = torch.cat([c.embeds for c in cond]).to(device, dtype)
+        pooled = torch.cat([c.pooled for c in cond]).to(device, dtype)
+        pred = objective.pipe.unet(
+            noisy.to(dtype),
+            t,
+            embeds,
+            added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids},
+        ).sample
+        if objective.snr_gamma is None:
+            return F.mse_loss(pred.float(), target.float())
+        per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        return (per_sample * objective.snr_weights(t).to(per_sample)).mean()
+
+
+BACKBONE = SDXLBackbone(
     family="sdxl",
     pipeline_class="StableDiffusionXLPipeline",
     denoiser="unet",

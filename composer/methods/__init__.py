@@ -1,7 +1,9 @@
 """Composition methods: how several LoRAs act together in one render. One file per method, one registry line
 each. A method's knobs are the fields of its frozen parameters dataclass (STYLE rule 3): the UI controls are
 built from them, the API takes them as JSON (`params_from_json`), and the dataclass runs its method
-(`CompositionParams.apply`). Knob types: bool, int, float, str, a Literal, or `composer.masks.RegionMasks`."""
+(`CompositionParams.apply`). Knob types: bool, int, float, str, a Literal, or `composer.masks.RegionMasks`. A method that takes
+gradients says so with `needs_grad = True` on its parameters class. The mechanisms methods share (the
+multi-stream blend, attention capture) live in `composer.seams`."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from typing import Any, Literal
 
 from composer.errors import StudioError
 from composer.masks import MaskError, RegionMasks
-from composer.methods.base import CompositionParams, MethodRun
+from composer.methods.base import CompositionParams, MethodRun, StackEntry
 from composer.methods.clora import CLoRAParams
 from composer.methods.merge import MergeParams
 from composer.methods.regional import RegionalParams
@@ -95,6 +97,7 @@ __all__ = [
     "MergeParams",
     "MethodRun",
     "RegionalParams",
+    "StackEntry",
     "method_name",
     "params_class",
     "params_from_json",

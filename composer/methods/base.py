@@ -5,10 +5,19 @@ from __future__ import annotations
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 from composer.adapters.host import AdapterHost
 from composer.backbones.base import Backbone
+
+
+@dataclass(frozen=True)
+class StackEntry:
+    """One LoRA of a render's stack: its catalog name, its resident adapter name on the host, its weight."""
+
+    name: str
+    resident: str
+    weight: float
 
 
 @dataclass
@@ -16,21 +25,19 @@ class MethodRun:
     """One pipeline call's worth of context for a method.
 
     Attributes:
-        stack: (catalog name, resident adapter name on `host`, weight) per LoRA, in the request's order.
+        stack: one StackEntry per LoRA, in the request's order.
         height, width: the size being rendered, in pixels.
         prompts: the call's prompts, one per request; each gives `images_per_prompt` samples, in order.
         triggers: catalog name -> the LoRA's trigger words.
         pictures: what the method shows beside the images (caption, PIL image), e.g. the masks it used.
         step_end: hooks run after every denoising step as diffusers' `callback_on_step_end` runs them
             (pipe, step, timestep, tensors) -> tensors; the latents they return replace the pipeline's.
-        needs_grad: the method takes gradients during the call (the call runs under no_grad, not
-            inference_mode, and the method enables grad where it needs it).
     """
 
     pipe: Any
     backbone: Backbone
     host: AdapterHost
-    stack: list[tuple[str, str, float]]
+    stack: list[StackEntry]
     height: int
     width: int
     prompts: list[str] = field(default_factory=list)
@@ -38,17 +45,23 @@ class MethodRun:
     triggers: dict[str, list[str]] = field(default_factory=dict)
     pictures: list[tuple[str, Any]] = field(default_factory=list)
     step_end: list[Callable[[Any, int, Any, dict], dict]] = field(default_factory=list)
-    needs_grad: bool = False
 
     @property
     def scales(self) -> dict[str, float]:
         """Resident name -> weight: every LoRA of the stack active at its weight (a merge)."""
-        return {resident: weight for _, resident, weight in self.stack}
+        return {entry.resident: entry.weight for entry in self.stack}
 
 
 class CompositionParams(Protocol):
     """A method's parameters: a frozen dataclass of plain knobs (the API schema and UI controls come from its
-    fields) that knows how to run its method."""
+    fields) that knows how to run its method.
+
+    Parameters classes subclass this protocol (so they inherit `needs_grad`) and are frozen dataclasses.
+    """
+
+    needs_grad: ClassVar[bool] = False
+    """The method takes gradients during the call: the render runs it under no_grad, not inference_mode (the
+    method enables grad where it needs it). Read from the class before `apply`."""
 
     def check(self, stack: list[str]) -> None:
         """Raise StudioError naming what does not fit the request's LoRA stack (catalog names)."""

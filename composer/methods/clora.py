@@ -1,9 +1,9 @@
 """clora: contrastive test-time composition with attention masks (CLoRA, Meral et al., ICCV 2025).
 
 One denoising stream per LoRA (that LoRA alone) plus a base stream (no LoRA), all in one batched call per step
-(`streams`). Each LoRA's concept is the token positions of its trigger words in the prompt, found from the
+(`composer.seams.streams`). Each LoRA's concept is the token positions of its trigger words in the prompt, found from the
 catalog's trigger words (never hand-written indices). Every step reads the streams' cross-attention maps at the
-semantic resolution (`attention`) and builds one mask per LoRA stream: the sum of its concept's min-max
+semantic resolution (`composer.seams.attention`, where the backbone says) and builds one mask per LoRA stream: the sum of its concept's min-max
 normalised token maps, at or above `threshold` x its maximum. Pixels no LoRA claims go to the base stream, and
 the predictions blend as eps = sum_j M_j eps_j / sum_j M_j (both guidance branches alike).
 
@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -30,14 +31,16 @@ import torch.nn.functional as F
 from PIL import Image
 
 from composer.errors import StudioError
-from composer.methods.attention import MapStore, capture_cross_attention, semantic_grid, trigger_positions
-from composer.methods.base import MethodRun
-from composer.methods.streams import call_latents, denoise_in_streams, map_batched
+from composer.methods.base import CompositionParams, MethodRun
+from composer.seams.attention import MapStore, capture_cross_attention
+from composer.seams.streams import call_latents, denoise_in_streams, map_batched
 
 
 @dataclass(frozen=True)
-class CLoRAParams:
+class CLoRAParams(CompositionParams):
     """CLoRA's knobs; the paper's values are the defaults."""
+
+    needs_grad: ClassVar[bool] = True  # the latent updates take gradients
 
     threshold: float = field(
         default=0.3, metadata={"help": "a LoRA's mask: its attention at or above this share of its peak"}
@@ -69,12 +72,11 @@ class CLoRAParams:
     @contextmanager
     def apply(self, run: MethodRun) -> Iterator[None]:
         state = ContrastiveRun(self, run)
-        run.needs_grad = True
         run.step_end.append(state.step_end)
         with ExitStack() as stack:
             stack.enter_context(run.host.activate(run.scales))  # text encoders: the whole stack
             stack.enter_context(
-                capture_cross_attention(run.backbone.family, state.denoiser, state.store, state.latent)
+                capture_cross_attention(run.backbone, state.denoiser, state.store, state.latent)
             )
             stack.enter_context(
                 denoise_in_streams(
@@ -115,15 +117,12 @@ class ContrastiveRun:
         self.params, self.run = params, run
         backbone, pipe = run.backbone, run.pipe
         self.denoiser = getattr(pipe, backbone.denoiser)
-        vsf = int(pipe.vae_scale_factor)
-        self.latent = (run.height // vsf, run.width // vsf)
-        self.grid = (self.latent[0] // 2, self.latent[1] // 2) if backbone.family == "flux" else None
-        rows, cols = semantic_grid(backbone.family, self.denoiser, *self.latent)
+        self.latent = backbone.latent_size(pipe, run.height, run.width)
+        self.grid = backbone.patch_grid(pipe, run.height, run.width)
+        rows, cols = backbone.semantic_grid(self.denoiser, *self.latent)
         self.store = MapStore(rows, cols)
-        self.names = [name for name, _, _ in run.stack]
-        self.streams = [{}] + [
-            {resident: weight} for _, resident, weight in run.stack
-        ]  # base, then each LoRA
+        self.names = [entry.name for entry in run.stack]
+        self.streams = [{}] + [{entry.resident: entry.weight} for entry in run.stack]  # base, then each LoRA
         self.concepts = [self._concepts(prompt) for prompt in run.prompts]  # per prompt, per LoRA: positions
         self.samples = len(run.prompts) * run.images_per_prompt
         self.last_masks: torch.Tensor | None = None  # (S, samples, rows, cols) of the latest step
@@ -132,17 +131,13 @@ class ContrastiveRun:
         self.losses: list[tuple[int, float]] = []  # (step updated, loss before the update)
 
     def _concepts(self, prompt: str) -> list[list[int]]:
-        family, pipe = self.run.backbone.family, self.run.pipe
-        if family == "sdxl":
-            limit = pipe.tokenizer.model_max_length
-        else:
-            limit = min(512, pipe.tokenizer_2.model_max_length)
+        backbone, pipe = self.run.backbone, self.run.pipe
         out = []
         for name in self.names:
             words = self.run.triggers.get(name) or []
             if not words:
                 raise StudioError(f"clora finds each LoRA's concept by its trigger words; {name!r} has none")
-            positions = trigger_positions(pipe, family, prompt, words, limit)
+            positions = backbone.trigger_positions(pipe, prompt, words)
             if not positions:
                 raise StudioError(
                     f"clora: the prompt does not contain {name!r}'s trigger word "
@@ -233,15 +228,7 @@ class ContrastiveRun:
         keep, _ = self._conditional(batch)
         args = tuple(map_batched(a, batch, lambda t: t[keep]) for a in args)
         kwargs = {k: map_batched(v, batch, lambda t: t[keep]) for k, v in kwargs.items()}
-        pipe = self.run.pipe
-        if self.run.backbone.family == "flux":
-            kwargs["hidden_states"] = latents
-            kwargs["timestep"] = (timestep / 1000).expand(latents.shape[0]).to(latents.dtype)
-            return args, kwargs
-        sample = pipe.scheduler.scale_model_input(latents, timestep)
-        if args:
-            return (sample, timestep, *args[2:]), kwargs
-        return args, {**kwargs, "sample": sample, "timestep": timestep}
+        return self.run.backbone.replay_inputs(self.run.pipe, args, kwargs, latents, timestep)
 
     def step_end(self, pipe, step: int, timestep, tensors: dict) -> dict:
         """After step `step`: one contrastive update of the latents the next step starts from."""

@@ -6,11 +6,11 @@ from __future__ import annotations
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
-from composer.methods.base import MethodRun
+from composer.methods.base import CompositionParams, MethodRun
 
 
 @dataclass(frozen=True)
-class MergeParams:
+class MergeParams(CompositionParams):
     """Merge has no knobs beyond the per-LoRA weights of the stack."""
 
     def check(self, stack: list[str]) -> None:

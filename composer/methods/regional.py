@@ -19,14 +19,14 @@ from PIL import Image, ImageFilter
 
 from composer.errors import StudioError
 from composer.masks import RegionMasks
-from composer.methods.base import MethodRun
-from composer.methods.streams import denoise_in_streams
+from composer.methods.base import CompositionParams, MethodRun
+from composer.seams.streams import denoise_in_streams
 
 MAX_FEATHER = 256
 
 
 @dataclass(frozen=True)
-class RegionalParams:
+class RegionalParams(CompositionParams):
     """Masks by LoRA name (a LoRA of the stack without one acts everywhere) and their edge softness."""
 
     regions: RegionMasks = field(
@@ -74,8 +74,8 @@ class RegionalParams:
 
     @contextmanager
     def apply(self, run: MethodRun) -> Iterator[None]:
-        catalog = [name for name, _, _ in run.stack]
-        resident = {name: (res, weight) for name, res, weight in run.stack}
+        catalog = [entry.name for entry in run.stack]
+        resident = {entry.name: (entry.resident, entry.weight) for entry in run.stack}
         masked = set(self.regions.names())
         everywhere = {res: w for name, (res, w) in resident.items() if name not in masked}
         streams = self.stream_masks(catalog, run.height, run.width) if masked else []
@@ -92,8 +92,7 @@ class RegionalParams:
                     for name, _ in streams
                 ]
                 masks = torch.from_numpy(np.stack([values for _, values in streams]))  # (S, H, W)
-                vsf = int(run.pipe.vae_scale_factor)
-                grid = (run.height // (2 * vsf), run.width // (2 * vsf))  # FLUX's packed 2x2 patches
+                grid = run.backbone.patch_grid(run.pipe, run.height, run.width)
                 denoiser = getattr(run.pipe, run.backbone.denoiser)
                 stack.enter_context(denoise_in_streams(denoiser, run.host, scales, masks, grid))
             yield

@@ -60,12 +60,11 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.progress = progress
         self.size = config.resolution or backbone.native_size(pipe)
-        if backbone.family == "flux" and self.size % 16:
-            raise TrainConfigError(
-                f"FLUX trains on 2x2 latent patches: resolution must be a multiple of 16, got {self.size}"
-            )
+        problem = backbone.train_size_problem(self.size)
+        if problem:
+            raise TrainConfigError(problem)
         self.objective = Objective(
-            pipe, backbone.family, self.size, guidance=backbone.default_guidance, snr_gamma=config.snr_gamma
+            pipe, backbone, self.size, guidance=backbone.default_guidance, snr_gamma=config.snr_gamma
         )
         self.device = self.objective.denoiser.device
         self._scaler: torch.amp.GradScaler | None = None  # fp16 runs: built per run, checkpointed
