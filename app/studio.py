@@ -23,7 +23,7 @@ from composer.adapters.host import AdapterHost
 from composer.backbones import TINY, Backbone, get_backbone, load_pipeline
 from composer.errors import FamilyMismatchError, StudioError
 from composer.formats.readers import read_lora
-from composer.methods import params_to_json
+from composer.methods import METHODS, params_to_json
 from composer.render import Progress, RenderRequest, render_batch
 from db.errors import AdapterNotFoundError
 from db.repository import RenderRepository
@@ -92,6 +92,10 @@ class Studio:
         if settings.bundled:
             import_bundled(library, toyworld.loras_dir(), settings.root / "bundled.json")
         return cls(settings, library, sessions)
+
+    def composition_methods(self) -> dict[str, type]:
+        """The registered composition methods: name -> parameters dataclass (`composer.methods.METHODS`)."""
+        return dict(METHODS)
 
     # --- pipelines ------------------------------------------------------------------------------------
     def pipeline(self, backbone: str, model: str | None = None) -> _Loaded:
