@@ -194,7 +194,7 @@ def batch_schema(methods: Mapping[str, type]) -> type[RenderBatch]:
         __base__=RenderBatch,
         __doc__=RenderBatch.__doc__,
         __module__=__name__,
-        requests=(list[request_schema(methods)], Field(min_length=1, max_length=MAX_BATCH)),
+        requests=(list[request_schema(methods)], RenderBatch.model_fields["requests"]),  # its limits kept
     )
 
 
