@@ -10,6 +10,7 @@ from fastapi import Depends, FastAPI
 from app.api import loras, renders, search
 from app.api.auth import TokenBucket, authenticate, key_refused
 from app.api.errors import install_error_handlers
+from app.api.render_schemas import batch_schema
 from app.api.service import Executor
 from app.facade import StudioFacade
 
@@ -46,7 +47,8 @@ def create_app(studio: StudioFacade, executor: Executor | None = None) -> FastAP
     app.state.executor = executor
     app.state.rate_limiter = TokenBucket()
     install_error_handlers(app, key_refused)
-    for router in (loras.router, search.router, renders.router):
+    render_routes = renders.router_for(batch_schema(studio.composition_methods()))
+    for router in (loras.router, search.router, render_routes):
         app.include_router(router, prefix=API_PREFIX, dependencies=[Depends(authenticate)])
     return app
 

@@ -1,13 +1,35 @@
 """Schemas of the batch render API. A request's fields are `composer.render.RenderRequest`'s, by the same
 names (that dataclass lives beside torch, so it cannot be imported here; tests/test_api_renders.py checks
-that the two agree field for field)."""
+that the two agree field for field).
+
+`method_params` is typed per method: `batch_schema(methods)` builds, when the app is built, one request variant
+per registered composition method (`method: Literal[name]`, `method_params`: a model generated from the
+method's parameters dataclass), and the batch of them, so that the OpenAPI spec documents every method's knobs.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import typing
+from collections.abc import Callable, Mapping
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    RootModel,
+    SerializeAsAny,
+    Tag,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
+    create_model,
+)
+
+from composer.errors import StudioError
+from composer.masks import RegionMasks
 
 MAX_BATCH = 64  # requests in one job
 BACKBONES = ("toy", "sdxl", "flux")
@@ -37,12 +59,10 @@ class RenderRequestIn(BaseModel):
     num_images: int = Field(default=1, ge=1, le=16, description="images of this request (one batch)")
     loras: list[LoraWeightIn] = Field(default_factory=list, max_length=32)
     method: str = Field(
-        default="merge", min_length=1, max_length=64, description="composition method: merge or regional"
+        default="merge", min_length=1, max_length=64, description="composition method (one per variant)"
     )
     method_params: dict[str, Any] = Field(
-        default_factory=dict,
-        description="the method's parameters; regional: {'regions': {LoRA name: PNG mask as a data URL or "
-        "base64, white = inside}, 'feather': pixels}. A LoRA without a mask acts everywhere.",
+        default_factory=dict, description="the method's parameters (each variant documents its own)"
     )
 
 
@@ -57,6 +77,124 @@ class RenderBatch(BaseModel):
     )
     model: str | None = Field(
         default=None, max_length=500, description="the server's model (default) or 'tiny'"
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class WireType:
+    """A knob type that travels as other JSON: its schema type, its value as JSON, and what the JSON holds."""
+
+    annotation: Any
+    to_json: Callable[[Any], Any]
+    description: str
+
+
+PLAIN_KNOBS = (bool, int, float, str)  # and Literal[...]: each is its own JSON type
+WIRE_TYPES: dict[type, WireType] = {
+    RegionMasks: WireType(
+        dict[str, str],
+        RegionMasks.to_json,
+        "{LoRA name: PNG mask as a data URL or base64, white = inside}",
+    ),
+}
+# Knobs a method does not have are let through to the Studio, which refuses them naming the ones it has (400);
+# the spec says that none are taken.
+PARAMS_CONFIG = ConfigDict(extra="allow", json_schema_extra={"additionalProperties": False})
+
+
+def knob_field(method: str, field: dataclasses.Field, hint: Any) -> tuple[Any, Any]:
+    """One knob of a parameters dataclass as a pydantic (annotation, Field): its default and its help kept.
+
+    Raises:
+        StudioError: a knob type with no JSON form (naming the method and the knob).
+    """
+    default: Any = ...
+    if field.default is not dataclasses.MISSING:
+        default = field.default
+    elif field.default_factory is not dataclasses.MISSING:
+        default = field.default_factory()
+    help_ = field.metadata.get("help")
+    wire = WIRE_TYPES.get(hint)
+    if wire is not None:
+        description = "; ".join(text for text in (help_, wire.description) if text)
+        return wire.annotation, Field(
+            default if default is ... else wire.to_json(default), description=description
+        )
+    if typing.get_origin(hint) is Literal:
+        return hint, Field(default, description=help_)
+    if hint in PLAIN_KNOBS:
+        return hint, Field(default, description=help_, strict=True)  # strict: "4" is not 4, as in the Studio
+    raise StudioError(f"{method}.{field.name}: knob type {hint!r} has no JSON form for the REST API")
+
+
+def params_model(method: str, params: type) -> type[BaseModel]:
+    """A pydantic model of a method's parameters dataclass (`composer.methods`), field for field."""
+    hints = typing.get_type_hints(params)
+    fields = {f.name: knob_field(method, f, hints[f.name]) for f in dataclasses.fields(params)}
+    return create_model(  # type: ignore[call-overload]
+        params.__name__, __config__=PARAMS_CONFIG, __doc__=params.__doc__, __module__=__name__, **fields
+    )
+
+
+DEFAULT_METHOD = RenderRequestIn.model_fields["method"].default
+UNKNOWN_METHOD = ""  # the tag of a request naming no registered method
+
+
+def request_variant(method: str, params: type) -> type[RenderRequestIn]:
+    """RenderRequestIn narrowed to one method: `method` is its name, `method_params` its parameters model."""
+    model = params_model(method, params)
+    required = method != DEFAULT_METHOD  # only the default method's requests may leave `method` out
+    name = params.__name__.removesuffix("Params") + "RequestIn"
+    return create_model(  # type: ignore[call-overload]
+        name,
+        __base__=RenderRequestIn,
+        __doc__=f"A request composed by {method}.",
+        __module__=__name__,
+        method=(Literal[method], Field(... if required else method, description="composition method")),
+        method_params=(model, Field(default_factory=model, description=f"{method}'s parameters")),
+    )
+
+
+def request_schema(methods: Mapping[str, type]) -> type[RootModel]:
+    """One render request: a union of one variant per method, told apart by `method`.
+
+    The union is validated by picking the variant (not by pydantic's tagged union, which would put the tag in
+    every error's location, e.g. `requests.0.merge.height`); a request naming no registered method is read
+    as a plain RenderRequestIn, so that the Studio refuses it naming the methods it has (400).
+    """
+    variants = {method: request_variant(method, params) for method, params in methods.items()}
+
+    def method_tag(value: Any) -> str:
+        """The variant of a request (a dict, or a model when serialized): its method, "merge" when absent."""
+        if isinstance(value, dict):
+            method = value.get("method", DEFAULT_METHOD)
+        else:
+            method = getattr(value, "method", None)
+        return method if isinstance(method, str) and method in variants else UNKNOWN_METHOD
+
+    def dispatch(value: Any, handler: ValidatorFunctionWrapHandler) -> RenderRequestIn:
+        return variants.get(method_tag(value), RenderRequestIn).model_validate(value)
+
+    choices = [Annotated[variant, Tag(method)] for method, variant in variants.items()]
+    union = Annotated[Union[tuple(choices)], Discriminator(method_tag)]  # noqa: UP007  # built at run time
+    return create_model(  # type: ignore[call-overload]
+        "RenderRequestIn",
+        # serialized as what it is: a variant, or the plain RenderRequestIn of an unknown method
+        __base__=RootModel[Annotated[union, WrapValidator(dispatch), SerializeAsAny()]],
+        __doc__="One render: RenderRequest's fields; `method` picks the variant and its `method_params`.",
+        __module__=__name__,
+    )
+
+
+def batch_schema(methods: Mapping[str, type]) -> type[RenderBatch]:
+    """RenderBatch with `requests` typed by `request_schema(methods)`: the POST /renders body of an app whose
+    Studio has these composition methods (name -> parameters dataclass)."""
+    return create_model(  # type: ignore[call-overload]
+        "RenderBatch",
+        __base__=RenderBatch,
+        __doc__=RenderBatch.__doc__,
+        __module__=__name__,
+        requests=(list[request_schema(methods)], RenderBatch.model_fields["requests"]),  # its limits kept
     )
 
 
@@ -100,6 +238,7 @@ class JobPage(BaseModel):
 
 __all__ = [
     "MAX_BATCH",
+    "batch_schema",
     "JobPage",
     "JobRead",
     "LoraWeightIn",

@@ -3,6 +3,8 @@ clients poll the job and fetch its PNGs. Jobs belong to the API key that made th
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Annotated, Literal
@@ -100,21 +102,17 @@ def read_job(request: Request, studio: StudioDep, job_id: int, key_id: int) -> J
         return to_read(request, studio.get_job(job_id, key_id))
 
 
-@router.post(
-    "",
-    status_code=202,
-    response_model=JobRead,
-    responses={
-        400: {
-            "model": ErrorResponse,
-            "description": "a batch the server cannot run (e.g. a model not served)",
-        },
-        409: {"model": ErrorResponse},
-        422: {"model": ErrorResponse},
-        503: {"model": ErrorResponse},
+CREATE_RESPONSES: dict[int | str, dict] = {
+    400: {
+        "model": ErrorResponse,
+        "description": "a batch the server cannot run (e.g. a model not served)",
     },
-    dependencies=[ExecutorRequired],
-)
+    409: {"model": ErrorResponse},
+    422: {"model": ErrorResponse},
+    503: {"model": ErrorResponse},
+}
+
+
 def create_render(
     batch: RenderBatch,
     request: Request,
@@ -199,4 +197,33 @@ def cancel_render(
     return read_job(request, studio, job_id, principal.key_id)
 
 
-__all__ = ["router"]
+def router_for(batch: type[RenderBatch]) -> APIRouter:
+    """The /renders routes, POST taking `batch`: `render_schemas.batch_schema` of the Studio's composition
+    methods, built with the app (so that the spec documents each method's parameters)."""
+    signature = inspect.signature(create_render, eval_str=True)
+
+    @functools.wraps(create_render)
+    def typed(*args, **kwargs):
+        return create_render(*args, **kwargs)
+
+    typed.__signature__ = signature.replace(  # type: ignore[attr-defined]  # FastAPI reads the body type here
+        parameters=[
+            p.replace(annotation=batch) if p.name == "batch" else p for p in signature.parameters.values()
+        ]
+    )
+    routes = APIRouter()
+    routes.add_api_route(
+        router.prefix,
+        typed,
+        methods=["POST"],
+        status_code=202,
+        response_model=JobRead,
+        tags=router.tags,
+        responses={**router.responses, **CREATE_RESPONSES},
+        dependencies=[ExecutorRequired],
+    )
+    routes.include_router(router)
+    return routes
+
+
+__all__ = ["router_for"]
