@@ -35,8 +35,18 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from composer.adapters.base import conv_args, require_no_alpha
+from composer.adapters.base import (
+    Recipe,
+    TrainSpec,
+    all_targets,
+    conv_args,
+    count_parameters,
+    no_metadata,
+    require_no_alpha,
+)
+from composer.adapters.functional import with_alpha
 from composer.errors import AdapterError
+from composer.formats.kinds import check_cores, is_core
 
 if TYPE_CHECKING:
     from composer.formats.model import ModuleDelta
@@ -149,6 +159,14 @@ class TensorAdapter(nn.Module):
     """TLoRA on a Linear or Conv2d: a tensor-ring transform T of the input side plus a tensor-ring residual D."""
 
     kind = "tensor"
+    file_kind = "tensor"
+    recipe = Recipe(steps=2000, learning_rate=1e-4, rank=4, conv=True)
+    lycoris_algo = None
+    network_module = "composer.adapters.tensor"
+    file_roles = ()  # indexed cores tr_t.<k>, tr_d.<k> (formats.kinds.is_core)
+    alpha = None
+    select_targets = staticmethod(all_targets)
+    file_metadata = staticmethod(no_metadata)
 
     def __init__(
         self,
@@ -230,6 +248,25 @@ class TensorAdapter(nn.Module):
         require_no_alpha(delta.alpha, "tensor (TLoRA)")
         t_cores, d_cores = ([got[k] for k in sorted(got)] for got in found.values())
         return cls(base, t_cores, d_cores)
+
+    @classmethod
+    def create_for(cls, base: nn.Module, config: TrainSpec, generator: torch.Generator) -> TensorAdapter:
+        return cls.create(
+            base, rank=config.tensor_rank, transform_rank=config.transform_rank, generator=generator
+        )
+
+    @classmethod
+    def reads_role(cls, role: str) -> bool:
+        return is_core(role)
+
+    @classmethod
+    def kohya_keys(cls, delta: ModuleDelta, where: str) -> dict[str, torch.Tensor]:
+        """tr_t.<k> and tr_d.<k> as they are (numbered 0, 1, ... without gaps); shapes go to metadata."""
+        check_cores(delta.tensors, where)
+        return with_alpha(delta.tensors, delta.alpha)
+
+    def parameter_count(self) -> int:
+        return count_parameters(self)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The cores under their file names (detached copies), the inverse of `from_delta`."""
