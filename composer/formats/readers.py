@@ -23,6 +23,7 @@ from composer.formats.kinds import (
     file_roles,
     is_core,
     kron_declared,
+    lycoris_algo,
     role_kind,
 )
 from composer.formats.model import COMPONENTS, LoraFile, ModuleDelta
@@ -371,7 +372,7 @@ def convert_state_dict(
 
 
 def _source_format(groups, modules) -> str:
-    if any(m.kind in ("lokr", "loha", "kron") for m in modules) or any(g.prefix == "lycoris" for g in groups):
+    if any(lycoris_algo(m.kind) for m in modules) or any(g.prefix == "lycoris" for g in groups):
         return "lycoris"
     styles = {g.style for g in groups}
     return "kohya" if "kohya" in styles else "diffusers" if "diffusers" in styles else "peft"
