@@ -2,14 +2,14 @@
 both import it (formats never import the adapter modules for math).
 
 Kronecker products without materialising them (DiffuseKronA), LyCORIS LoKr / LoHa reconstruction, factor
-splits and scales, tensor-name rules, and Kronecker <-> LoKr factor conversion. Conventions in
-composer/adapters/lycoris.py and kron.py.
+splits and scales, tensor-name rules, Kronecker <-> LoKr factor conversion, and tensor-ring (TLoRA)
+contractions. Conventions in composer/adapters/lycoris.py, kron.py and tensor.py.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -200,3 +200,67 @@ def lokr_kron_factors(tensors: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor
     if weights["lokr_w2"].ndim not in (2, 4):
         return None
     return weights["lokr_w1"], weights["lokr_w2"]
+
+
+# --- tensor ring (TLoRA) ---------------------------------------------------------------------------
+def tensor_modes(n: int, order: int = 3) -> tuple[int, ...]:
+    """The most balanced factorisation of n into `order` ascending factors (1280 -> (8, 10, 16)).
+
+    Balanced means the least sum of squared factors, which is what a transform core costs
+    (R^2 * sum I_k^2). Factors of 1 fill in where n has too few prime factors: 7 -> (1, 1, 7).
+    """
+    if n < 1 or order < 1:
+        raise AdapterError(f"cannot tensorise {n} features into {order} modes")
+
+    def ascending(m: int, k: int, low: int) -> Iterator[tuple[int, ...]]:
+        """Every m = f_1 ... f_k with low <= f_1 <= ... <= f_k."""
+        if k == 1:
+            yield from [(m,)] if m >= low else []
+            return
+        f = low
+        while f**k <= m:
+            if m % f == 0:
+                yield from ((f, *rest) for rest in ascending(m // f, k - 1, f))
+            f += 1
+
+    return min(ascending(n, order, 1), key=lambda fs: (sum(f * f for f in fs), fs))
+
+
+def tr_matvec(x: torch.Tensor, cores: Sequence[torch.Tensor], dim: int = -1) -> torch.Tensor:
+    """M x along one dimension of x, for the tensor-ring matrix M with these cores, never building M.
+
+    Args:
+        x: the input, with J_1 * ... * J_D features on `dim`: (..., d_in) for a Linear,
+            (N, C, H, W) with dim=1 for a Conv2d (every pixel, no channels-last copy).
+        cores: G_k of shape (O_k, J_k, R_k, R_{k+1}), R_{D+1} = R_1.
+        dim: the feature dimension.
+
+    Returns:
+        x's shape with O_1 * ... * O_D (row-major in (o_1, ..., o_D)) on `dim`.
+
+    Each core is one matrix product (one GEMM, not a batch of small ones, which ran 2x slower) against the
+    state (R_1 O_1..O_k-1, R_k, B, J_k..J_D T), permuted so that the pair it contracts, the ring index R_k and
+    the input mode J_k, forms its rows; the ring closes with a trace over R_1 and R_{D+1} at the end.
+    """
+    dim = dim % x.ndim
+    lead, trail = x.shape[:dim], x.shape[dim + 1 :]
+    b = math.prod(lead)
+    o, j, r1, r2 = cores[0].shape
+    z = x.reshape(b, j, -1).transpose(0, 1).reshape(j, -1)  # (J_1, B rest)
+    z = cores[0].permute(2, 0, 3, 1).reshape(r1 * o * r2, j) @ z  # (R_1 O_1 R_2, B rest)
+    out = o
+    for g in cores[1:]:
+        o, j, rc, rd = g.shape
+        z = z.reshape(r1 * out, rc, b, j, -1).permute(1, 3, 0, 2, 4).reshape(rc * j, -1)  # (R_k J_k, ...)
+        z = g.permute(0, 3, 2, 1).reshape(o * rd, rc * j) @ z  # (O_k R_k+1, R_1 O_1..O_k-1 B rest)
+        z = z.reshape(o, rd, r1 * out, b, -1).permute(2, 0, 1, 3, 4)  # (R_1 O_1..O_k, R_k+1, B, rest)
+        out *= o
+    y = z.reshape(r1, out, r1, b, -1).diagonal(dim1=0, dim2=2).sum(-1)  # close the ring: (O, B, T)
+    return y.transpose(0, 1).reshape(*lead, out, *trail)
+
+
+def tr_matrix(cores: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The dense (prod O_k, prod J_k) tensor-ring matrix; for merging only."""
+    cols = math.prod(g.shape[1] for g in cores)
+    eye = torch.eye(cols, dtype=cores[0].dtype, device=cores[0].device)
+    return tr_matvec(eye, cores).T  # row c of tr_matvec(I) is M[:, c]
