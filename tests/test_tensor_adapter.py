@@ -10,9 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from composer.adapters.functional import tensor_modes, tr_matrix, tr_matvec
 from composer.adapters.host import AdapterHost
 from composer.adapters.registry import adapter_type
-from composer.adapters.tensor import TensorAdapter, tensor_modes, tr_matrix, tr_matvec
+from composer.adapters.tensor import TensorAdapter
 from composer.errors import AdapterError
 from composer.formats.model import LoraFile, ModuleDelta
 
