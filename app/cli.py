@@ -216,7 +216,9 @@ def train(
     ],
     prompt: Annotated[str, typer.Option(help="instance prompt, e.g. 'a photo of sks dog'")],
     name: Annotated[str, typer.Option(help="catalog name of the new adapter")],
-    type_: Annotated[str, typer.Option("--type", help="lora, blora, kron or tensor")] = "lora",
+    type_: Annotated[
+        str, typer.Option("--type", help="a trainable adapter type (an unknown one lists them)")
+    ] = "lora",
     steps: Annotated[
         int | None, typer.Option(help="default: the type's recipe (500; B-LoRA 1000; TLoRA 2000)")
     ] = None,

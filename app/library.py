@@ -12,10 +12,11 @@ from pathlib import Path
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.catalog import EDITABLE_FIELDS, AdapterInfo, ImportOutcome
-from composer.adapters import blora
+from composer.adapters import blora, registry
 from composer.errors import LoraFileError, StudioError
 from composer.formats.readers import read_lora
 from composer.formats.writers import write_diffusers, write_kohya
+from db import models
 from db.errors import CatalogError, DuplicateAdapterError
 from db.repository import AdapterRepository
 from db.session import unit_of_work
@@ -70,6 +71,7 @@ class Library:
     def __init__(self, sessions: sessionmaker[Session], lora_dir: Path):
         self.sessions = sessions
         self.lora_dir = lora_dir
+        models.use_adapter_types(registry.kinds)  # the catalog accepts every registered adapter type
 
     def import_file(
         self,

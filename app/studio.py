@@ -25,6 +25,7 @@ from app.settings import Settings
 from app.training import TrainingRuns, TrainOutcome
 from composer.adapters import blora
 from composer.adapters.host import AdapterHost
+from composer.adapters.registry import trainable_kinds
 from composer.backbones import TINY, load_pipeline
 from composer.errors import FamilyMismatchError, StudioError
 from composer.formats.readers import read_lora
@@ -32,7 +33,6 @@ from composer.formats.safetensors_io import FileHashes, file_hashes
 from composer.methods import METHODS, params_to_json
 from composer.render import LoraWeight, Progress, RenderRequest, render_batch, sampling_defaults
 from composer.train import TrainConfig
-from composer.train.config import ADAPTER_KINDS
 from composer.train.loop import Progress as TrainProgress
 from db.errors import AdapterNotFoundError, CatalogError
 from db.repository import RenderRepository
@@ -363,7 +363,7 @@ class Studio:
 
     def adapter_types(self) -> tuple[str, ...]:
         """The adapter types the trainer can train."""
-        return tuple(ADAPTER_KINDS)
+        return tuple(trainable_kinds())
 
     def default_sampling(self) -> SamplingDefaults:
         """The default backbone's steps and guidance."""

@@ -17,6 +17,7 @@ from app.library import AdapterInfo
 from app.rendering import resolve_backbone
 from composer.formats.writers import write_kohya
 from composer.train import TrainConfig, Trainer, load_images
+from composer.train.config import recipe
 from composer.train.data import count_images
 from composer.train.loop import Progress
 from db.errors import NameTakenError
@@ -40,8 +41,8 @@ class TrainOutcome:
 
 
 def min_images(kind: str) -> int:
-    """B-LoRA learns from one image; the subject trainers want a few views (DreamBooth uses 3-5)."""
-    return 1 if kind == "blora" else 3
+    """How few images a kind learns from (its recipe: B-LoRA one, the subject trainers a few views)."""
+    return recipe(kind).min_images
 
 
 class TrainingRuns:

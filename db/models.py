@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable, Collection
 from datetime import UTC, datetime
 from typing import Any
 
@@ -36,6 +37,9 @@ from sqlalchemy.types import TypeEngine
 from db.errors import InvalidFieldError
 
 FAMILIES = ("sd15", "sdxl", "flux")
+# The built-in adapter types (composer.adapters.registry's kinds; a test pins the two together). db never
+# imports composer, so the app passes the live registry in (`use_adapter_types`); this torch-free copy serves
+# db on its own and the REST filter (app.api never imports torch).
 ADAPTER_TYPES = ("lora", "lokr", "loha", "blora", "kron", "tensor")
 SOURCE_FORMATS = ("diffusers", "peft", "kohya", "lycoris")
 RENDER_STATUSES = ("pending", "running", "done", "failed", "cancelled")
@@ -124,6 +128,19 @@ def validate_name(name: object, what: str = "adapter name") -> str:
     return name
 
 
+def _builtin_adapter_types() -> Collection[str]:
+    return ADAPTER_TYPES
+
+
+_adapter_types: Callable[[], Collection[str]] = _builtin_adapter_types
+
+
+def use_adapter_types(source: Callable[[], Collection[str]]) -> None:
+    """Validate adapter_type against `source()` from now on: the app passes its adapter registry's kinds."""
+    global _adapter_types
+    _adapter_types = source
+
+
 def _check_choice(field: str, value: object, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise InvalidFieldError(f"{field} {value!r}: expected one of {', '.join(choices)}")
@@ -193,7 +210,7 @@ class Adapter(Base):
 
     @validates("adapter_type")
     def _v_adapter_type(self, key: str, value: object) -> str:
-        return _check_choice(key, value, ADAPTER_TYPES)
+        return _check_choice(key, value, tuple(_adapter_types()))
 
     @validates("source_format")
     def _v_source_format(self, key: str, value: object) -> str:

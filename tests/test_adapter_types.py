@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
+import ast
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
 
+import composer.adapters
+from composer.adapters.functional import factorization, kron_delta_forward, lokr_factor_shapes
 from composer.adapters.host import AdapterHost
-from composer.adapters.kron import KronAdapter, kron_delta_forward
-from composer.adapters.lycoris import (
-    LohaAdapter,
-    LokrAdapter,
-    factorization,
-    kron_to_lokr_tensors,
-    lokr_factor_shapes,
-    lokr_tensors_to_kron,
-)
-from composer.adapters.registry import ADAPTER_TYPES
+from composer.adapters.kron import KronAdapter
+from composer.adapters.lycoris import LohaAdapter, LokrAdapter, kron_to_lokr_tensors, lokr_tensors_to_kron
+from composer.adapters.registry import ADAPTER_TYPES, adapter_type, build_adapter
 from composer.errors import AdapterError
 from composer.formats.model import LoraFile, ModuleDelta
 from composer.formats.readers import convert_state_dict
@@ -401,10 +399,48 @@ def test_bad_inputs_are_named():
         LohaAdapter(net.conv, loha | {"hada_w2_b": torch.ones(2, 16), "hada_t1": torch.ones(2, 2, 3, 3)})
 
 
+def defined_adapter_kinds(folder: Path) -> dict[str, str]:
+    """kind -> "file:Class" for every class in `folder` that sets a non-empty string `kind` (an adapter type;
+    a shared base class with kind = "" is not one)."""
+    found = {}
+    for path in sorted(folder.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.ClassDef):
+                continue
+            for stmt in node.body:
+                if not isinstance(stmt, ast.Assign) or not isinstance(stmt.value, ast.Constant):
+                    continue
+                if any(getattr(t, "id", None) == "kind" for t in stmt.targets) and stmt.value.value:
+                    found[stmt.value.value] = f"{path.name}:{node.name}"
+    return found
+
+
 def test_every_kind_is_registered():
-    assert {"lora", "kron", "lokr", "loha"} <= set(ADAPTER_TYPES)
+    defined = defined_adapter_kinds(Path(composer.adapters.__file__).parent)
+    assert {"lora", "blora", "kron", "lokr", "loha", "tensor"} <= set(defined)  # the scan sees them all
+    registered = {t.kind: t for t in ADAPTER_TYPES}
+    missing = {k: where for k, where in defined.items() if k not in registered}
+    assert not missing, f"adapter types defined but not in composer.adapters.registry: {missing}"
+    for kind, where in defined.items():
+        assert f"{registered[kind].__module__.rsplit('.', 1)[-1]}.py:{registered[kind].__name__}" == where
     net = Net()
     for case in CASES:
         lora = make_file(net, case)
         for d in lora.modules.values():
-            assert ADAPTER_TYPES[d.kind](net.get_submodule(d.path), d).kind == d.kind
+            assert adapter_type(d.kind).from_delta(net.get_submodule(d.path), d).kind == d.kind
+            assert build_adapter(net.get_submodule(d.path), d).kind == d.kind
+
+
+def test_unregistered_adapter_type_is_caught(tmp_path):
+    for path in Path(composer.adapters.__file__).parent.glob("*.py"):
+        (tmp_path / path.name).write_text(path.read_text())
+    (tmp_path / "dora.py").write_text('class DoraAdapter:\n    kind = "dora"\n')
+    defined = defined_adapter_kinds(tmp_path)
+    assert defined["dora"] == "dora.py:DoraAdapter"
+    assert "dora" not in {t.kind for t in ADAPTER_TYPES}  # so test_every_kind_is_registered would fail
+
+
+def test_catalog_list_matches_the_registry():
+    from db.models import ADAPTER_TYPES as CATALOG_TYPES
+
+    assert set(CATALOG_TYPES) == {t.kind for t in ADAPTER_TYPES}

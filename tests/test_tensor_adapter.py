@@ -10,9 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from composer.adapters.functional import tensor_modes, tr_matrix, tr_matvec
 from composer.adapters.host import AdapterHost
-from composer.adapters.registry import ADAPTER_TYPES
-from composer.adapters.tensor import TensorAdapter, tensor_modes, tr_matrix, tr_matvec
+from composer.adapters.registry import adapter_type
+from composer.adapters.tensor import TensorAdapter
 from composer.errors import AdapterError
 from composer.formats.model import LoraFile, ModuleDelta
 
@@ -266,8 +267,8 @@ def test_tensors_round_trip_through_registry():
     model = net()
     adapter = random_adapter(model[0], torch.Generator().manual_seed(2))
     delta = ModuleDelta("unet", "0", "tensor", adapter.tensors(), 1.0)
-    back = ADAPTER_TYPES["tensor"](model[0], delta)
-    assert back.kind == "tensor" and ADAPTER_TYPES["tensor"] == TensorAdapter.from_delta
+    back = adapter_type("tensor").from_delta(model[0], delta)
+    assert back.kind == "tensor" and adapter_type("tensor") is TensorAdapter
     assert torch.equal(back.delta_weight(), adapter.delta_weight())
     assert not any(p.requires_grad for p in back.parameters())  # loaded for inference
 

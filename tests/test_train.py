@@ -414,5 +414,5 @@ def test_text_encoder_adapters_train_and_change_the_prompt_embedding(sdxl, tmp_p
             host.detach()
     assert torch.equal(outs[0], outs[1]) and not torch.allclose(outs[0], base)
     assert torch.equal(embeds(), base)  # the encoders come back unadapted
-    with pytest.raises(TrainConfigError, match="B-LoRA adapts its two UNet blocks only"):
+    with pytest.raises(TrainConfigError, match="'blora' adapts the denoiser only"):
         TrainConfig(kind="blora", prompt="x", text_encoder=True).validate()

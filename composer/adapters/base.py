@@ -2,22 +2,99 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 import torch
 from torch import nn
 
 from composer.errors import AdapterError
 
+if TYPE_CHECKING:
+    from composer.formats.model import ModuleDelta
+
 Scale = float | torch.Tensor  # a number, or one number per sample of the batch: shape (B,)
 
 
-@runtime_checkable
-class AdapterType(Protocol):
-    """One adapter on one wrapped module. Implementations are nn.Modules (their weights are parameters)."""
+@dataclass(frozen=True)
+class Recipe:
+    """A trainable type's training defaults (METHODS.md): steps, learning rate, rank, whether it adapts
+    convolutions (targets "full"), how few images it learns from, whether it may adapt the text encoder,
+    and whether its files carry kohya's network dim/alpha (rank-based types)."""
+
+    steps: int
+    learning_rate: float
+    rank: int  # only LoRA-like kinds read it; the others keep a placeholder
+    conv: bool
+    min_images: int = 3  # the subject trainers want a few views (DreamBooth uses 3-5)
+    text_encoder: bool = True  # False: the type adapts the denoiser only
+    ranked: bool = False  # True: `rank` and `alpha` are its size (ss_network_dim / ss_network_alpha)
+
+
+class TrainSpec(Protocol):
+    """What `create_for` reads of a training config (composer.train.config.TrainConfig)."""
 
     kind: str
+    rank: int | None
+    alpha: float | None
+    kron_factors: tuple[int, int]
+    tensor_rank: int
+    transform_rank: int
+
+
+class AdapterType(Protocol):
+    """One adapter type: the class the registry (composer.adapters.registry) holds, and its instances, one
+    adapter on one wrapped module (nn.Modules: their weights are parameters).
+
+    The class describes itself to everything that handles the type: its kind name, its file keys (readers
+    and writers), its training defaults and target selection (composer.train), and the catalog's list.
+    """
+
+    kind: ClassVar[str]  # the ModuleDelta kind (and the training config's kind)
+    file_kind: ClassVar[str]  # the kind a trained adapter is saved as (B-LoRA: "lora")
+    recipe: ClassVar[Recipe | None]  # training defaults; None: the type is applied from files, not trained
+    lycoris_algo: ClassVar[str | None]  # the LyCORIS algorithm holding it in kohya files (ss_network_args)
+    network_module: ClassVar[str]  # kohya's ss_network_module for a file of this type
+    file_roles: ClassVar[tuple[str, ...]]  # fixed key suffixes (after the module name) that mark this kind
+    alpha: float | None  # what a file stores as the module's alpha (None: no alpha scaling)
+
+    @classmethod
+    def create_for(cls, base: nn.Module, config: TrainSpec, generator: torch.Generator) -> AdapterType:
+        """A fresh trainable adapter on `base` whose delta is zero (AdapterError when it cannot fit)."""
+        ...
+
+    @classmethod
+    def from_delta(cls, base: nn.Module, delta: ModuleDelta) -> AdapterType:
+        """The adapter a file's ModuleDelta describes (AdapterError naming what does not fit)."""
+        ...
+
+    @classmethod
+    def reads_role(cls, role: str) -> bool:
+        """True for a role of a read module ("down", "lokr_w1", "tr_t.0", ...) that marks this kind."""
+        ...
+
+    @classmethod
+    def kohya_keys(cls, delta: ModuleDelta, where: str) -> dict[str, torch.Tensor] | None:
+        """Key suffix -> tensor written after a kohya module name (alpha included); None: LoRA's own layout
+        (lora_down / lora_up, written by composer.formats.writers). LoraFileError names what cannot be held."""
+        ...
+
+    @classmethod
+    def select_targets(cls, names: list[str], blocks: Mapping[str, str]) -> list[str]:
+        """The module names it adapts among the backbone's targets (blocks: the backbone's B-LoRA blocks)."""
+        ...
+
+    @classmethod
+    def file_metadata(cls, blocks: Mapping[str, str]) -> dict[str, str]:
+        """Metadata a trained file of this type carries beyond the writer's own."""
+        ...
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The state as ModuleDelta tensors (detached copies), the inverse of `from_delta`."""
+        ...
+
+    def parameter_count(self) -> int: ...
 
     def delta_weight(self) -> torch.Tensor:
         """The dense weight change at scale 1, shaped like the base weight. Used to fuse, never in forward."""
@@ -26,6 +103,19 @@ class AdapterType(Protocol):
     def forward_delta(self, x: torch.Tensor) -> torch.Tensor:
         """The output change at scale 1 for input x, computed without materialising the dense delta."""
         ...
+
+
+def count_parameters(adapter: nn.Module) -> int:
+    return sum(p.numel() for p in adapter.parameters())
+
+
+def all_targets(names: list[str], blocks: Mapping[str, str]) -> list[str]:
+    """The default target selection: every target the backbone offers."""
+    return names
+
+
+def no_metadata(blocks: Mapping[str, str]) -> dict[str, str]:
+    return {}
 
 
 @dataclass

@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 
+from composer.adapters.base import Recipe
+from composer.adapters.lora import LoraAdapter
 from composer.errors import AdapterError
 from composer.formats.model import LoraFile
 
@@ -27,6 +29,36 @@ def in_block(path: str, block: str) -> bool:
 def block_targets(targets: list[str], blocks: Mapping[str, str]) -> list[str]:
     """The subset of denoiser target module names that lie in the B-LoRA blocks."""
     return [t for t in targets if any(in_block(t, b) for b in blocks.values())]
+
+
+class BloraAdapter(LoraAdapter):
+    """The trainable B-LoRA type: a LoRA on the backbone's two B-LoRA blocks only, saved as a plain LoRA
+    file whose metadata names the blocks (so files hold kind "lora"; the catalog says "blora")."""
+
+    kind = "blora"
+    file_kind = "lora"
+    recipe = Recipe(
+        steps=1000, learning_rate=5e-5, rank=64, conv=False, min_images=1, text_encoder=False, ranked=True
+    )
+    file_roles = ()
+
+    @classmethod
+    def reads_role(cls, role: str) -> bool:
+        return False  # its files are plain LoRA files
+
+    @staticmethod
+    def select_targets(names: list[str], blocks: Mapping[str, str]) -> list[str]:
+        """The targets inside the content and style blocks (AdapterError when there are none)."""
+        if not blocks:
+            raise AdapterError("the backbone declares no B-LoRA content/style blocks")
+        inside = block_targets(names, blocks)
+        if not inside:
+            raise AdapterError(f"no attention layers in the B-LoRA blocks {', '.join(blocks.values())}")
+        return inside
+
+    @staticmethod
+    def file_metadata(blocks: Mapping[str, str]) -> dict[str, str]:
+        return {BLOCKS_KEY: json.dumps(dict(blocks))}
 
 
 def blocks_of(lora: LoraFile) -> dict[str, str] | None:

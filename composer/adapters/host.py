@@ -203,4 +203,4 @@ class AdapterHost:
         self.context.active = {}
 
     def parameter_count(self, name: str) -> int:
-        return sum(p.numel() for w in self._resident.get(name, []) for p in w.adapters[name].parameters())
+        return sum(w.adapters[name].parameter_count() for w in self._resident.get(name, []))

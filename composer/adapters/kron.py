@@ -12,60 +12,22 @@ import math
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from composer.adapters.base import conv_args, require_no_alpha
-from composer.errors import AdapterError
+from composer.adapters.base import (
+    Recipe,
+    TrainSpec,
+    all_targets,
+    conv_args,
+    count_parameters,
+    no_metadata,
+    require_no_alpha,
+)
+from composer.adapters.functional import kron_conv_forward, kron_delta_forward, kron_factors_to_lokr
+from composer.errors import AdapterError, LoraFileError
 
 if TYPE_CHECKING:
     from composer.formats.model import ModuleDelta
-
-
-def kron_delta_forward(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """x @ (a kron b)^T without building the Kronecker product (two small matmuls).
-
-    Args:
-        x: (..., a2 * b2) input.
-        a: (a1, a2) small factor.
-        b: (b1, b2) large factor.
-
-    Returns:
-        (..., a1 * b1): row i * b1 + j of (a kron b) is a[i] kron b[j], so
-        y[..., i, j] = sum_{k, l} a[i, k] * b[j, l] * x[..., k, l].
-    """
-    a1, a2 = a.shape
-    b1, b2 = b.shape
-    if x.shape[-1] != a2 * b2:
-        raise AdapterError(f"input has {x.shape[-1]} features; the Kronecker factors expect {a2} x {b2}")
-    lead = x.shape[:-1]
-    h = F.linear(x.reshape(*lead, a2, b2), b)  # (..., a2, b1)
-    y = torch.matmul(a, h)  # (a1, a2) @ (..., a2, b1) -> (..., a1, b1)
-    return y.reshape(*lead, a1 * b1)
-
-
-def kron_conv_forward(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, conv: dict) -> torch.Tensor:
-    """conv2d(x, A[:, :, None, None] kron B) without building the product: B convolves each of the a2
-    input channel groups, then A mixes the groups.
-
-    Args:
-        x: (N, a2 * b2, H, W) input.
-        a: (a1, a2) small factor.
-        b: (b1, b2, kh, kw) convolution factor.
-        conv: the layer's F.conv2d keyword arguments (stride, padding, dilation).
-
-    Returns:
-        (N, a1 * b1, H', W').
-    """
-    a1, a2 = a.shape
-    b1, b2 = b.shape[:2]
-    n, c, h, w = x.shape
-    if c != a2 * b2:
-        raise AdapterError(f"input has {c} channels; the Kronecker factors expect {a2} x {b2}")
-    y = F.conv2d(x.reshape(n * a2, b2, h, w), b, **conv)  # (N * a2, b1, H', W')
-    y = y.reshape(n, a2, b1, *y.shape[2:])
-    y = torch.einsum("ik,nkjhw->nijhw", a, y)  # (N, a1, b1, H', W')
-    return y.reshape(n, a1 * b1, *y.shape[3:])
 
 
 def kron_factor_shapes(base: nn.Module, a1: int, a2: int) -> tuple[tuple[int, int], tuple[int, ...]]:
@@ -93,6 +55,14 @@ class KronAdapter(nn.Module):
     exactly kron(A, B)."""
 
     kind = "kron"
+    file_kind = "kron"
+    recipe = Recipe(steps=500, learning_rate=1e-3, rank=4, conv=True)
+    lycoris_algo = "lokr"  # written as a LoKr with full factors; metadata names it back (formats.kinds)
+    network_module = "lycoris.kohya"
+    file_roles = ()
+    alpha = None
+    select_targets = staticmethod(all_targets)
+    file_metadata = staticmethod(no_metadata)
 
     def __init__(self, base: nn.Module, a: torch.Tensor, b: torch.Tensor, *, trainable: bool = False):
         super().__init__()
@@ -143,6 +113,33 @@ class KronAdapter(nn.Module):
             )
         require_no_alpha(delta.alpha, "Kronecker")
         return cls(base, delta.tensors["kron_a"], delta.tensors["kron_b"])
+
+    @classmethod
+    def create_for(cls, base: nn.Module, config: TrainSpec, generator: torch.Generator) -> KronAdapter:
+        return cls.create(base, *config.kron_factors, generator=generator)
+
+    @classmethod
+    def reads_role(cls, role: str) -> bool:
+        return False  # read as a LoKr, then named back by the file's metadata (formats.kinds.as_kron)
+
+    @classmethod
+    def kohya_keys(cls, delta: ModuleDelta, where: str) -> dict[str, torch.Tensor]:
+        """LoKr lokr_w1 = A (small factor), lokr_w2 = B, alpha 1 (a placeholder: full factors mean scale 1)."""
+        if set(delta.tensors) != {"kron_a", "kron_b"}:
+            raise LoraFileError(
+                f"{where}: a kron delta holds kron_a and kron_b, not {', '.join(sorted(delta.tensors))}"
+            )
+        if delta.alpha is not None and float(delta.alpha) != 1.0:
+            raise LoraFileError(
+                f"{where}: a Kronecker adapter has no alpha scaling; the delta carries alpha={delta.alpha}"
+            )
+        try:
+            return kron_factors_to_lokr(delta.tensors["kron_a"], delta.tensors["kron_b"])
+        except AdapterError as e:
+            raise LoraFileError(f"{where}: {e}") from e
+
+    def parameter_count(self) -> int:
+        return count_parameters(self)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The state as ModuleDelta tensors ("kron_a", "kron_b"); no alpha."""

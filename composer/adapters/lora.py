@@ -2,18 +2,30 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from composer.adapters.base import conv_args
+from composer.adapters.base import Recipe, TrainSpec, all_targets, conv_args, count_parameters, no_metadata
 from composer.errors import AdapterError
+
+if TYPE_CHECKING:
+    from composer.formats.model import ModuleDelta
 
 
 class LoraAdapter(nn.Module):
     """LoRA on a Linear (down (r, in), up (out, r)) or Conv2d (down (r, in, kh, kw), up (out, r, 1, 1))."""
 
     kind = "lora"
+    file_kind = "lora"
+    recipe = Recipe(steps=500, learning_rate=1e-4, rank=4, conv=True, ranked=True)
+    lycoris_algo = None
+    network_module = "networks.lora"
+    file_roles = ()  # lora_down.weight, lora_A.weight, ...: the readers map every spelling to down / up
+    select_targets = staticmethod(all_targets)
+    file_metadata = staticmethod(no_metadata)
 
     def __init__(self, base: nn.Module, down: torch.Tensor, up: torch.Tensor, alpha: float | None = None):
         super().__init__()
@@ -72,6 +84,29 @@ class LoraAdapter(nn.Module):
         adapter = cls(base, down, torch.zeros(shape_up), alpha)
         adapter.requires_grad_(True)
         return adapter
+
+    @classmethod
+    def create_for(cls, base: nn.Module, config: TrainSpec, generator: torch.Generator) -> LoraAdapter:
+        return cls.create(base, config.rank, config.alpha, generator=generator)
+
+    @classmethod
+    def from_delta(cls, base: nn.Module, delta: ModuleDelta) -> LoraAdapter:
+        """Build from a ModuleDelta of kind "lora" (tensors "down", "up"; alpha: None means alpha = rank)."""
+        missing = [n for n in ("down", "up") if n not in delta.tensors]
+        if missing:
+            raise AdapterError(f"lora delta needs tensors down and up (missing: {', '.join(missing)})")
+        return cls(base, delta.tensors["down"], delta.tensors["up"], delta.alpha)
+
+    @classmethod
+    def reads_role(cls, role: str) -> bool:
+        return role in ("down", "up")
+
+    @classmethod
+    def kohya_keys(cls, delta: ModuleDelta, where: str) -> None:
+        return None  # lora_down / lora_up: the writer's own layout (it also splits fused FLUX layers)
+
+    def parameter_count(self) -> int:
+        return count_parameters(self)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The state as ModuleDelta tensors ("down", "up"); alpha is `self.alpha`."""

@@ -29,82 +29,29 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from composer.adapters.base import conv_args, require_no_alpha
+from composer.adapters.base import (
+    Recipe,
+    TrainSpec,
+    all_targets,
+    conv_args,
+    count_parameters,
+    no_metadata,
+    require_no_alpha,
+)
+from composer.adapters.functional import tensor_modes, tr_matrix, tr_matvec, with_alpha
 from composer.errors import AdapterError
+from composer.formats.kinds import check_cores, is_core
 
 if TYPE_CHECKING:
     from composer.formats.model import ModuleDelta
 
 _NAME = re.compile(r"tr_([td])\.(0|[1-9][0-9]*)")
-
-
-def tensor_modes(n: int, order: int = 3) -> tuple[int, ...]:
-    """The most balanced factorisation of n into `order` ascending factors (1280 -> (8, 10, 16)).
-
-    Balanced means the least sum of squared factors, which is what a transform core costs
-    (R^2 * sum I_k^2). Factors of 1 fill in where n has too few prime factors: 7 -> (1, 1, 7).
-    """
-    if n < 1 or order < 1:
-        raise AdapterError(f"cannot tensorise {n} features into {order} modes")
-
-    def ascending(m: int, k: int, low: int) -> Iterator[tuple[int, ...]]:
-        """Every m = f_1 ... f_k with low <= f_1 <= ... <= f_k."""
-        if k == 1:
-            yield from [(m,)] if m >= low else []
-            return
-        f = low
-        while f**k <= m:
-            if m % f == 0:
-                yield from ((f, *rest) for rest in ascending(m // f, k - 1, f))
-            f += 1
-
-    return min(ascending(n, order, 1), key=lambda fs: (sum(f * f for f in fs), fs))
-
-
-def tr_matvec(x: torch.Tensor, cores: Sequence[torch.Tensor], dim: int = -1) -> torch.Tensor:
-    """M x along one dimension of x, for the tensor-ring matrix M with these cores, never building M.
-
-    Args:
-        x: the input, with J_1 * ... * J_D features on `dim`: (..., d_in) for a Linear,
-            (N, C, H, W) with dim=1 for a Conv2d (every pixel, no channels-last copy).
-        cores: G_k of shape (O_k, J_k, R_k, R_{k+1}), R_{D+1} = R_1.
-        dim: the feature dimension.
-
-    Returns:
-        x's shape with O_1 * ... * O_D (row-major in (o_1, ..., o_D)) on `dim`.
-
-    Each core is one matrix product (one GEMM, not a batch of small ones, which ran 2x slower) against the
-    state (R_1 O_1..O_k-1, R_k, B, J_k..J_D T), permuted so that the pair it contracts, the ring index R_k and
-    the input mode J_k, forms its rows; the ring closes with a trace over R_1 and R_{D+1} at the end.
-    """
-    dim = dim % x.ndim
-    lead, trail = x.shape[:dim], x.shape[dim + 1 :]
-    b = math.prod(lead)
-    o, j, r1, r2 = cores[0].shape
-    z = x.reshape(b, j, -1).transpose(0, 1).reshape(j, -1)  # (J_1, B rest)
-    z = cores[0].permute(2, 0, 3, 1).reshape(r1 * o * r2, j) @ z  # (R_1 O_1 R_2, B rest)
-    out = o
-    for g in cores[1:]:
-        o, j, rc, rd = g.shape
-        z = z.reshape(r1 * out, rc, b, j, -1).permute(1, 3, 0, 2, 4).reshape(rc * j, -1)  # (R_k J_k, ...)
-        z = g.permute(0, 3, 2, 1).reshape(o * rd, rc * j) @ z  # (O_k R_k+1, R_1 O_1..O_k-1 B rest)
-        z = z.reshape(o, rd, r1 * out, b, -1).permute(2, 0, 1, 3, 4)  # (R_1 O_1..O_k, R_k+1, B, rest)
-        out *= o
-    y = z.reshape(r1, out, r1, b, -1).diagonal(dim1=0, dim2=2).sum(-1)  # close the ring: (O, B, T)
-    return y.transpose(0, 1).reshape(*lead, out, *trail)
-
-
-def tr_matrix(cores: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The dense (prod O_k, prod J_k) tensor-ring matrix; for merging only."""
-    cols = math.prod(g.shape[1] for g in cores)
-    eye = torch.eye(cols, dtype=cores[0].dtype, device=cores[0].device)
-    return tr_matvec(eye, cores).T  # row c of tr_matvec(I) is M[:, c]
 
 
 def _layer_sizes(base: nn.Module) -> tuple[int, int, dict | None]:
@@ -149,6 +96,14 @@ class TensorAdapter(nn.Module):
     """TLoRA on a Linear or Conv2d: a tensor-ring transform T of the input side plus a tensor-ring residual D."""
 
     kind = "tensor"
+    file_kind = "tensor"
+    recipe = Recipe(steps=2000, learning_rate=1e-4, rank=4, conv=True)
+    lycoris_algo = None
+    network_module = "composer.adapters.tensor"
+    file_roles = ()  # indexed cores tr_t.<k>, tr_d.<k> (formats.kinds.is_core)
+    alpha = None
+    select_targets = staticmethod(all_targets)
+    file_metadata = staticmethod(no_metadata)
 
     def __init__(
         self,
@@ -230,6 +185,25 @@ class TensorAdapter(nn.Module):
         require_no_alpha(delta.alpha, "tensor (TLoRA)")
         t_cores, d_cores = ([got[k] for k in sorted(got)] for got in found.values())
         return cls(base, t_cores, d_cores)
+
+    @classmethod
+    def create_for(cls, base: nn.Module, config: TrainSpec, generator: torch.Generator) -> TensorAdapter:
+        return cls.create(
+            base, rank=config.tensor_rank, transform_rank=config.transform_rank, generator=generator
+        )
+
+    @classmethod
+    def reads_role(cls, role: str) -> bool:
+        return is_core(role)
+
+    @classmethod
+    def kohya_keys(cls, delta: ModuleDelta, where: str) -> dict[str, torch.Tensor]:
+        """tr_t.<k> and tr_d.<k> as they are (numbered 0, 1, ... without gaps); shapes go to metadata."""
+        check_cores(delta.tensors, where)
+        return with_alpha(delta.tensors, delta.alpha)
+
+    def parameter_count(self) -> int:
+        return count_parameters(self)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The cores under their file names (detached copies), the inverse of `from_delta`."""

@@ -19,19 +19,12 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 
-from composer.adapters.lycoris import (
-    LOHA_TENSORS,
-    LOKR_TENSORS,
-    check_loha_names,
-    check_lokr_names,
-    kron_factors_to_lokr,
-    lokr_kron_factors,
-)
-from composer.errors import AdapterError, LoraFileError
+from composer.adapters.functional import lokr_kron_factors
+from composer.errors import LoraFileError
 from composer.formats.model import ModuleDelta
 
 ADAPTER_TYPE_KEY = "lora_studio.adapter_type"
@@ -39,12 +32,31 @@ KRON_MODULES_KEY = "lora_studio.kron_modules"
 TENSOR_MODES_KEY = "lora_studio.tensor_modes"
 KIND_KEYS = (ADAPTER_TYPE_KEY, KRON_MODULES_KEY, TENSOR_MODES_KEY)  # describe one written file only
 
-LYCORIS_ROLES = {n: "lokr" for n in LOKR_TENSORS} | {n: "loha" for n in LOHA_TENSORS}
 TENSOR_CORES = ("tr_t", "tr_d")
 _CORE = re.compile(r"^(tr_t|tr_d)\.(\d+)$")
 _CORE_AT_END = re.compile(r"\.((?:tr_t|tr_d)\.\d+)$")
-_ALGO = {"kron": "lokr", "lokr": "lokr", "loha": "loha"}  # LyCORIS algorithm that holds each kind
-_NETWORK_MODULE = {"lora": "networks.lora", "lycoris": "lycoris.kohya", "tensor": "composer.adapters.tensor"}
+
+
+# --- the adapter types' own tables (composer.adapters.registry), read at call time --------------------
+def _types() -> list:
+    from composer.adapters.registry import ADAPTER_TYPES  # at call time: the registry imports formats
+
+    return ADAPTER_TYPES
+
+
+def _file_types() -> list:
+    """The types whose kind appears in files (B-LoRA is saved as "lora")."""
+    return [t for t in _types() if t.file_kind == t.kind]
+
+
+def file_roles() -> set[str]:
+    """Every fixed key suffix an adapter type writes and recognises (tr_t.<k> / tr_d.<k> apart)."""
+    return {r for t in _file_types() for r in t.file_roles}
+
+
+def lycoris_algo(kind: str) -> str | None:
+    """The LyCORIS algorithm that holds a kind in kohya files (ss_network_args), or None."""
+    return next((t.lycoris_algo for t in _file_types() if t.kind == kind), None)
 
 
 # --- reading ----------------------------------------------------------------------------------------
@@ -61,11 +73,7 @@ def core_suffix(key: str) -> str | None:
 
 def role_kind(role: str) -> str | None:
     """The kind a module role belongs to ("down"/"up": lora); None for alpha."""
-    if role in ("down", "up"):
-        return "lora"
-    if role in LYCORIS_ROLES:
-        return LYCORIS_ROLES[role]
-    return "tensor" if is_core(role) else None
+    return next((t.kind for t in _file_types() if t.reads_role(role)), None)
 
 
 def check_cores(names: Iterable[str], where: str) -> None:
@@ -112,52 +120,6 @@ def as_kron(d: ModuleDelta) -> ModuleDelta:
 
 
 # --- writing ----------------------------------------------------------------------------------------
-def _kron_keys(m: ModuleDelta, where: str) -> dict[str, torch.Tensor]:
-    if set(m.tensors) != {"kron_a", "kron_b"}:
-        raise LoraFileError(
-            f"{where}: a kron delta holds kron_a and kron_b, not {', '.join(sorted(m.tensors))}"
-        )
-    if m.alpha is not None and float(m.alpha) != 1.0:
-        raise LoraFileError(
-            f"{where}: a Kronecker adapter has no alpha scaling; the delta carries alpha={m.alpha}"
-        )
-    try:
-        return kron_factors_to_lokr(m.tensors["kron_a"], m.tensors["kron_b"])
-    except AdapterError as e:
-        raise LoraFileError(f"{where}: {e}") from e
-
-
-def _lycoris_keys(
-    check: Callable[[Collection[str]], None],
-) -> Callable[[ModuleDelta, str], dict[str, torch.Tensor]]:
-    def keys(m: ModuleDelta, where: str) -> dict[str, torch.Tensor]:
-        try:
-            check(set(m.tensors))  # a file every LyCORIS reader loads, not one that fails there
-        except AdapterError as e:
-            raise LoraFileError(f"{where}: {e}") from e
-        return _with_alpha(m)
-
-    return keys
-
-
-def _core_keys(m: ModuleDelta, where: str) -> dict[str, torch.Tensor]:
-    check_cores(m.tensors, where)
-    return _with_alpha(m)
-
-
-def _with_alpha(m: ModuleDelta) -> dict[str, torch.Tensor]:
-    alpha = {} if m.alpha is None else {"alpha": torch.tensor(float(m.alpha), dtype=torch.float32)}
-    return dict(m.tensors) | alpha
-
-
-KOHYA_KEYS: dict[str, Callable[[ModuleDelta, str], dict[str, torch.Tensor]]] = {
-    "kron": _kron_keys,
-    "lokr": _lycoris_keys(check_lokr_names),
-    "loha": _lycoris_keys(check_loha_names),
-    "tensor": _core_keys,
-}
-
-
 def kohya_keys(m: ModuleDelta, where: str) -> dict[str, torch.Tensor]:
     """Key suffix -> tensor of one non-LoRA module, alpha included (a float32 scalar).
 
@@ -165,13 +127,22 @@ def kohya_keys(m: ModuleDelta, where: str) -> dict[str, torch.Tensor]:
         LoraFileError: an unknown kind, tensors the kind does not hold, a Kronecker A larger than B (LoKr
             cannot hold it), tensor cores not numbered 0, 1, ...
     """
-    try:
-        keys = KOHYA_KEYS[m.kind]
-    except KeyError:
+    own = {t.kind: t for t in _file_types() if t.kind != "lora"}
+    if m.kind not in own:
         raise LoraFileError(
-            f"{where}: adapter kind {m.kind!r} has no kohya layout (known: lora, {', '.join(KOHYA_KEYS)})"
-        ) from None
-    return keys(m, where)
+            f"{where}: adapter kind {m.kind!r} has no kohya layout (known: lora, {', '.join(own)})"
+        )
+    return own[m.kind].kohya_keys(m, where)
+
+
+def _network_module(present: set[str], algos: set[str]) -> str:
+    """kohya's ss_network_module: LyCORIS when a LyCORIS algorithm holds a module, else the one non-LoRA
+    kind's module (TLoRA: composer.adapters.tensor), else networks.lora."""
+    if algos:
+        return "lycoris.kohya"
+    modules = {t.kind: t.network_module for t in _file_types()}
+    others = sorted(modules[k] for k in present if k in modules and k != "lora")
+    return others[0] if others else modules["lora"]
 
 
 def _core_shapes(m: ModuleDelta) -> dict[str, list[list[int]]]:
@@ -197,9 +168,8 @@ def kohya_metadata(
     meta = dict(source)
     present = set(kinds.values())
     meta[ADAPTER_TYPE_KEY] = next(iter(present)) if len(present) == 1 else "mixed"
-    algos = {_ALGO[k] for k in present if k in _ALGO}
-    family = "lycoris" if algos else "tensor" if "tensor" in present else "lora"
-    meta["ss_network_module"] = _NETWORK_MODULE[family]
+    algos = {a for k in present if (a := lycoris_algo(k)) is not None}
+    meta["ss_network_module"] = _network_module(present, algos)
     args = meta.pop("ss_network_args", None)
     try:
         kept = json.loads(args) if args else None

@@ -8,6 +8,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -16,12 +17,13 @@ from composer.errors import LoraFileError, UnknownKeysError
 from composer.formats import names
 from composer.formats.family import family_from_metadata, family_from_string, family_from_structure
 from composer.formats.kinds import (
-    LYCORIS_ROLES,
     as_kron,
     check_cores,
     core_suffix,
+    file_roles,
     is_core,
     kron_declared,
+    lycoris_algo,
     role_kind,
 )
 from composer.formats.model import COMPONENTS, LoraFile, ModuleDelta
@@ -39,7 +41,6 @@ REFUSED = {
     "lora_magnitude_vector.weight": "DoRA (lora_magnitude_vector) is not supported yet",
     "lora_mid.weight": "LoCon Tucker decomposition (lora_mid) is not supported yet",
 }
-_SUFFIXES = sorted({*LORA_ROLES, *LYCORIS_ROLES, *REFUSED}, key=len, reverse=True)  # plus tr_t.<k>, tr_d.<k>
 _KOHYA = re.compile(r"^(lora_unet|lora_transformer|lora_te[123]?|lycoris)_([^.]+)\.(.+)$")
 _LEGACY = re.compile(r"^(.+)_lora\.(down|up)\.weight$")  # unet.<...>.processor.to_q_lora.down.weight
 _KOHYA_TEXT = {"lora_te": "text_encoder", "lora_te1": "text_encoder", "lora_te2": "text_encoder_2",
@@ -63,19 +64,31 @@ def _listed(keys: list[str]) -> str:
     return ", ".join(keys[:_MAX_LISTED]) + more
 
 
+def _suffixes() -> list[str]:
+    """Every key suffix a module role can have, longest first (plus tr_t.<k>, tr_d.<k>): LoRA's spellings,
+    the registered adapter types' own (formats.kinds.file_roles) and the refused ones."""
+    return _sorted_suffixes(frozenset(file_roles()))
+
+
+@cache
+def _sorted_suffixes(roles: frozenset[str]) -> list[str]:
+    return sorted({*LORA_ROLES, *roles, *REFUSED}, key=len, reverse=True)
+
+
 def _split_key(key: str) -> tuple[str, str, str | None, str, str] | None:
     """(group id, style, prefix, module name, role) of a key, or None when it fits no convention.
 
     Tensor cores (tr_t.<k>, tr_d.<k>) are ours: only kohya names and dotted diffusers names carry them.
     """
+    suffixes = _suffixes()
     m = _KOHYA.match(key)
-    if m and (m.group(3) in _SUFFIXES or is_core(m.group(3))):
+    if m and (m.group(3) in suffixes or is_core(m.group(3))):
         return f"{m.group(1)}_{m.group(2)}", "kohya", m.group(1), m.group(2), m.group(3)
     if legacy := _LEGACY.match(key):
         module, role = legacy.group(1), f"lora.{legacy.group(2)}.weight"
         module = module + ".0" if module.endswith(".to_out") else module
     else:
-        role = next((s for s in _SUFFIXES if key.endswith(f".{s}")), None) or core_suffix(key)
+        role = next((s for s in suffixes if key.endswith(f".{s}")), None) or core_suffix(key)
         if role is None:
             return None
         module = key[: -len(role) - 1]
@@ -359,7 +372,7 @@ def convert_state_dict(
 
 
 def _source_format(groups, modules) -> str:
-    if any(m.kind in ("lokr", "loha", "kron") for m in modules) or any(g.prefix == "lycoris" for g in groups):
+    if any(lycoris_algo(m.kind) for m in modules) or any(g.prefix == "lycoris" for g in groups):
         return "lycoris"
     styles = {g.style for g in groups}
     return "kohya" if "kohya" in styles else "diffusers" if "diffusers" in styles else "peft"

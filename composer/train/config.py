@@ -4,14 +4,28 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
 
+from composer.adapters.base import Recipe
+from composer.adapters.registry import adapter_type, trainable_kinds
 from composer.errors import StudioError
 
-ADAPTER_KINDS = ("lora", "blora", "kron", "tensor")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 TARGETS = ("attention", "transformer", "full")
-CONV_KINDS = ("lora", "kron", "tensor")  # kinds that adapt Conv2d layers too (targets "full")
-RECIPE_STEPS = {"lora": 500, "blora": 1000, "kron": 500, "tensor": 2000}  # METHODS.md
-RECIPE_RANK = {"lora": 4, "blora": 64, "kron": 4, "tensor": 4}  # rank only matters for lora/blora
+ADAPTER_KINDS = trainable_kinds()  # the built-in trainable kinds at import; validation asks the registry
+
+
+def conv_kinds() -> tuple[str, ...]:
+    """Trainable kinds that adapt Conv2d layers too (targets "full")."""
+    return tuple(k for k in trainable_kinds() if recipe(k).conv)
+
+
+def recipe(kind: str) -> Recipe:
+    """A trainable kind's defaults (steps, learning rate, rank: METHODS.md), from its adapter type."""
+    found = adapter_type(kind).recipe
+    if found is None:
+        raise TrainConfigError(
+            f"adapter type {kind!r} is not trainable; choose {', '.join(trainable_kinds())}"
+        )
+    return found
 
 
 class TrainConfigError(StudioError):
@@ -31,7 +45,7 @@ class TrainConfig:
 
     kind: str = "lora"
     prompt: str = ""
-    steps: int | None = None  # None: the kind's recipe (RECIPE_STEPS)
+    steps: int | None = None  # None: the kind's recipe (its adapter type's Recipe)
     learning_rate: float | None = None  # None: the kind's recipe (see recipe_lr)
     batch_size: int = 1
     seed: int = 0
@@ -49,7 +63,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     targets: str = (
         "attention"  # "attention" (q/k/v/out), "transformer" (every Linear of the transformer blocks) or
-        # "full" (those and the ResNet/resampling convolutions, kohya's LoCon set; CONV_KINDS only)
+        # "full" (those and the ResNet/resampling convolutions, kohya's LoCon set; conv_kinds() only)
     )
     text_encoder: bool = False  # also adapt the CLIP text encoders' attention (kohya trains them by default)
     snr_gamma: float | None = None  # Min-SNR-gamma loss weighting (SDXL; kohya/diffusers use 5); None: off
@@ -59,19 +73,20 @@ class TrainConfig:
     def recipe_lr(self) -> float:
         if self.learning_rate is not None:
             return self.learning_rate
-        return {"lora": 1e-4, "blora": 5e-5, "kron": 1e-3, "tensor": 1e-4}[self.kind]
+        return recipe(self.kind).learning_rate
 
     def validate(self) -> TrainConfig:
         """Raise TrainConfigError naming the first bad setting; return the config with recipe defaults filled."""
-        if self.kind not in ADAPTER_KINDS:
+        if self.kind not in trainable_kinds():
             raise TrainConfigError(
-                f"adapter type {self.kind!r} is not trainable; choose {', '.join(ADAPTER_KINDS)}"
+                f"adapter type {self.kind!r} is not trainable; choose {', '.join(trainable_kinds())}"
             )
         if self.steps is None or self.rank is None:
+            defaults = recipe(self.kind)
             return replace(
                 self,
-                steps=RECIPE_STEPS[self.kind] if self.steps is None else self.steps,
-                rank=RECIPE_RANK[self.kind] if self.rank is None else self.rank,
+                steps=defaults.steps if self.steps is None else self.steps,
+                rank=defaults.rank if self.rank is None else self.rank,
             ).validate()
         if not self.prompt.strip():
             raise TrainConfigError(
@@ -106,15 +121,17 @@ class TrainConfig:
             raise TrainConfigError(
                 "prior preservation (prior_weight > 0) needs a class prompt, e.g. 'a photo of a dog'"
             )
-        if self.text_encoder and self.kind == "blora":
-            raise TrainConfigError("B-LoRA adapts its two UNet blocks only; train it without text_encoder")
+        if self.text_encoder and not recipe(self.kind).text_encoder:
+            raise TrainConfigError(
+                f"adapter type {self.kind!r} adapts the denoiser only; train it without text_encoder"
+            )
         if self.snr_gamma is not None and not 0 < self.snr_gamma <= 1000:
             raise TrainConfigError(f"snr_gamma must be in (0, 1000] (5 is usual), got {self.snr_gamma}")
         if self.targets not in TARGETS:
             raise TrainConfigError(f"targets {self.targets!r}: choose {', '.join(TARGETS)}")
-        if self.targets == "full" and self.kind not in CONV_KINDS:
+        if self.targets == "full" and self.kind not in conv_kinds():
             raise TrainConfigError(
-                f"targets 'full' adapts convolutions, which kinds {', '.join(CONV_KINDS)} do; "
+                f"targets 'full' adapts convolutions, which kinds {', '.join(conv_kinds())} do; "
                 f"not {self.kind!r}"
             )
         if self.mixed_precision not in MIXED_PRECISION:

@@ -23,7 +23,7 @@ from composer.adapters.host import AdapterHost
 from composer.backbones.base import Backbone
 from composer.formats.model import LoraFile
 from composer.train import checkpoint, targets
-from composer.train.config import TrainConfig, TrainConfigError
+from composer.train.config import TrainConfig, TrainConfigError, recipe
 from composer.train.data import TrainingImage, to_pixels
 from composer.train.objectives import Objective
 
@@ -320,7 +320,7 @@ class Trainer:
             "ss_training_comment": f"lora-studio {cfg.kind}: {cfg.prompt}",
             "modelspec.resolution": f"{self.size}x{self.size}",
         }
-        if cfg.kind in ("lora", "blora"):
+        if recipe(cfg.kind).ranked:
             meta["ss_network_dim"] = str(cfg.rank)
             meta["ss_network_alpha"] = str(cfg.alpha if cfg.alpha is not None else cfg.rank)
         return meta

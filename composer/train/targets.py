@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import re
 
 import torch
 from torch import nn
 
-from composer.adapters import blora
-from composer.adapters.kron import KronAdapter
-from composer.adapters.lora import LoraAdapter
-from composer.adapters.tensor import TensorAdapter
+from composer.adapters.registry import adapter_type
 from composer.backbones.base import Backbone
 from composer.errors import AdapterError
 from composer.formats.model import LoraFile, ModuleDelta
@@ -22,7 +18,6 @@ RESNET_CONVS = (
     r"(^|\.)(resnets\.\d+\.(conv1|conv2|conv_shortcut)|downsamplers\.\d+\.conv|upsamplers\.\d+\.conv)$"
 )
 CLIP_ATTENTION = re.compile(r"self_attn\.(q_proj|k_proj|v_proj|out_proj)$")
-KIND_OF = {"lora": "lora", "blora": "lora", "kron": "kron", "tensor": "tensor"}  # config kind -> file kind
 
 
 def target_keys(backbone: Backbone, pipe, config: TrainConfig) -> list[str]:
@@ -33,15 +28,10 @@ def target_keys(backbone: Backbone, pipe, config: TrainConfig) -> list[str]:
         names = backbone.target_modules(denoiser, TRANSFORMER)
     if config.targets == "full":  # and the ResNet and resampling convolutions (kohya's LoCon set)
         names = backbone.target_modules(denoiser, TRANSFORMER, RESNET_CONVS)
-    if config.kind == "blora":
-        if not backbone.blora_blocks:
-            raise TrainConfigError(f"the {backbone.family} backbone declares no B-LoRA content/style blocks")
-        names = blora.block_targets(names, backbone.blora_blocks)
-        if not names:
-            raise TrainConfigError(
-                f"this {backbone.family} model has no attention layers in the B-LoRA blocks "
-                f"{', '.join(backbone.blora_blocks.values())}"
-            )
+    try:  # B-LoRA: the targets in its two blocks; every other type: all of them
+        names = adapter_type(config.kind).select_targets(names, backbone.blora_blocks or {})
+    except AdapterError as exc:
+        raise TrainConfigError(f"this {backbone.family} model: {exc}") from None
     if not names:
         raise TrainConfigError(f"no target modules match {backbone.target_pattern!r} in this model")
     keys = [f"{backbone.denoiser}.{n}" for n in names]
@@ -70,13 +60,7 @@ def text_encoder_keys(backbone: Backbone, pipe) -> list[str]:
 
 def create(base: nn.Module, config: TrainConfig, generator: torch.Generator) -> nn.Module:
     """A fresh trainable adapter of the run's kind whose delta is zero."""
-    if config.kind in ("lora", "blora"):
-        return LoraAdapter.create(base, config.rank, config.alpha, generator=generator)
-    if config.kind == "kron":
-        return KronAdapter.create(base, *config.kron_factors, generator=generator)
-    return TensorAdapter.create(
-        base, rank=config.tensor_rank, transform_rank=config.transform_rank, generator=generator
-    )
+    return adapter_type(config.kind).create_for(base, config, generator)
 
 
 def create_all(host_find, keys: list[str], config: TrainConfig, generator) -> list[tuple[str, nn.Module]]:
@@ -95,15 +79,15 @@ def to_lora_file(
 ) -> LoraFile:
     """The trained adapters as a LoraFile (tensors in the adapter's dtype, detached copies)."""
     modules = {}
-    kind = KIND_OF[config.kind]
+    typ = adapter_type(config.kind)
+    kind = typ.file_kind  # a B-LoRA is saved as a LoRA file
     for key, adapter in adapters.items():
         component, _, path = key.partition(".")
-        alpha = adapter.alpha if kind == "lora" else None
+        alpha = adapter.alpha
         tensors = {n: t.float().cpu() for n, t in adapter.tensors().items()}
         modules[key] = ModuleDelta(component=component, path=path, kind=kind, tensors=tensors, alpha=alpha)
     meta = dict(metadata)  # the writer records the file kind; a B-LoRA is a LoRA file naming its blocks
-    if config.kind == "blora":
-        meta[blora.BLOCKS_KEY] = json.dumps(backbone.blora_blocks)
+    meta |= typ.file_metadata(backbone.blora_blocks or {})
     return LoraFile(modules=modules, source_format="kohya", family=backbone.family, metadata=meta)
 
 
