@@ -123,7 +123,9 @@ def render_(
     width: int | None = None,
     seed: int = 0,
     num_images: int = 1,
-    method: Annotated[str, typer.Option(help="composition method: merge, regional or clora")] = "merge",
+    method: Annotated[
+        str, typer.Option(help="composition method (an unknown name is refused, naming the registered ones)")
+    ] = "merge",
     param: Annotated[
         list[str] | None,
         typer.Option("--param", help="method parameter KEY=VALUE, e.g. feather=4 (repeatable)"),
@@ -139,23 +141,11 @@ def render_(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
     from composer.methods import params_from_json
-    from composer.render import LoraWeight, RenderRequest
+    from composer.render import LoraWeight
 
     params = _method_params(param or [], mask or [])
 
-    request = RenderRequest(
-        prompt=prompt,
-        negative_prompt=negative_prompt,
-        num_inference_steps=steps,
-        guidance_scale=guidance,
-        height=height,
-        width=width,
-        seed=seed,
-        num_images=num_images,
-        loras=tuple(LoraWeight.parse(x) for x in lora or []),
-        method=method,
-        method_params=params_from_json(method, params),
-    )
+    stack = [LoraWeight.parse(x) for x in lora or []]
     studio = _studio(data_dir)
     with Progress(
         "[progress.description]{task.description}",
@@ -165,8 +155,18 @@ def render_(
         transient=not sys.stderr.isatty(),
     ) as bar:
         task = bar.add_task("denoising", total=None)
-        result = studio.render(
-            request,
+        result = studio.render_image(
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            loras=[(w.name, w.weight) for w in stack],
+            method=method,
+            params=params_from_json(method, params),
+            seed=seed,
+            steps=steps,
+            guidance=guidance,
+            height=height,
+            width=width,
+            num_images=num_images,
             backbone=backbone,
             model=model,
             out=out,

@@ -115,9 +115,14 @@ class StudioFacade(Protocol):
         guidance: float | None = None,
         height: int | None = None,
         width: int | None = None,
+        num_images: int = 1,
+        backbone: str | None = None,
+        model: str | None = None,
+        out: Path | None = None,
         progress: RenderProgress | None = None,
     ) -> Rendered:
-        """One render with a LoRA stack, saved as PNG under `renders_dir`."""
+        """One render with a LoRA stack (backbone and model default to the settings'), saved as PNG at `out`
+        or under `renders_dir`."""
         ...
 
     def train_adapter(

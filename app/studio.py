@@ -68,8 +68,8 @@ class Studio:
         self.library = library
         self.sessions = sessions
         self.accounts = Accounts(sessions)
-        self.jobs = JobBoard(self)
-        self.training = TrainingRuns(self)
+        self.jobs = JobBoard(settings, sessions, self.check_requests)
+        self.training = TrainingRuns(settings, library, self.pipeline)
         self._pipelines: dict[tuple[str, str], _Loaded] = {}
         self._lock = threading.RLock()  # one pipeline user at a time (re-entered: render -> pipeline)
 
@@ -312,9 +312,14 @@ class Studio:
         guidance: float | None = None,
         height: int | None = None,
         width: int | None = None,
+        num_images: int = 1,
+        backbone: str | None = None,
+        model: str | None = None,
+        out: Path | None = None,
         progress: Progress | None = None,
     ) -> RenderResult:
-        """One render of plain values with the default backbone, saved as a PNG under `renders_dir`."""
+        """One render of plain values (backbone and model default to the settings'), saved as PNG at `out`
+        (several images: `out` numbered) or under `renders_dir`."""
         request = RenderRequest(
             prompt=prompt,
             negative_prompt=negative_prompt,
@@ -323,11 +328,13 @@ class Studio:
             height=height,
             width=width,
             seed=seed,
+            num_images=num_images,
             loras=tuple(LoraWeight(name, float(weight)) for name, weight in loras),
             method=method,
             method_params=params,
         )
-        return self.render(request, out=self.renders_dir / f"{uuid.uuid4().hex[:16]}.png", progress=progress)
+        out = out if out is not None else self.renders_dir / f"{uuid.uuid4().hex[:16]}.png"
+        return self.render(request, backbone=backbone, model=model, out=out, progress=progress)
 
     def regenerate_preview(self, ref: str) -> AdapterInfo:
         """Render the adapter's trigger words (or its name) with it at weight 1 and keep that as its preview."""

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
-from app.library import AdapterInfo
+from app.library import AdapterInfo, Library
 from app.rendering import resolve_backbone
+from app.settings import Settings
 from composer.formats.writers import write_kohya
 from composer.train import TrainConfig, Trainer, load_images
 from composer.train.config import recipe
@@ -23,8 +25,8 @@ from composer.train.loop import Progress
 from db.errors import NameTakenError
 from db.models import validate_name
 
-if TYPE_CHECKING:
-    from app.studio import Studio
+# (backbone, model) -> the loaded pipeline (`.pipe`, `.host`) the caller holds the lock of (`Studio.pipeline`)
+PipelineSource = Callable[[str, str | None], Any]
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +50,10 @@ def min_images(kind: str) -> int:
 class TrainingRuns:
     """The Studio's training runs: their folders under <data dir>/training, their adapters in its catalog."""
 
-    def __init__(self, studio: Studio) -> None:
-        self.studio = studio
+    def __init__(self, settings: Settings, library: Library, pipeline: PipelineSource) -> None:
+        self.settings = settings
+        self.library = library
+        self.pipeline = pipeline
 
     def run(
         self,
@@ -75,21 +79,20 @@ class TrainingRuns:
             NameTakenError / InvalidFieldError: the name is taken or not allowed.
             TrainConfigError, TrainingDataError: bad settings or images (named).
         """
-        studio = self.studio
         validate_name(name)
-        if name in studio.library.names():
+        if name in self.library.names():
             raise NameTakenError(f"adapter name {name!r} is taken; choose another name", name)
         config = config.validate()
         needed = max(config.min_images, min_images(config.kind))
         count_images(images, needed)  # before loading a model: a bad folder fails in a second
-        backbone = backbone or studio.settings.backbone
-        bb, _ = resolve_backbone(backbone, model or studio.settings.model)
-        loaded = studio.pipeline(backbone, model or studio.settings.model)
+        backbone = backbone or self.settings.backbone
+        bb, _ = resolve_backbone(backbone, model or self.settings.model)
+        loaded = self.pipeline(backbone, model or self.settings.model)
         trainer = Trainer(
             loaded.pipe,
             bb,
             config,
-            studio.settings.root / "training" / name,
+            self.settings.root / "training" / name,
             progress=progress,
             host=loaded.host,
         )
@@ -105,7 +108,7 @@ class TrainingRuns:
         (run_dir / "loss.json").write_text(json.dumps({"losses": result.losses}) + "\n")
         out = run_dir / f"{name}.safetensors"
         write_kohya(result.lora, out, title=name, trigger_words=trigger_words or [])
-        info = studio.library.import_file(
+        info = self.library.import_file(
             out,
             name=name,
             tags=tags,

@@ -8,16 +8,20 @@ from __future__ import annotations
 import logging
 import math
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
+
+from sqlalchemy.orm import Session, sessionmaker
 
 from app.catalog import JobInfo, JobPage
+from app.settings import Settings
 from db.errors import JobNotFoundError, QueueFullError, SubmitRaceError
 from db.jobs import JobRepository
 from db.session import unit_of_work
 
-if TYPE_CHECKING:
-    from app.studio import Studio
+# (requests, backbone, model) -> images the batch makes; raises naming a bad request (`Studio.check_requests`)
+RequestCheck = Callable[[list[dict[str, Any]], str, str | None], int]
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +39,12 @@ class JobListener(Protocol):
 class JobBoard:
     """The render_jobs table behind the Studio's job methods."""
 
-    def __init__(self, studio: Studio) -> None:
-        self.studio = studio
+    def __init__(
+        self, settings: Settings, sessions: sessionmaker[Session], check_requests: RequestCheck
+    ) -> None:
+        self.settings = settings
+        self.sessions = sessions
+        self.check_requests = check_requests
         self._listeners: list[JobListener] = []
         self._lock = threading.Lock()
 
@@ -72,13 +80,13 @@ class JobBoard:
             IdempotencyConflictError: the key was used with another body.
             QueueFullError: max_queued_jobs are queued already.
         """
-        settings = self.studio.settings
+        settings = self.settings
         backbone = backbone or settings.backbone
         model = model or settings.model
-        total = self.studio.check_requests(requests, backbone, model)
+        total = self.check_requests(requests, backbone, model)
         for attempt in range(2):
             try:
-                with unit_of_work(self.studio.sessions) as session:
+                with unit_of_work(self.sessions) as session:
                     repo = JobRepository(session)
                     job, created = repo.submit(
                         requests=requests,
@@ -108,7 +116,7 @@ class JobBoard:
         Raises:
             JobNotFoundError: naming the id.
         """
-        with self.studio.sessions() as session:
+        with self.sessions() as session:
             repo = JobRepository(session)
             job = repo.get(job_id, api_key_id)
             return JobInfo.of(job, repo.queue_position(job))
@@ -117,7 +125,7 @@ class JobBoard:
         self, status: str | None = None, api_key_id: int | None = None, limit: int = 50, offset: int = 0
     ) -> JobPage:
         """Jobs newest first, filtered by status and API key, and how many match in all."""
-        with self.studio.sessions() as session:
+        with self.sessions() as session:
             repo = JobRepository(session)
             jobs = repo.list(status, api_key_id, limit, offset)
             items = [JobInfo.of(job, repo.queue_position(job)) for job in jobs]
@@ -133,7 +141,7 @@ class JobBoard:
         paths = [p for r in sorted(job.results, key=lambda r: r["index"]) for p in r["images"]]
         if not 0 <= n < len(paths):
             raise JobNotFoundError(f"render job {job_id} has {len(paths)} image(s) so far; no image {n}")
-        root = self.studio.settings.root
+        root = self.settings.root
         path = (root / paths[n]).resolve()
         if not path.is_relative_to(root / "renders") or not path.is_file():
             raise JobNotFoundError(f"image {n} of render job {job_id} is no longer stored")
@@ -145,7 +153,7 @@ class JobBoard:
         Raises:
             JobNotFoundError, JobFinishedError.
         """
-        with unit_of_work(self.studio.sessions) as session:
+        with unit_of_work(self.sessions) as session:
             repo = JobRepository(session)
             job = repo.cancel(job_id, api_key_id)
             info = JobInfo.of(job, repo.queue_position(job))
@@ -155,7 +163,7 @@ class JobBoard:
 
     def _check_room(self, repo: JobRepository) -> None:
         """Refuse when more than max_queued_jobs are queued; the wait is the mean job time per excess job."""
-        settings = self.studio.settings
+        settings = self.settings
         queued, limit = repo.count_queued(), settings.max_queued_jobs
         if queued <= limit:
             return

@@ -9,12 +9,13 @@ contractions. Conventions in composer/adapters/lycoris.py, kron.py and tensor.py
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Iterator, Mapping, Sequence
+import re
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from composer.errors import AdapterError
+from composer.errors import AdapterError, LoraFileError
 
 LOKR_TENSORS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
 LOHA_TENSORS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
@@ -264,3 +265,38 @@ def tr_matrix(cores: Sequence[torch.Tensor]) -> torch.Tensor:
     cols = math.prod(g.shape[1] for g in cores)
     eye = torch.eye(cols, dtype=cores[0].dtype, device=cores[0].device)
     return tr_matvec(eye, cores).T  # row c of tr_matvec(I) is M[:, c]
+
+
+# --- tensor-ring core names (TLoRA files: tr_t.<k>, tr_d.<k>) -------------------------------------------
+TENSOR_CORES = ("tr_t", "tr_d")
+_CORE = re.compile(r"^(tr_t|tr_d)\.(\d+)$")
+_CORE_AT_END = re.compile(r"\.((?:tr_t|tr_d)\.\d+)$")
+
+
+def is_core(role: str) -> bool:
+    """True for an indexed tensor-ring core name, tr_t.<k> or tr_d.<k>."""
+    return _CORE.match(role) is not None
+
+
+def core_suffix(key: str) -> str | None:
+    """The trailing "tr_t.<k>" / "tr_d.<k>" of a dotted key, or None."""
+    m = _CORE_AT_END.search(key)
+    return m.group(1) if m else None
+
+
+def check_cores(names: Iterable[str], where: str) -> None:
+    """Raise LoraFileError unless each core family present (tr_t, tr_d) is numbered 0, 1, ... without gaps."""
+    found: dict[str, list[int]] = {}
+    for name in names:
+        m = _CORE.match(name)
+        if m is None:
+            raise LoraFileError(f"{where}: {name!r} is not a tensor core name (tr_t.<k> or tr_d.<k>)")
+        found.setdefault(m.group(1), []).append(int(m.group(2)))
+    if not found:
+        raise LoraFileError(f"{where}: tensor delta holds no tr_t/tr_d cores")
+    for family, idx in sorted(found.items()):
+        if sorted(idx) != list(range(len(idx))):
+            listed = ", ".join(str(i) for i in sorted(idx))
+            raise LoraFileError(
+                f"{where}: {family} cores are numbered {listed}; they must run 0, 1, ... without gaps"
+            )

@@ -44,9 +44,8 @@ from composer.adapters.base import (
     no_metadata,
     require_no_alpha,
 )
-from composer.adapters.functional import tensor_modes, tr_matrix, tr_matvec, with_alpha
+from composer.adapters.functional import check_cores, is_core, tensor_modes, tr_matrix, tr_matvec, with_alpha
 from composer.errors import AdapterError
-from composer.formats.kinds import check_cores, is_core
 
 if TYPE_CHECKING:
     from composer.formats.model import ModuleDelta
@@ -100,7 +99,7 @@ class TensorAdapter(nn.Module):
     recipe = Recipe(steps=2000, learning_rate=1e-4, rank=4, conv=True)
     lycoris_algo = None
     network_module = "composer.adapters.tensor"
-    file_roles = ()  # indexed cores tr_t.<k>, tr_d.<k> (formats.kinds.is_core)
+    file_roles = ()  # indexed cores tr_t.<k>, tr_d.<k> (functional.is_core)
     alpha = None
     select_targets = staticmethod(all_targets)
     file_metadata = staticmethod(no_metadata)

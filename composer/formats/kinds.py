@@ -18,12 +18,11 @@ names holding a Kronecker adapter, in a mixed file), `lora_studio.tensor_modes` 
 from __future__ import annotations
 
 import json
-import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 
-from composer.adapters.functional import lokr_kron_factors
+from composer.adapters.functional import TENSOR_CORES, lokr_kron_factors
 from composer.errors import LoraFileError
 from composer.formats.model import ModuleDelta
 
@@ -31,10 +30,6 @@ ADAPTER_TYPE_KEY = "lora_studio.adapter_type"
 KRON_MODULES_KEY = "lora_studio.kron_modules"
 TENSOR_MODES_KEY = "lora_studio.tensor_modes"
 KIND_KEYS = (ADAPTER_TYPE_KEY, KRON_MODULES_KEY, TENSOR_MODES_KEY)  # describe one written file only
-
-TENSOR_CORES = ("tr_t", "tr_d")
-_CORE = re.compile(r"^(tr_t|tr_d)\.(\d+)$")
-_CORE_AT_END = re.compile(r"\.((?:tr_t|tr_d)\.\d+)$")
 
 
 # --- the adapter types' own tables (composer.adapters.registry), read at call time --------------------
@@ -60,38 +55,9 @@ def lycoris_algo(kind: str) -> str | None:
 
 
 # --- reading ----------------------------------------------------------------------------------------
-def is_core(role: str) -> bool:
-    """True for an indexed tensor-ring core name, tr_t.<k> or tr_d.<k>."""
-    return _CORE.match(role) is not None
-
-
-def core_suffix(key: str) -> str | None:
-    """The trailing "tr_t.<k>" / "tr_d.<k>" of a dotted key, or None."""
-    m = _CORE_AT_END.search(key)
-    return m.group(1) if m else None
-
-
 def role_kind(role: str) -> str | None:
     """The kind a module role belongs to ("down"/"up": lora); None for alpha."""
     return next((t.kind for t in _file_types() if t.reads_role(role)), None)
-
-
-def check_cores(names: Iterable[str], where: str) -> None:
-    """Raise LoraFileError unless each core family present (tr_t, tr_d) is numbered 0, 1, ... without gaps."""
-    found: dict[str, list[int]] = {}
-    for name in names:
-        m = _CORE.match(name)
-        if m is None:
-            raise LoraFileError(f"{where}: {name!r} is not a tensor core name (tr_t.<k> or tr_d.<k>)")
-        found.setdefault(m.group(1), []).append(int(m.group(2)))
-    if not found:
-        raise LoraFileError(f"{where}: tensor delta holds no tr_t/tr_d cores")
-    for family, idx in sorted(found.items()):
-        if sorted(idx) != list(range(len(idx))):
-            listed = ", ".join(str(i) for i in sorted(idx))
-            raise LoraFileError(
-                f"{where}: {family} cores are numbered {listed}; they must run 0, 1, ... without gaps"
-            )
 
 
 def kron_declared(metadata: Mapping[str, str], source: str) -> Callable[[str], bool]:

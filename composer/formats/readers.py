@@ -13,19 +13,11 @@ from pathlib import Path
 
 import torch
 
+from composer.adapters.functional import check_cores, core_suffix, is_core
 from composer.errors import LoraFileError, UnknownKeysError
 from composer.formats import names
 from composer.formats.family import family_from_metadata, family_from_string, family_from_structure
-from composer.formats.kinds import (
-    as_kron,
-    check_cores,
-    core_suffix,
-    file_roles,
-    is_core,
-    kron_declared,
-    lycoris_algo,
-    role_kind,
-)
+from composer.formats.kinds import as_kron, file_roles, kron_declared, lycoris_algo, role_kind
 from composer.formats.model import COMPONENTS, LoraFile, ModuleDelta
 from composer.formats.safetensors_io import file_hashes, load_tensors
 from composer.formats.triggers import read_sidecars, trigger_words
