@@ -63,7 +63,9 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=None, help="override the LoRA/B-LoRA rank")
     parser.add_argument("--kron", default=None, help="override the Kronecker factors, A1xA2")
     parser.add_argument("--tensor-rank", type=int, default=None, help="override TLoRA's residual ring rank")
-    parser.add_argument("--transform-rank", type=int, default=None, help="override TLoRA's transform ring rank")
+    parser.add_argument(
+        "--transform-rank", type=int, default=None, help="override TLoRA's transform ring rank"
+    )
     parser.add_argument("--targets", default="attention", choices=["attention", "transformer", "full"])
     parser.add_argument("--text-encoder", action="store_true", help="adapt the text encoders too")
     parser.add_argument("--snr-gamma", type=float, default=None, help="Min-SNR-gamma loss weighting")

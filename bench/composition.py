@@ -1,14 +1,20 @@
-"""Two subjects in one image, each from its own LoRA, on the toy model: merge vs regional with the true halves
-(an oracle: the user painted exactly where each subject goes) vs clora with masks only vs clora with its latent
-updates.
+"""Two LoRAs in one image on the toy model: merge vs regional with the true halves (an oracle: the user painted
+exactly where each concept goes) vs clora with masks only vs clora with its latent updates.
 
-python -m bench.composition [--pairs 12] [--per-pair 2] [--steps 20] [--guidance 7.5] [--methods merge,clora]
+python -m bench.composition [--set subjects-large] [--prompts 12] [--seeds 2] [--steps 20] [--methods merge,clora]
 
-Scenes: two held-out subjects on the left and right, every other attribute a base concept; the prompt writes each
-subject with its trigger word ("a red xyvo on the left and a blue quelb on the right, white background") and the
-stack holds both bundled subject LoRAs. The toy-world evaluator reads every image: "both" = each subject seen
-where the prompt puts it; "left" / "right" = that one alone. Time per image is relative to merge, measured side
-by side in this run.
+Sets (each prompt writes its concepts with their trigger words; the stack holds the two bundled LoRAs):
+- subjects-large / subjects-mixed: two different held-out subjects, left and right (large, or sizes as drawn).
+- subject-background: a held-out subject on one side, a base shape on the other, a held-out background
+  (the background LoRA is global in the oracle).
+- subject-style: a held-out subject on one side, a base shape in a held-out style on the other.
+
+The toy-world evaluator reads every image; each check (the subject seen at its position, the style seen on its
+object, the background) and "both" are success rates **per prompt** (each prompt's rate over its seeds, then
+the mean over prompts: seeds of one prompt are nearly the same picture, so the sample is the prompts), with the
+standard error over prompts. Chance: the same checks on random blobs (`toyworld.negatives.blobs_at`) at the
+prompt's positions on a random base background, printed beside every figure. Time per image is relative to
+merge, measured interleaved in this run.
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ from __future__ import annotations
 import argparse
 import itertools
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -27,22 +35,75 @@ from composer.formats import read_lora
 from composer.masks import Mask, RegionMasks
 from composer.methods import CLoRAParams, RegionalParams
 from composer.render import LoraWeight, RenderRequest, render_batch
-from toyworld import loras_dir, model_dir, scenes
-from toyworld.evaluator import Evaluator
+from toyworld import loras_dir, model_dir, negatives, scenes
+from toyworld.evaluator import Evaluator, SceneReport
 
 SIZE = 64
+SETS = ("subjects-large", "subjects-mixed", "subject-background", "subject-style")
+Check = Callable[[SceneReport], bool]
 
 
-def two_subject_scenes(pairs: int, seed: int) -> list[scenes.SceneSpec]:
-    """`pairs` scenes, each two different held-out subjects left and right (ordered pairs, chosen by seed)."""
-    ordered = list(itertools.permutations(scenes.SUBJECTS_HELD_OUT, 2))
+@dataclass(frozen=True)
+class Prompt:
+    spec: scenes.SceneSpec
+    loras: tuple[str, ...]  # the stack, in order
+    regions: dict[str, str | None]  # LoRA -> the side it is painted on in the oracle (None: global)
+    checks: dict[str, Check]
+
+
+def shape_at(position: str, shape: str) -> Check:
+    return lambda r: (o := r.object_at(position)) is not None and o.shape.label == shape
+
+
+def texture_at(position: str, texture: str) -> Check:
+    return lambda r: (o := r.object_at(position)) is not None and o.texture.label == texture
+
+
+def background_is(name: str) -> Check:
+    return lambda r: r.background.label == name
+
+
+def _visible(objects: tuple[scenes.ObjectSpec, ...], background: str) -> bool:
+    return all(scenes.contrasts(o.colour, background) for o in objects)
+
+
+def prompts(which: str, n: int, seed: int) -> list[Prompt]:
+    """`n` prompts of a set (the concept pairs chosen by seed, every other attribute a base concept)."""
+    if which not in SETS:
+        raise ValueError(f"unknown set {which!r}; choose {', '.join(SETS)}")
     rng = np.random.default_rng(seed)
-    chosen = [ordered[i] for i in rng.choice(len(ordered), min(pairs, len(ordered)), replace=False)]
+    if which.startswith("subjects"):
+        pairs = list(itertools.permutations(scenes.SUBJECTS_HELD_OUT, 2))
+    elif which == "subject-background":
+        pairs = list(itertools.product(scenes.SUBJECTS_HELD_OUT, scenes.BACKGROUNDS_HELD_OUT))
+    else:
+        pairs = list(itertools.product(scenes.SUBJECTS_HELD_OUT, scenes.STYLES_HELD_OUT))
+    chosen = [pairs[i] for i in rng.choice(len(pairs), n, replace=n > len(pairs))]
     out = []
-    for i, (left, right) in enumerate(chosen):
-        spec = scenes.sample_scene(seed * 1000 + i, "base", 2, fixed={"position": ("left", "right")})
-        spec = scenes.replace_object(scenes.replace_object(spec, 0, shape=left), 1, shape=right)
-        out.append(spec)
+    for i, (a, b) in enumerate(chosen):
+        sides = ("left", "right") if rng.random() < 0.5 else ("right", "left")
+        fixed: dict = {"position": sides}
+        if which != "subjects-mixed":
+            fixed["size"] = "large"
+        for attempt in itertools.count():
+            base = scenes.sample_scene(seed * 100_003 + i * 101 + attempt, "base", 2, fixed=fixed)
+            first, second = base.objects
+            background = base.background
+            if which.startswith("subjects"):
+                objects = (replace(first, shape=a), replace(second, shape=b))
+                loras, regions = (a, b), {a: sides[0], b: sides[1]}
+                checks = {"first": shape_at(sides[0], a), "second": shape_at(sides[1], b)}
+            elif which == "subject-background":
+                objects, background = (replace(first, shape=a), second), b
+                loras, regions = (a, b), {a: sides[0], b: None}
+                checks = {"subject": shape_at(sides[0], a), "background": background_is(b)}
+            else:
+                objects = (replace(first, shape=a), replace(second, texture=b))
+                loras, regions = (a, b), {a: sides[0], b: sides[1]}
+                checks = {"subject": shape_at(sides[0], a), "style": texture_at(sides[1], b)}
+            if _visible(objects, background):
+                break
+        out.append(Prompt(scenes.SceneSpec(objects, background), loras, regions, checks))
     return out
 
 
@@ -52,45 +113,77 @@ def half(side: str) -> Mask:
     return Mask(SIZE, SIZE, (values if side == "left" else 255 - values).tobytes())
 
 
-def method_params(method: str, spec: scenes.SceneSpec):
-    left, right = (o.shape for o in spec.objects)
+def method_params(method: str, prompt: Prompt):
+    painted = {name: half(side) for name, side in prompt.regions.items() if side is not None}
     return {
         "merge": ("merge", None),
-        "regional": ("regional", RegionalParams(RegionMasks.of({left: half("left"), right: half("right")}))),
+        "regional": ("regional", RegionalParams(RegionMasks.of(painted))),
         "clora-masks": ("clora", CLoRAParams(step_size=0.0)),
         "clora": ("clora", CLoRAParams()),
     }[method]
 
 
+def chance_images(prompt: Prompt, seeds: int, seed: int) -> list[np.ndarray]:
+    """Random blobs at the prompt's positions on a random base background, one per seed."""
+    out = []
+    for j in range(seeds):
+        rng = np.random.default_rng((seed, j, 0xC4A))
+        background = str(rng.choice(scenes.BACKGROUNDS_BASE))
+        positions = [o.position for o in prompt.spec.objects]
+        out.append(negatives.blobs_at(positions, background, int(rng.integers(2**31)), SIZE))
+    return out
+
+
+def rates(reports: list[SceneReport], plan: list[Prompt], seeds: int) -> dict[str, dict[str, float]]:
+    """Per check and "both": the mean over prompts of each prompt's success rate over its seeds, and the
+    standard error over prompts."""
+    names = list(plan[0].checks)
+    per_prompt: dict[str, list[float]] = {k: [] for k in [*names, "both"]}
+    for i, prompt in enumerate(plan):
+        rs = reports[i * seeds : (i + 1) * seeds]
+        hits = {k: [prompt.checks[k](r) for r in rs] for k in names}
+        per_prompt["both"].append(float(np.mean([all(h[j] for h in hits.values()) for j in range(seeds)])))
+        for k in names:
+            per_prompt[k].append(float(np.mean(hits[k])))
+    return {
+        k: {"rate": round(float(np.mean(v)), 3), "se": round(float(np.std(v, ddof=1) / np.sqrt(len(v))), 3)}
+        for k, v in per_prompt.items()
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--pairs", type=int, default=12)
-    parser.add_argument("--per-pair", type=int, default=2)
+    parser.add_argument("--set", default="subjects-large", choices=SETS)
+    parser.add_argument("--prompts", type=int, default=12)
+    parser.add_argument("--seeds", type=int, default=2, help="seeds per prompt")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--guidance", type=float, default=7.5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--methods", default="merge,regional,clora-masks,clora")
     args = parser.parse_args()
     methods = args.methods.split(",")
+    if args.prompts < 2:
+        parser.error("--prompts must be at least 2 (the standard error is over prompts)")
 
+    plan = prompts(args.set, args.prompts, args.seed)
     backbone = get_backbone("sdxl")
     pipe = load_pipeline(backbone, model_dir())
     host = AdapterHost.for_pipeline(pipe, backbone)
-    for name in scenes.SUBJECTS_HELD_OUT:
+    names = sorted({name for p in plan for name in p.loras})
+    for name in names:
         host.add(name, read_lora(loras_dir() / f"{name}.safetensors"))
-    triggers = {name: [scenes.TRIGGERS[name]] for name in scenes.SUBJECTS_HELD_OUT}
+    triggers = {name: [scenes.TRIGGERS[name]] for name in names}
     evaluator = Evaluator.load()
-    specs = two_subject_scenes(args.pairs, args.seed)
 
     images: dict[str, list] = {m: [] for m in methods}
     seconds = dict.fromkeys(methods, 0.0)
-    for i, spec in enumerate(specs):
-        loras = tuple(LoraWeight(o.shape) for o in spec.objects)
-        for j in range(args.per_pair):
+    for i, prompt in enumerate(plan):
+        loras = tuple(LoraWeight(name) for name in prompt.loras)
+        for j in range(args.seeds):
             for m in methods:  # interleaved, so the machine's drift hits every method alike
-                name, params = method_params(m, spec)
+                name, params = method_params(m, prompt)
                 request = RenderRequest(
-                    spec.caption(use_triggers=True),
+                    prompt.spec.caption(use_triggers=True),
                     num_inference_steps=args.steps,
                     guidance_scale=args.guidance,
                     height=SIZE,
@@ -104,27 +197,24 @@ def main() -> None:
                 images[m] += render_batch(pipe, backbone, host, [request], triggers=triggers)
                 seconds[m] += time.perf_counter() - start
 
-    figures = {}
-    expected = [spec for spec in specs for _ in range(args.per_pair)]
+    chance = [im for i, p in enumerate(plan) for im in chance_images(p, args.seeds, args.seed * 7919 + i)]
+    figures = {"chance (random blobs)": rates(evaluator.evaluate(np.stack(chance)), plan, args.seeds)}
     for m in methods:
-        reports = evaluator.evaluate(images[m])
-        hits = {"left": [], "right": []}
-        for report, spec in zip(reports, expected, strict=True):
-            for obj in spec.objects:
-                seen = report.object_at(obj.position)
-                hits[obj.position].append(seen is not None and seen.shape.label == obj.shape)
-        both = [a and b for a, b in zip(hits["left"], hits["right"], strict=True)]
         figures[m] = {
-            "both": round(float(np.mean(both)), 3),
-            "left": round(float(np.mean(hits["left"])), 3),
-            "right": round(float(np.mean(hits["right"])), 3),
+            **rates(evaluator.evaluate(images[m]), plan, args.seeds),
             "time_vs_merge": round(seconds[m] / seconds[methods[0]], 2),
         }
     emit(
         "composition",
         figures,
         {},
-        {"images_per_method": len(expected), "threads": torch.get_num_threads()},
+        {
+            "set": args.set,
+            "prompts": len(plan),
+            "seeds_per_prompt": args.seeds,
+            "distinct_prompts": len({p.spec.caption(use_triggers=True) for p in plan}),
+            "threads": torch.get_num_threads(),
+        },
     )
 
 

@@ -50,7 +50,9 @@ def main() -> None:
     host = AdapterHost({"unet": unet}, "sdxl")
     optimizers, counts = {}, {}
     for kind in args.kinds.split(","):
-        config = TrainConfig(prompt="x", targets=args.targets if kind != "blora" else "attention", **KINDS[kind])
+        config = TrainConfig(
+            prompt="x", targets=args.targets if kind != "blora" else "attention", **KINDS[kind]
+        )
         keys = targets.target_keys(backbone, SimpleNamespace(unet=unet), config)
         built = targets.create_all(host.find, keys, config, torch.Generator().manual_seed(0))
         host.attach(kind, built)

@@ -59,7 +59,8 @@ def test_the_shipped_bundle_imports_on_first_start(tmp_path):
 
 
 def test_a_bundled_subject_adapter_draws_its_subject():
-    """The shipped star LoRA, through the trigger word, makes the toy model draw stars it never draws alone."""
+    """The shipped heart LoRA, through the trigger word, makes the toy model draw hearts it never draws alone.
+    (Evaluator v2 reads most of the weak star LoRA's uneven stars as "unknown": 2 in 16, issue 16 retrains it.)"""
     import torch
 
     from composer.adapters.host import AdapterHost
@@ -71,20 +72,20 @@ def test_a_bundled_subject_adapter_draws_its_subject():
     backbone = get_backbone("sdxl")
     pipe = load_pipeline(backbone, toyworld.model_dir())
     evaluator = Evaluator.load()
-    specs = concepts.test_specs("star", 8)
+    specs = concepts.test_specs("heart", 8)
 
     def rate() -> float:
         run = quality.generate(
             pipe, specs, 1, 20, 7.5, seed=7, caption=lambda s: s.caption(use_triggers=True)
         )
-        return concepts.hit_rate(evaluator.evaluate(run.images), specs, "star")
+        return concepts.hit_rate(evaluator.evaluate(run.images), specs, "heart")
 
     base = rate()
     host = AdapterHost.for_pipeline(pipe, backbone)
     try:
-        host.add("star", read_lora(toyworld.loras_dir() / "star.safetensors"))
-        with host.activate({"star": 1.0}), torch.no_grad():
+        host.add("heart", read_lora(toyworld.loras_dir() / "heart.safetensors"))
+        with host.activate({"heart": 1.0}), torch.no_grad():
             with_lora = rate()
     finally:
         host.detach()
-    assert with_lora >= base + 0.25, (base, with_lora)  # measured here: 0.125 -> 0.5
+    assert with_lora >= base + 0.25, (base, with_lora)  # measured here (evaluator v2): 0.0 -> 0.625

@@ -7,9 +7,10 @@ import re
 import numpy as np
 import pytest
 
-from toyworld import scenes
+from toyworld import negatives, scenes
 from toyworld.evaluator import Evaluator, accuracy, score
 from toyworld.scenes import ObjectSpec, SceneSpec
+from toyworld.train_evaluator import measure_negatives
 
 FRESH_SEED = 987_654_321  # never a training seed: training batches use seeds 0..steps-1
 
@@ -156,7 +157,56 @@ def test_every_concept_is_drawable_and_visible(size):
         assert np.abs(img[size // 2, size // 2] - np.array(scenes.RGB[colour])).max() <= 1, colour
 
 
+# --- negatives ---------------------------------------------------------------------------------------------
+
+
+def test_negatives_are_seeded_and_hold_no_known_shape():
+    a, ta = negatives.dataset(12, seed=3)
+    b, tb = negatives.dataset(12, seed=3)
+    c, _ = negatives.dataset(12, seed=4)
+    assert np.array_equal(a, b) and ta == tb and not np.array_equal(a, c)
+    assert [t.kind for t in ta] == [*negatives.KINDS, *negatives.KINDS]
+    for t in ta:
+        if t.kind in ("noise", "flat", "empty"):
+            assert t.objects == () and t.layout == negatives.NO_OBJECT
+        else:
+            assert any(o.shape == negatives.UNKNOWN_SHAPE for o in t.objects)
+            assert t.layout.split("+")[0] in scenes.POSITIONS
+    assert all(t.background == negatives.OTHER_BACKGROUND for t in ta if t.kind in ("noise", "flat"))
+    rng = np.random.default_rng(0)
+    # The filter refuses the known shapes themselves and keeps the outlines it draws.
+    assert not any(negatives.is_distinct(m) for m in scenes.SHAPE_MASKS.values())
+    assert all(
+        negatives.is_distinct(negatives.outline(k, rng)) for k in ("polygon", "blob") for _ in range(20)
+    )
+    with pytest.raises(ValueError, match="unknown negative kind"):
+        negatives.negative("fog", 0)
+
+
+def test_an_empty_negative_is_its_background_and_an_object_negative_changes_it():
+    empty, truth = negatives.negative("empty", 11)
+    colour = next(c for c in scenes.COLOURS if scenes.contrasts(c, truth.background))
+    one = scenes.render(
+        SceneSpec((ObjectSpec("circle", colour, "solid", "small", "left"),), truth.background)
+    )
+    assert np.array_equal(empty[:, 36:], one[:, 36:]) and not np.array_equal(
+        empty, one
+    )  # the scene's own ground
+    blob, _ = negatives.negative("blob", 11)
+    assert not np.array_equal(blob, empty)
+
+
 # --- evaluator ---------------------------------------------------------------------------------------------
+
+
+def test_evaluator_says_none_and_unknown_on_negatives(evaluator):
+    """Fresh negatives: noise, flat fields and empty backgrounds are read as holding no object; random polygons,
+    blobs and broken shapes as unknown shapes (figures from train_evaluator in docs/BENCHMARKS.md)."""
+    fp = measure_negatives(evaluator, 60, seed=FRESH_SEED + 9)
+    assert max(fp["noise"], fp["flat"], fp["empty"]) <= 0.05, fp
+    assert max(fp["polygon"], fp["blob"], fp["broken"]) <= 0.2, fp
+    (noise,) = evaluator.evaluate(negatives.negative("noise", 5)[0][None])
+    assert noise.count == 0 and noise.background.label == negatives.OTHER_BACKGROUND
 
 
 def test_evaluator_reads_fresh_scenes(evaluator):

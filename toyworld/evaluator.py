@@ -7,6 +7,10 @@ so the silhouette survives, plus the window mean) and a shared head predicts sha
 the object in that slot; a slot is read only when the layout says it is
 occupied. Every attribute the scene generator varies is one classification, so the detector is exact on clean
 scenes and its softmax probabilities are the confidences reported.
+
+It can also say what is not a toy world scene (trained on `toyworld.negatives`): the layout "none" (no object:
+noise, flat fields, an empty background), the shape "unknown" (an object that is no known shape: random
+polygons, blobs, broken shapes) and the background "other" (none of the backgrounds).
 """
 
 from __future__ import annotations
@@ -25,13 +29,15 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from toyworld import scenes
+from toyworld.negatives import NO_OBJECT, OTHER_BACKGROUND, UNKNOWN_SHAPE
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "weights" / "evaluator.safetensors"
 ATTRIBUTES = ("shape", "colour", "texture", "size")
+READ_LAYOUTS = (*scenes.LAYOUTS, ())  # what the layout head chooses from: the scene layouts and no object
 LABELS = {  # the class order of every head; stored in the weights file and checked on load
-    "layout": tuple("+".join(lay) for lay in scenes.LAYOUTS),
-    "background": scenes.BACKGROUNDS,
-    "shape": scenes.SHAPES,
+    "layout": (*("+".join(lay) for lay in scenes.LAYOUTS), NO_OBJECT),
+    "background": (*scenes.BACKGROUNDS, OTHER_BACKGROUND),
+    "shape": (*scenes.SHAPES, UNKNOWN_SHAPE),
     "colour": scenes.COLOURS,
     "texture": scenes.TEXTURES,
     "size": scenes.SIZES,
@@ -92,7 +98,7 @@ class DetectorNet(nn.Module):
         self.heads = nn.ModuleDict({a: nn.Linear(config.hidden, len(LABELS[a])) for a in ATTRIBUTES})
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """x: (B, 3, S, S) normalised images -> logits: layout (B, 7), background (B, 9), attr (B, 5, K)."""
+        """x: (B, 3, S, S) normalised images -> logits: layout (B, 8), background (B, 10), attr (B, 5, K)."""
         f = self.features(x)  # (B, C, g, g)
         flat = f.flatten(2)  # (B, C, g*g)
         g = torch.cat([self.reduce(f).flatten(1), flat.mean(2), flat.amax(2)], dim=1)
@@ -162,7 +168,8 @@ class SceneReport:
         return next((o for o in self.objects if o.position.label == position), None)
 
     def to_spec(self) -> scenes.SceneSpec:
-        """The scene as read (labels only)."""
+        """The scene as read (labels only). Raises ValueError when it read no object, an unknown shape or
+        another background (no SceneSpec says so)."""
         return scenes.SceneSpec(
             tuple(
                 scenes.ObjectSpec(
@@ -239,19 +246,19 @@ class Evaluator:
 
 
 def reports_from_probs(probs: dict[str, torch.Tensor]) -> list[SceneReport]:
-    """Turn head probabilities (layout (B, 7), background (B, 9), attr (B, 5, K)) into reports."""
+    """Turn head probabilities (layout (B, 8), background (B, 10), attr (B, 5, K)) into reports."""
     layout_p, layout_i = probs["layout"].max(-1)
     bg_p, bg_i = probs["background"].max(-1)
     attr = {a: probs[a].max(-1) for a in ATTRIBUTES}  # values, indices: (B, 5)
     # P(slot occupied) = total probability of the layouts that use the slot.
     uses = torch.tensor(
-        [[p in lay for p in scenes.POSITIONS] for lay in scenes.LAYOUTS], dtype=probs["layout"].dtype
+        [[p in lay for p in scenes.POSITIONS] for lay in READ_LAYOUTS], dtype=probs["layout"].dtype
     )
     occupied = probs["layout"] @ uses  # (B, 5)
     reports = []
     for b in range(layout_i.shape[0]):
         objects = []
-        for pos in scenes.LAYOUTS[int(layout_i[b])]:
+        for pos in READ_LAYOUTS[int(layout_i[b])]:
             s = scenes.POSITIONS.index(pos)
             preds = {
                 a: Prediction(LABELS[a][int(attr[a][1][b, s])], float(attr[a][0][b, s])) for a in ATTRIBUTES

@@ -19,7 +19,7 @@ With `use_triggers=True` held-out concepts are written as their trigger word ("a
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from types import MappingProxyType
 
@@ -381,7 +381,7 @@ SIZE_JITTER = 0.05  # relative
 ROTATION_JITTER = np.deg2rad(12.0)
 
 
-def _polygon(u: np.ndarray, v: np.ndarray, pts: np.ndarray) -> np.ndarray:
+def polygon(u: np.ndarray, v: np.ndarray, pts: np.ndarray) -> np.ndarray:
     """Even-odd point-in-polygon test, vectorised over pixels (loops only over the few edges)."""
     inside = np.zeros(np.broadcast_shapes(u.shape, v.shape), dtype=bool)
     for (x0, y0), (x1, y1) in zip(pts, np.roll(pts, -1, axis=0), strict=True):
@@ -416,15 +416,15 @@ SHAPE_MASKS = MappingProxyType(
     {
         "circle": lambda u, v: u * u + v * v <= 0.9**2,
         "square": lambda u, v: (np.abs(u) <= 0.8) & (np.abs(v) <= 0.8),
-        "triangle": lambda u, v: _polygon(u, v, _TRIANGLE),
+        "triangle": lambda u, v: polygon(u, v, _TRIANGLE),
         "diamond": lambda u, v: np.abs(u) / 0.72 + np.abs(v) <= 1.0,
-        "star": lambda u, v: _polygon(u, v, _STAR),
+        "star": lambda u, v: polygon(u, v, _STAR),
         "heart": _heart,
         "cross": lambda u, v: (
             ((np.abs(u) <= 0.34) & (np.abs(v) <= 0.95)) | ((np.abs(v) <= 0.34) & (np.abs(u) <= 0.95))
         ),
         "crescent": lambda u, v: (u * u + v * v <= 0.95**2) & ((u - 0.5) ** 2 + (v + 0.1) ** 2 > 0.68**2),
-        "arrow": lambda u, v: _polygon(u, v, _ARROW),
+        "arrow": lambda u, v: polygon(u, v, _ARROW),
         "ring": lambda u, v: (u * u + v * v <= 0.95**2) & (u * u + v * v >= 0.5**2),
     }
 )
@@ -522,36 +522,60 @@ def placements(scene: SceneSpec, seed: int = 0) -> tuple[Placement, ...]:
     return tuple(out)
 
 
-def render(scene: SceneSpec, size: int = 64, seed: int = 0) -> np.ndarray:
-    """The scene as a (size, size, 3) uint8 array; same arguments => same pixels."""
-    if not 16 <= size <= 512:
-        raise ValueError(f"image size must be in 16..512, got {size}")
-    n = size * SUPERSAMPLE
-    scale = n / 64.0  # subpixels per 64-px unit
-    x = ((np.arange(n, dtype=np.float32) + 0.5) / scale)[None, :]  # (1, n)
-    y = ((np.arange(n, dtype=np.float32) + 0.5) / scale)[:, None]  # (n, 1)
-    canvas = _background(scene.background, x, y)  # (n, n, 3)
-    for o, p in zip(scene.objects, placements(scene, seed), strict=True):
+@dataclass
+class Canvas:
+    """A background at SUPERSAMPLE x the image size, to paint objects on and `finish` into pixels."""
+
+    pixels: np.ndarray  # (n, n, 3) float32
+    x: np.ndarray  # (1, n) subpixel centres in 64-px units
+    y: np.ndarray  # (n, 1)
+    scale: float  # subpixels per 64-px unit
+
+    @classmethod
+    def of(cls, background: str, size: int = 64) -> Canvas:
+        if not 16 <= size <= 512:
+            raise ValueError(f"image size must be in 16..512, got {size}")
+        n = size * SUPERSAMPLE
+        scale = n / 64.0
+        x = ((np.arange(n, dtype=np.float32) + 0.5) / scale)[None, :]
+        y = ((np.arange(n, dtype=np.float32) + 0.5) / scale)[:, None]
+        return cls(_background(background, x, y), x, y, scale)
+
+    def paint(
+        self, mask: Callable[[np.ndarray, np.ndarray], np.ndarray], colour: str, texture: str, p: Placement
+    ):
+        """Paint one object: `mask` on radius-normalised object coordinates (u right, v down, about [-1, 1])."""
+        n, scale = self.pixels.shape[0], self.scale
         reach = p.radius * 1.05
         x0, x1 = max(0, int((p.cx - reach) * scale)), min(n, int(np.ceil((p.cx + reach) * scale)))
         y0, y1 = max(0, int((p.cy - reach) * scale)), min(n, int(np.ceil((p.cy + reach) * scale)))
-        dx, dy = x[:, x0:x1] - p.cx, y[y0:y1] - p.cy
+        dx, dy = self.x[:, x0:x1] - p.cx, self.y[y0:y1] - p.cy
         cos, sin = np.float32(np.cos(p.angle)), np.float32(np.sin(p.angle))
         u, v = cos * dx + sin * dy, cos * dy - sin * dx  # (h, w) object-local, 64-px units
-        inside = SHAPE_MASKS[o.shape](u / p.radius, v / p.radius)
-        colour = np.array(RGB[o.colour], dtype=np.float32)
-        region = canvas[y0:y1, x0:x1]
-        mark_fn = TEXTURE_MARKS[o.texture]
+        inside = mask(u / p.radius, v / p.radius)
+        rgb = np.array(RGB[colour], dtype=np.float32)
+        region = self.pixels[y0:y1, x0:x1]
+        mark_fn = TEXTURE_MARKS[texture]
         if mark_fn is None:
-            region[inside] = colour
+            region[inside] = rgb
         else:
             mark = mark_fn(u, v)[inside]
-            region[inside] = np.where(mark[:, None], _mark_rgb(RGB[o.colour]), colour)
-    # Box-filter the supersamples; strided adds are several times faster than mean(axis=(1, 3)).
-    total = sum(
-        canvas[i::SUPERSAMPLE, j::SUPERSAMPLE] for i in range(SUPERSAMPLE) for j in range(SUPERSAMPLE)
-    )
-    return (total * (1.0 / SUPERSAMPLE**2) + 0.5).astype(np.uint8)  # values stay within 0..255
+            region[inside] = np.where(mark[:, None], _mark_rgb(RGB[colour]), rgb)
+
+    def finish(self) -> np.ndarray:
+        """The (size, size, 3) uint8 image: the supersamples box-filtered (strided adds: several times faster
+        than mean(axis=(1, 3)))."""
+        c = self.pixels
+        total = sum(c[i::SUPERSAMPLE, j::SUPERSAMPLE] for i in range(SUPERSAMPLE) for j in range(SUPERSAMPLE))
+        return (total * (1.0 / SUPERSAMPLE**2) + 0.5).astype(np.uint8)  # values stay within 0..255
+
+
+def render(scene: SceneSpec, size: int = 64, seed: int = 0) -> np.ndarray:
+    """The scene as a (size, size, 3) uint8 array; same arguments => same pixels."""
+    canvas = Canvas.of(scene.background, size)
+    for o, p in zip(scene.objects, placements(scene, seed), strict=True):
+        canvas.paint(SHAPE_MASKS[o.shape], o.colour, o.texture, p)
+    return canvas.finish()
 
 
 def draw(scene: SceneSpec, size: int = 64, seed: int = 0) -> Image.Image:

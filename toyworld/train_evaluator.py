@@ -2,9 +2,12 @@
 
     python -m toyworld.train_evaluator --out toyworld/weights/evaluator.safetensors --steps 1500
 
-Every batch is new scenes of all concepts (base + held-out, one or two objects), a quarter of them drawn at
-another size and resized like `evaluate` does, half of them mildly blurred and noised so that softer images from
-a diffusion model still read. Seeded: the same arguments give the same weights on the same machine.
+Every batch is new scenes of all concepts (base + held-out, one or two objects) plus a quarter of negatives
+(`toyworld.negatives`: noise, flat fields, empty backgrounds, random polygons, blobs, broken shapes, read as
+"none" / "unknown" / "other"), a quarter of batches drawn at another size and resized like `evaluate` does,
+half of the images mildly blurred and noised so that softer images from a diffusion model still read. Seeded:
+the same arguments give the same weights on the same machine. The report gives accuracy on fresh scenes and
+the false-positive rate on fresh negatives of each kind.
 """
 
 from __future__ import annotations
@@ -20,10 +23,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from toyworld import scenes
+from toyworld import negatives, scenes
 from toyworld.evaluator import (
     ATTRIBUTES,
     LABELS,
+    READ_LAYOUTS,
     DetectorNet,
     Evaluator,
     EvaluatorConfig,
@@ -48,11 +52,13 @@ class TrainConfig:
     max_blur_sigma: float = 1.0
     max_noise: float = 0.04  # std in [0, 1] pixel units
     test_scenes: int = 1000
+    negative_fraction: float = 0.25  # of each batch
 
 
-def targets(specs: list[scenes.SceneSpec]) -> dict[str, torch.Tensor]:
-    """Class indices per head: layout (B,), background (B,), and per slot (B, 5) with -100 where empty."""
-    layouts = [tuple(sorted(lay)) for lay in scenes.LAYOUTS]
+def targets(specs: list[scenes.SceneSpec] | list[negatives.Truth]) -> dict[str, torch.Tensor]:
+    """Class indices per head: layout (B,), background (B,), and per slot (B, 5) with -100 where empty (and
+    for what is not asked: the size of an unknown shape)."""
+    layouts = [tuple(sorted(lay)) for lay in READ_LAYOUTS]
     out = {
         "layout": torch.tensor([layouts.index(tuple(sorted(o.position for o in s.objects))) for s in specs]),
         "background": torch.tensor([LABELS["background"].index(s.background) for s in specs]),
@@ -61,7 +67,8 @@ def targets(specs: list[scenes.SceneSpec]) -> dict[str, torch.Tensor]:
         t = torch.full((len(specs), len(scenes.POSITIONS)), -100, dtype=torch.long)
         for b, s in enumerate(specs):
             for o in s.objects:
-                t[b, scenes.POSITIONS.index(o.position)] = LABELS[a].index(getattr(o, a))
+                if (value := getattr(o, a)) is not None:
+                    t[b, scenes.POSITIONS.index(o.position)] = LABELS[a].index(value)
         out[a] = t
     return out
 
@@ -81,7 +88,13 @@ def make_batch(cfg: TrainConfig, step: int, image_size: int) -> tuple[torch.Tens
     size = image_size
     if rng.random() < cfg.resize_fraction:
         size = int(rng.choice(OTHER_SIZES))
-    images, specs = scenes.dataset(cfg.batch_size, seed=cfg.seed * 1_000_003 + step, split="all", size=size)
+    n_neg = round(cfg.batch_size * cfg.negative_fraction)
+    images, specs = scenes.dataset(
+        cfg.batch_size - n_neg, seed=cfg.seed * 1_000_003 + step, split="all", size=size
+    )
+    if n_neg:
+        neg_images, truths = negatives.dataset(n_neg, seed=cfg.seed * 1_000_003 + step, size=size)
+        images, specs = np.concatenate([images, neg_images]), [*specs, *truths]
     x = to_tensor(images, image_size) * 0.25 + 0.5  # back to [0, 1] for augmentation
     aug = torch.from_numpy(rng.random(cfg.batch_size) < cfg.augment_fraction)
     if aug.any():
@@ -131,6 +144,29 @@ def measure(evaluator: Evaluator, n: int, seed: int = TEST_SEED, size: int = 64)
     return accuracy(evaluator.evaluate(images), specs)
 
 
+def measure_negatives(
+    evaluator: Evaluator, n: int, seed: int = TEST_SEED, size: int = 64
+) -> dict[str, float]:
+    """False positives on n fresh negatives per kind: for noise, flat fields and empty backgrounds the share
+    read as holding an object; for polygons, blobs and broken shapes the share of unknown objects read as a
+    known shape (or missed: nothing read at their position)."""
+    out = {}
+    for kind in negatives.KINDS:
+        images, truths = negatives.dataset(n, seed=seed, size=size, kinds=(kind,))
+        reports = evaluator.evaluate(images)
+        if kind in negatives.OBJECT_KINDS:
+            wrong = [
+                (got := r.object_at(o.position)) is None or got.shape.label != negatives.UNKNOWN_SHAPE
+                for r, t in zip(reports, truths, strict=True)
+                for o in t.objects
+                if o.shape == negatives.UNKNOWN_SHAPE
+            ]
+        else:
+            wrong = [r.count > 0 for r in reports]
+        out[kind] = sum(wrong) / len(wrong)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="toyworld/weights/evaluator.safetensors")
@@ -147,8 +183,15 @@ def main(argv: list[str] | None = None) -> None:
     evaluator = train(cfg)
     train_s = time.perf_counter() - start
     acc = {f"{size}px": measure(evaluator, cfg.test_scenes, size=size) for size in (64, 32, 128)}
-    evaluator.save(args.out, train_config=json.dumps(cfg.__dict__), accuracy=json.dumps(acc))
+    fp = {f"{size}px": measure_negatives(evaluator, cfg.test_scenes // 4, size=size) for size in (64, 128)}
+    evaluator.save(
+        args.out,
+        train_config=json.dumps(cfg.__dict__),
+        accuracy=json.dumps(acc),
+        false_positives=json.dumps(fp),
+    )
     log.info("accuracy on %d fresh scenes: %s", cfg.test_scenes, json.dumps(acc))
+    log.info("false positives on %d fresh negatives per kind: %s", cfg.test_scenes // 4, json.dumps(fp))
     log.info(
         "training wall time %.1f s (%d steps, batch %d, %d threads)",
         train_s,

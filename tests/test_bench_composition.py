@@ -1,0 +1,57 @@
+"""bench.composition's instrument: its prompts, checks, chance level and per-prompt rates (no rendering)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bench import composition
+from toyworld import scenes
+from toyworld.evaluator import Evaluator
+
+
+@pytest.fixture(scope="module")
+def evaluator() -> Evaluator:
+    return Evaluator.load()
+
+
+@pytest.mark.parametrize("which", composition.SETS)
+def test_each_set_writes_its_concepts_and_its_checks_pass_on_the_clean_scene(which, evaluator):
+    plan = composition.prompts(which, 6, seed=3)
+    assert len(plan) == 6 and [p.spec for p in plan] == [
+        p.spec for p in composition.prompts(which, 6, seed=3)
+    ]
+    for p in plan:
+        caption = p.spec.caption(use_triggers=True)
+        assert all(scenes.TRIGGERS[name] in caption for name in p.loras), caption
+        assert scenes.parse_caption(p.spec.caption()) == p.spec
+        if which != "subjects-mixed":
+            assert all(o.size == "large" for o in p.spec.objects)
+    clean = np.stack([scenes.render(p.spec, composition.SIZE, seed=i) for i, p in enumerate(plan)])
+    got = composition.rates(evaluator.evaluate(clean), plan, seeds=1)
+    assert got["both"]["rate"] >= 5 / 6, got  # the drawn scene is what the prompt asks for
+    shuffled = composition.rates(evaluator.evaluate(clean[::-1]), plan, seeds=1)
+    assert shuffled["both"]["rate"] < got["both"]["rate"]  # the checks tell scenes apart
+
+
+def test_chance_blobs_rarely_pass_and_rates_count_prompts(evaluator):
+    plan = composition.prompts("subjects-large", 8, seed=1)
+    blobs = [im for i, p in enumerate(plan) for im in composition.chance_images(p, 2, i)]
+    chance = composition.rates(evaluator.evaluate(np.stack(blobs)), plan, seeds=2)
+    assert chance["both"]["rate"] <= 0.1, chance
+    with pytest.raises(ValueError, match="unknown set"):
+        composition.prompts("three-subjects", 2, 0)
+
+
+def test_rates_are_means_over_prompts_of_each_prompts_seeds():
+    plan = composition.prompts("subjects-large", 2, seed=0)
+
+    class R:
+        def __init__(self, hit: bool) -> None:
+            self.hit = hit
+
+    for p in plan:
+        p.checks.update({k: (lambda r: r.hit) for k in p.checks})
+    got = composition.rates([R(True), R(False), R(True), R(True)], plan, seeds=2)
+    assert got["both"]["rate"] == 0.75  # prompt 1: 1/2, prompt 2: 2/2
+    assert got["both"]["se"] == round(float(np.std([0.5, 1.0], ddof=1) / np.sqrt(2)), 3)
