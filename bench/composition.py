@@ -63,10 +63,6 @@ def background_is(name: str) -> Check:
     return lambda r: r.background.label == name
 
 
-def _visible(objects: tuple[scenes.ObjectSpec, ...], background: str) -> bool:
-    return all(scenes.contrasts(o.colour, background) for o in objects)
-
-
 def prompts(which: str, n: int, seed: int) -> list[Prompt]:
     """`n` prompts of a set (the concept pairs chosen by seed, every other attribute a base concept)."""
     if which not in SETS:
@@ -101,9 +97,10 @@ def prompts(which: str, n: int, seed: int) -> list[Prompt]:
                 objects = (replace(first, shape=a), replace(second, texture=b))
                 loras, regions = (a, b), {a: sides[0], b: sides[1]}
                 checks = {"subject": shape_at(sides[0], a), "style": texture_at(sides[1], b)}
-            if _visible(objects, background):
+            spec = scenes.SceneSpec(objects, background)
+            if scenes.visible(spec):
                 break
-        out.append(Prompt(scenes.SceneSpec(objects, background), loras, regions, checks))
+        out.append(Prompt(spec, loras, regions, checks))
     return out
 
 

@@ -18,6 +18,7 @@ objects are not asked (their outlines have no size class).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -96,21 +97,19 @@ OUTLINES = {"polygon": _random_polygon, "blob": _random_blob, "broken": _broken}
 MAX_IOU = 0.7  # an outline this close to a known shape (any rotation, either size) is drawn anew
 _GRID = np.linspace(-1.3, 1.3, 48, dtype=np.float32)
 _U, _V = np.meshgrid(_GRID, _GRID)
-_KNOWN: np.ndarray | None = None  # (shapes x rotations x scales, 48 * 48) bool
 
 
+@functools.cache
 def _known() -> np.ndarray:
-    global _KNOWN
-    if _KNOWN is None:
-        masks = []
-        for mask in scenes.SHAPE_MASKS.values():
-            for angle in np.linspace(-np.pi / 4, np.pi / 4, 9):
-                c, s = np.cos(angle), np.sin(angle)
-                u, v = c * _U + s * _V, c * _V - s * _U
-                for scale in (scenes.RADII["small"] / scenes.RADII["large"], 0.85, 1.0, 1.2):
-                    masks.append(mask(u / scale, v / scale).ravel())
-        _KNOWN = np.stack(masks)
-    return _KNOWN
+    """Every known shape's mask at each rotation and size: (shapes x rotations x scales, 48 * 48) bool."""
+    masks = []
+    for mask in scenes.SHAPE_MASKS.values():
+        for angle in np.linspace(-np.pi / 4, np.pi / 4, 9):
+            c, s = np.cos(angle), np.sin(angle)
+            u, v = c * _U + s * _V, c * _V - s * _U
+            for scale in (scenes.RADII["small"] / scenes.RADII["large"], 0.85, 1.0, 1.2):
+                masks.append(mask(u / scale, v / scale).ravel())
+    return np.stack(masks)
 
 
 def is_distinct(mask) -> bool:

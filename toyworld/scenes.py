@@ -143,6 +143,11 @@ def _mark_rgb(rgb: tuple[int, int, int]) -> np.ndarray:
 # --- specs and captions --------------------------------------------------------------------------------------
 
 
+def visible(scene: SceneSpec) -> bool:
+    """Whether every object contrasts with the background (the sampler only draws such scenes)."""
+    return all(contrasts(o.colour, scene.background) for o in scene.objects)
+
+
 def _check(value: str, allowed: tuple[str, ...], what: str) -> None:
     if value not in allowed:
         raise ValueError(f"unknown {what} {value!r}; expected one of {', '.join(allowed)}")
@@ -325,7 +330,7 @@ def sample_scene(
         scene = _draw_spec(rng, pool, n_objects, fixed)
         if split == "held_out" and not scene.concepts() & HELD_OUT_NAMES:
             continue
-        if all(contrasts(o.colour, scene.background) for o in scene.objects):
+        if visible(scene):
             return scene
     raise ValueError(f"no visible {split!r} scene satisfies fixed={fixed}")
 
