@@ -1,7 +1,7 @@
 """Train each adapter type on one held-out concept of the toy world and measure how often it is drawn.
 
 python -m bench.adapters [--concept star] [--kinds lora,blora,kron,tensor] [--images 16] [--steps 400]
-                         [--n 24] [--per-prompt 1]
+                         [--n 24] [--per-prompt 1] [--pairs 0.5]
 
 For every kind: train with our Trainer on the toy model from `--images` generated scenes of the concept
 (trigger-word captions), render `--n` fresh trigger prompts, and score them with the toy-world evaluator.
@@ -21,7 +21,7 @@ from bench.common import emit  # noqa: E402
 from composer.adapters.host import AdapterHost  # noqa: E402
 from composer.backbones import get_backbone, load_pipeline  # noqa: E402
 from composer.train import TrainConfig  # noqa: E402
-from toyworld import concepts, model_dir, quality  # noqa: E402
+from toyworld import concepts, model_dir  # noqa: E402
 from toyworld.evaluator import Evaluator  # noqa: E402
 
 RECIPES = {  # toy-model settings per kind: a few hundred steps at batch 8 on a CPU
@@ -30,17 +30,6 @@ RECIPES = {  # toy-model settings per kind: a few hundred steps at batch 8 on a 
     "kron": dict(kron_factors=(4, 8), learning_rate=2e-3),
     "tensor": dict(tensor_rank=2, transform_rank=1, learning_rate=5e-3),
 }
-
-
-def trigger_rate(pipe, specs, concept, per_prompt, steps, guidance, evaluator) -> tuple[float, dict]:
-    """Share of renders where the evaluator sees the concept, overall and by the prompt's object size."""
-    run = quality.generate(
-        pipe, specs, per_prompt, steps, guidance, seed=7, caption=lambda s: s.caption(use_triggers=True)
-    )
-    reports = evaluator.evaluate(run.images)
-    expanded = [s for s in specs for _ in range(per_prompt)]
-    by_size = {k: round(v, 3) for k, v in concepts.hit_rate_by_size(reports, expanded, concept).items()}
-    return concepts.hit_rate(reports, expanded, concept), by_size
 
 
 def main() -> None:
@@ -69,6 +58,9 @@ def main() -> None:
     parser.add_argument("--targets", default="attention", choices=["attention", "transformer", "full"])
     parser.add_argument("--text-encoder", action="store_true", help="adapt the text encoders too")
     parser.add_argument("--snr-gamma", type=float, default=None, help="Min-SNR-gamma loss weighting")
+    parser.add_argument(
+        "--pairs", type=float, default=0.0, help="share of training scenes with a second (base) object"
+    )
     args = parser.parse_args()
     for recipe in RECIPES.values():
         if args.lr is not None:
@@ -83,12 +75,15 @@ def main() -> None:
     backbone = get_backbone("sdxl")
     pipe = load_pipeline(backbone, args.model)
     evaluator = Evaluator.load()
-    specs = concepts.test_specs(args.concept, args.n)
     guidances = [float(g) for g in args.guidance.split(",")]
-    base, _ = trigger_rate(
-        pipe, specs, args.concept, args.per_prompt, args.sample_steps, guidances[0], evaluator
-    )
-    data = concepts.training_images(args.concept, args.images)
+
+    def measure(guidance: float) -> dict:
+        return concepts.success(
+            pipe, args.concept, evaluator, args.n, args.sample_steps, guidance, per_prompt=args.per_prompt
+        )
+
+    base = measure(guidances[0])
+    data = concepts.training_images(args.concept, args.images, pairs=args.pairs)
     for kind in args.kinds.split(","):
         config = TrainConfig(
             kind=kind,
@@ -106,18 +101,13 @@ def main() -> None:
         try:
             host.add(kind, result.lora)
             with host.activate({kind: 1.0}), torch.no_grad():
-                rates = {
-                    g: trigger_rate(
-                        pipe, specs, args.concept, args.per_prompt, args.sample_steps, g, evaluator
-                    )
-                    for g in guidances
-                }
-            rate, by_size = rates[guidances[0]]
+                rates = {g: measure(g) for g in guidances}
+            first = rates[guidances[0]]
         finally:
             host.detach()
         emit(
             "adapters",
-            {"success": round(rate, 3), "base_success": round(base, 3)},
+            {"success": first["rate"], "base_success": base["rate"]},
             {"success": ">= 0.85"},
             {
                 "concept": args.concept,
@@ -127,10 +117,13 @@ def main() -> None:
                 "steps": args.steps,
                 "batch": args.batch,
                 "images": args.images,
-                "renders": len(specs) * args.per_prompt,
+                "prompts": args.n,
+                "renders": args.n * args.per_prompt,
+                "success_se": first["se"],
+                "pairs": args.pairs,
                 "targets": args.targets if kind != "blora" else "attention",
-                "success_by_guidance": {str(g): round(r, 3) for g, (r, _) in rates.items()},
-                "success_by_size": by_size,
+                "success_by_guidance": {str(g): r["rate"] for g, r in rates.items()},
+                "success_by_size": first["by_size"],
                 "snr_gamma": args.snr_gamma,
                 "text_encoder": args.text_encoder and kind != "blora",
                 "final_loss": round(sum(result.losses[-20:]) / min(20, len(result.losses)), 4),

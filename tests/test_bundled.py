@@ -89,3 +89,52 @@ def test_a_bundled_subject_adapter_draws_its_subject():
     finally:
         host.detach()
     assert with_lora >= base + 0.25, (base, with_lora)  # measured here (evaluator v2): 0.0 -> 0.625
+
+
+def _remeasure_cases():
+    entries = [e for e in manifest(toyworld.loras_dir()) if e["kind"] == "lora" and "success" in e]
+    return [pytest.param(e, id=e["name"]) for e in entries]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("entry", _remeasure_cases())
+def test_recorded_success_matches_a_fresh_measurement(entry, bundled_pipe):
+    """Each bundled concept LoRA draws its concept as often as its manifest entry says: the first prompts of
+    the recorded measurement, re-rendered here, within the manifest's stated tolerance."""
+    import math
+
+    import torch
+
+    from composer.formats import read_lora
+    from toyworld import concepts
+
+    pipe, host, evaluator = bundled_pipe
+    rule = json.loads((toyworld.loras_dir() / "manifest.json").read_text())["success_tolerance"]
+    recorded = entry["success"]
+    n = rule["prompts"]
+    host.add(entry["name"], read_lora(toyworld.loras_dir() / entry["file"]))
+    try:
+        with host.activate({entry["name"]: 1.0}), torch.no_grad():
+            fresh = concepts.success(
+                pipe, entry["name"], evaluator, n, recorded["sample_steps"], recorded["guidance"],
+                recorded["seed"],
+            )  # fmt: skip
+    finally:
+        host.remove(entry["name"])
+    p = recorded["rate"]
+    tolerance = max(rule["floor"], rule["standard_errors"] * math.sqrt(p * (1 - p) / n))
+    assert abs(fresh["rate"] - p) <= tolerance, (entry["name"], recorded, fresh, tolerance)
+    assert fresh["rate"] > recorded["base_rate"] or p <= recorded["base_rate"]
+
+
+@pytest.fixture(scope="module")
+def bundled_pipe():
+    from composer.adapters.host import AdapterHost
+    from composer.backbones import get_backbone, load_pipeline
+    from toyworld.evaluator import Evaluator
+
+    backbone = get_backbone("sdxl")
+    pipe = load_pipeline(backbone, toyworld.model_dir())
+    host = AdapterHost.for_pipeline(pipe, backbone)
+    yield pipe, host, Evaluator.load()
+    host.detach()

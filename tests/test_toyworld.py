@@ -306,3 +306,20 @@ def test_hit_rate_by_size_splits_by_the_prompts_object_size(evaluator):
         "large": 0.0,
         "small": 1.0,
     }
+
+
+def test_concept_training_sets_show_the_concept_beside_a_base_object_in_either_half():
+    from toyworld import concepts
+
+    for name in ("star", "zigzag", "brick"):
+        concept = scenes.held_out_concept(name)
+        images, captions = concepts.training_set(name, 8, pairs=0.5)
+        assert len(images) == 8 and all(concept.trigger in c for c in captions)
+        specs = [scenes.parse_caption(c) for c in captions]
+        assert [len(s.objects) for s in specs] == [1] * 4 + [2] * 4
+        if concept.kind == "subject":  # the concept is one object of the pair, the other a base shape
+            slots = {[o.shape for o in s.objects].index(name) for s in specs[4:]}
+            assert slots == {0, 1}
+            assert all(sum(o.shape == name for o in s.objects) == 1 for s in specs[4:])
+    with pytest.raises(ValueError, match="pairs"):
+        concepts.training_set("star", 4, pairs=1.5)

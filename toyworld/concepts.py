@@ -17,40 +17,49 @@ from PIL import Image
 
 from composer.train import TrainConfig, Trainer
 from composer.train.data import TrainingImage, to_pixels
-from toyworld import scenes
+from toyworld import quality, scenes
 
 ATTRIBUTE = {"subject": "shape", "style": "texture", "background": "background"}
 
 
-def concept_scene(name: str, seed: int) -> scenes.SceneSpec:
-    """One single-object scene showing held-out concept `name`; everything else from the base concepts."""
+def concept_scene(name: str, seed: int, n_objects: int = 1) -> scenes.SceneSpec:
+    """One scene showing held-out concept `name`; everything else from the base concepts.
+
+    With n_objects=2 the concept is one of two objects (in the first or second half, by the seed's parity) and
+    the other is a base object: an adapter trained on such scenes learns to draw its concept beside another
+    one, in either half, as composition asks of it.
+    """
     concept = scenes.held_out_concept(name)
     for attempt in range(100):
-        spec = scenes.sample_scene(seed * 101 + attempt, "base", 1)
+        spec = scenes.sample_scene(seed * 101 + attempt, "base", n_objects)
         if concept.kind == "background":
             spec = replace(spec, background=concept.name)
         else:
-            spec = scenes.replace_object(spec, 0, **{ATTRIBUTE[concept.kind]: concept.name})
+            slot = seed % n_objects
+            spec = scenes.replace_object(spec, slot, **{ATTRIBUTE[concept.kind]: concept.name})
         if all(scenes.contrasts(o.colour, spec.background) for o in spec.objects):
             return spec
     raise ValueError(f"no visible scene for {name!r}")
 
 
 def training_set(
-    name: str, n: int = 16, seed: int = 0, size: int = 64
+    name: str, n: int = 16, seed: int = 0, size: int = 64, pairs: float = 0.0
 ) -> tuple[list[Image.Image], list[str]]:
-    """n images of the concept and their trigger-word captions."""
+    """n images of the concept and their trigger-word captions; a `pairs` share shows it beside a base object."""
+    if not 0.0 <= pairs <= 1.0:
+        raise ValueError(f"pairs is a share of the images, 0 to 1, not {pairs}")
+    n_single = n - round(n * pairs)
     images, captions = [], []
     for i in range(n):
-        spec = concept_scene(name, seed * 10_000 + i)
+        spec = concept_scene(name, seed * 10_000 + i, 1 if i < n_single else 2)
         images.append(Image.fromarray(scenes.render(spec, size, seed * 10_000 + i)))
         captions.append(spec.caption(use_triggers=True))
     return images, captions
 
 
-def training_images(name: str, n: int = 16, seed: int = 0) -> list[TrainingImage]:
+def training_images(name: str, n: int = 16, seed: int = 0, pairs: float = 0.0) -> list[TrainingImage]:
     """The concept's training set as the trainer takes it (64 px, trigger-word captions)."""
-    images, captions = training_set(name, n, seed)
+    images, captions = training_set(name, n, seed, pairs=pairs)
     return [TrainingImage(None, to_pixels(i, 64), c) for i, c in zip(images, captions, strict=True)]
 
 
@@ -87,3 +96,39 @@ def hit_rate_by_size(reports, specs, name: str) -> dict[str, float]:
         pairs = [(r, s) for r, s in zip(reports, specs, strict=True) if s.objects[0].size == size]
         rates[size] = hit_rate([r for r, _ in pairs], [s for _, s in pairs], name)
     return rates
+
+
+def success(
+    pipe,
+    name: str,
+    evaluator,
+    n: int = 48,
+    steps: int = 30,
+    guidance: float = 5.0,
+    seed: int = 7,
+    per_prompt: int = 1,
+) -> dict:
+    """How often the pipeline (with whatever adapters are active) draws concept `name` for its trigger prompts.
+
+    n fresh single-object test prompts (`test_specs`), one render each by default, so every render is an
+    independent prompt. Returns the rate, its standard error over prompts, the rate by object size and what
+    was measured; the caller records the base model's rate on the same prompts as the chance level.
+    """
+    specs = test_specs(name, n)
+    run = quality.generate(
+        pipe, specs, per_prompt, steps, guidance, seed=seed, caption=lambda s: s.caption(use_triggers=True)
+    )
+    reports = evaluator.evaluate(run.images)
+    expanded = [s for s in specs for _ in range(per_prompt)]
+    per_prompt_hits = np.array([concept_hit(r, s, name) for r, s in zip(reports, expanded, strict=True)])
+    per_prompt_hits = per_prompt_hits.reshape(n, per_prompt).mean(axis=1)
+    return {
+        "rate": round(float(per_prompt_hits.mean()), 3),
+        "se": round(float(per_prompt_hits.std(ddof=1) / np.sqrt(n)), 3) if n > 1 else None,
+        "by_size": {k: round(v, 3) for k, v in hit_rate_by_size(reports, expanded, name).items()},
+        "prompts": n,
+        "renders_per_prompt": per_prompt,
+        "sample_steps": steps,
+        "guidance": guidance,
+        "seed": seed,
+    }

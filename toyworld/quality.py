@@ -59,21 +59,26 @@ def generate(
     caption: Callable[[scenes.SceneSpec], str] = lambda s: s.caption(),
     batch: int = 16,
 ) -> QualityRun:
-    """Render every spec's caption `per_prompt` times; image j of prompt i uses seed (seed, i, j)."""
+    """Render every spec's caption `per_prompt` times; image j of prompt i uses seed (seed, i, j).
+
+    Renders go to the pipeline `batch` at a time across prompts (each image keeps its own generator), so a
+    set of many distinct prompts costs as few denoiser calls as one prompt repeated.
+    """
+    jobs = [
+        (caption(spec), seed * 1_000_003 + i * 101 + j)
+        for i, spec in enumerate(specs)
+        for j in range(per_prompt)
+    ]
     images = []
-    for i, spec in enumerate(specs):
-        generators = [
-            torch.Generator().manual_seed(seed * 1_000_003 + i * 101 + j) for j in range(per_prompt)
-        ]
-        for start in range(0, per_prompt, batch):
-            chunk = generators[start : start + batch]
-            out = pipe(
-                prompt=[caption(spec)] * len(chunk),
-                num_inference_steps=steps,
-                guidance_scale=guidance,
-                generator=chunk,
-            )
-            images.extend(out.images)
+    for start in range(0, len(jobs), batch):
+        chunk = jobs[start : start + batch]
+        out = pipe(
+            prompt=[text for text, _ in chunk],
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            generator=[torch.Generator().manual_seed(s) for _, s in chunk],
+        )
+        images.extend(out.images)
     return QualityRun(list(specs), images, per_prompt)
 
 

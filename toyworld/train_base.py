@@ -224,11 +224,18 @@ def main() -> None:
         help="with --resume: sharpen the saved VAE's decoder for this long (encoder and latents unchanged)",
     )
     parser.add_argument(
+        "--vae-scenes",
         "--decoder-scenes",
         choices=("base", "all"),
         default="base",
-        help="what the decoder sharpens on: base scenes, or all toy-world scenes (held-out shapes included; "
-        "a generic image codec, as SDXL's VAE is; text never reaches the VAE)",
+        help="what a fresh VAE or a sharpened decoder learns from: base scenes, or all toy-world scenes "
+        "(held-out subjects, styles and backgrounds included: a generic image codec, as SDXL's VAE is; text "
+        "never reaches the VAE)",
+    )
+    parser.add_argument(
+        "--vae-channels",
+        default=",".join(str(c) for c in VAE["block_out_channels"]),
+        help="a fresh VAE's widths per level, e.g. 24,48,48 (default %(default)s)",
     )
     parser.add_argument("--unet-minutes", type=float, default=45.0)
     parser.add_argument("--batch", type=int, default=32)
@@ -259,12 +266,13 @@ def main() -> None:
         if vae_minutes > 0:
             from diffusers import AutoencoderKL
 
-            pipe.vae = AutoencoderKL(**VAE)
-            recon = train_vae(pipe.vae, vae_minutes, args.batch, rng)
+            widths = tuple(int(c) for c in args.vae_channels.split(","))
+            pipe.vae = AutoencoderKL(**{**VAE, "block_out_channels": widths})
+            recon = train_vae(pipe.vae, vae_minutes, args.batch, rng, split=args.vae_scenes)
             vae_s = time.monotonic() - start
     if args.decoder_minutes > 0:
         recon = train_vae(
-            pipe.vae, args.decoder_minutes, args.batch, rng, decoder_only=True, split=args.decoder_scenes
+            pipe.vae, args.decoder_minutes, args.batch, rng, decoder_only=True, split=args.vae_scenes
         )
         vae_s = time.monotonic() - start
     stats = train_unet(pipe, args.unet_minutes, args.batch, args.lr, rng)

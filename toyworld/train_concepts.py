@@ -1,11 +1,16 @@
 """Train the bundled concept adapters of the toy world with our own trainer, on the shipped toy model.
 
-python -m toyworld.train_concepts --out toyworld/loras [--steps 800] [--only star,zigzag]
+python -m toyworld.train_concepts --out toyworld/loras [--steps 800] [--only star,zigzag] [--n 48]
 
-One LoRA per held-out concept (6 subjects, 4 styles, 2 backgrounds) from 16 generated scenes each with
-trigger-word captions, and B-LoRAs from single images (subjects for content, textured squares for style),
-all written as kohya safetensors with trigger words, plus manifest.json (name, kind, trigger, tags,
-description, training settings and time) that the studio imports on first start.
+One LoRA per held-out concept (6 subjects, 4 styles, 2 backgrounds) from 32 generated scenes each with
+trigger-word captions, half of them with the concept beside a base object in either half (so that it composes),
+and B-LoRAs from single images (subjects for content, textured squares for style), all written as kohya
+safetensors with trigger words, plus manifest.json (name, kind, trigger, tags, description, training settings
+and time, and the adapter's own measured success) that the studio imports on first start.
+
+Success is measured right after training: a concept LoRA on `--n` fresh trigger prompts (one render each,
+toyworld.concepts.success) beside the base model on the same prompts (the chance level); a B-LoRA's content
+half for its shape and style half for its texture and colour, on `--n` seeds of its one prompt.
 """
 
 from __future__ import annotations
@@ -19,15 +24,28 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from composer.adapters import blora
+from composer.adapters.host import AdapterHost
 from composer.backbones import get_backbone, load_pipeline
 from composer.formats import write_kohya
 from composer.train import TrainConfig
 from composer.train.data import TrainingImage, to_pixels
 from toyworld import concepts, model_dir, scenes
+from toyworld.evaluator import Evaluator
 
 log = logging.getLogger("toyworld.train_concepts")
 
-CONCEPT_RECIPE = dict(kind="lora", rank=4, learning_rate=2e-3, batch_size=8)
+# the best measured recipe (docs/BENCHMARKS.md, "Every adapter type"): every convolution and attention layer,
+# both text encoders, Min-SNR weighting
+CONCEPT_RECIPE = dict(
+    kind="lora", rank=4, learning_rate=2e-3, batch_size=8, targets="full", snr_gamma=5.0, text_encoder=True
+)
+PAIRS = 0.5  # share of training scenes with a second, base object
+GUIDANCE = 5.0
+# how closely a smaller re-measurement (tests/test_bundled.py, slow) must match each recorded success: the
+# first `prompts` of the recorded test prompts, within `standard_errors` binomial errors of that smaller sample
+# (and never tighter than `floor`)
+TOLERANCE = {"prompts": 12, "standard_errors": 3.0, "floor": 0.15}
 BLORA_RECIPE = dict(kind="blora", rank=8, learning_rate=1e-3, batch_size=4)
 BLORA_PROMPT = "a vlorb"  # B-LoRA's "A [v]": one token for every single-image B-LoRA
 # single images for B-LoRA: content (a held-out subject, plain) and style (a base square in a held-out texture)
@@ -47,6 +65,33 @@ def blora_image(name: str, size: int = 64) -> tuple[Image.Image, scenes.SceneSpe
     return Image.fromarray(scenes.render(spec, size, 0)), spec
 
 
+def blora_success(pipe, host, name: str, lora, evaluator, n: int) -> dict:
+    """Each half of a bundled B-LoRA alone on its prompt: the content half should draw the image's shape, the
+    style half its texture and colour. n seeds of one prompt (renders, not independent prompts)."""
+    look = BLORA_IMAGES[name]
+    wants = {"content": ("shape",), "style": ("texture", "colour")}
+    figures: dict = {"renders": n, "prompt": BLORA_PROMPT, "guidance": GUIDANCE, "independent_prompts": 1}
+    for role, attributes in wants.items():
+        host.add(role, blora.half(lora, role))
+        try:
+            with host.activate({role: 1.0}), torch.no_grad():
+                images = pipe(
+                    prompt=[BLORA_PROMPT] * n,
+                    num_inference_steps=30,
+                    guidance_scale=GUIDANCE,
+                    generator=[torch.Generator().manual_seed(1000 + i) for i in range(n)],
+                ).images
+        finally:
+            host.remove(role)
+        for attribute in attributes:
+            hits = [
+                bool(r.objects) and getattr(r.objects[0], attribute).label == look[attribute]
+                for r in evaluator.evaluate(images)
+            ]
+            figures[f"{role}_{attribute}"] = round(sum(hits) / n, 3)
+    return figures
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -55,7 +100,9 @@ def main() -> None:
     parser.add_argument("--model", default=str(model_dir()))
     parser.add_argument("--steps", type=int, default=800)
     parser.add_argument("--blora-steps", type=int, default=400)
-    parser.add_argument("--images", type=int, default=16)
+    parser.add_argument("--images", type=int, default=32)
+    parser.add_argument("--pairs", type=float, default=PAIRS, help="share of two-object training scenes")
+    parser.add_argument("--n", type=int, default=48, help="test prompts per concept for its recorded success")
     parser.add_argument("--only", default="", help="comma-separated concept/B-LoRA names (default: all)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -72,7 +119,7 @@ def main() -> None:
 
     jobs = []
     for concept in scenes.HELD_OUT:
-        data = concepts.training_images(concept.name, args.images)
+        data = concepts.training_images(concept.name, args.images, pairs=args.pairs)
         captions = [d.caption for d in data]
         config = TrainConfig(
             prompt=captions[0], steps=args.steps, checkpoint_every=args.steps, **CONCEPT_RECIPE
@@ -105,10 +152,24 @@ def main() -> None:
                 f"{name}.style for its colour and texture, prompt '{BLORA_PROMPT}'.",
             )
         )
+    evaluator = Evaluator.load()
+    host = AdapterHost.for_pipeline(pipe, backbone)
     for name, config, data, triggers, tags, description in jobs:
         if only and name not in only:
             continue
-        result, seconds = concepts.train_in_scratch(pipe, backbone, config, data)
+        result, seconds = concepts.train_in_scratch(pipe, backbone, config, data, host=host)
+        if config.kind == "blora":
+            measured = blora_success(pipe, host, name, result.lora, evaluator, args.n)
+        else:
+            with torch.no_grad():
+                base = concepts.success(pipe, name, evaluator, args.n, guidance=GUIDANCE)
+            host.add(name, result.lora)
+            try:
+                with host.activate({name: 1.0}), torch.no_grad():
+                    measured = concepts.success(pipe, name, evaluator, args.n, guidance=GUIDANCE)
+            finally:
+                host.remove(name)
+            measured["base_rate"] = base["rate"]
         path = args.out / f"{name}.safetensors"
         write_kohya(result.lora, path, title=name, trigger_words=triggers)
         entries[name] = {
@@ -121,15 +182,24 @@ def main() -> None:
             "training": {
                 **config.to_json(),
                 "images": len(data),
+                "two_object_share": args.pairs if config.kind != "blora" else 0.0,
                 "seconds": round(seconds, 1),
                 "hardware": hardware,
                 "final_loss": round(sum(result.losses[-50:]) / min(50, len(result.losses)), 4),
                 "parameters": result.parameters,
             },
+            "success": measured,
         }
-        log.info("%s: %d params, %.0f s, loss %.4f", name, result.parameters, seconds, result.losses[-1])
+        log.info("%s: %d params, %.0f s, success %s", name, result.parameters, seconds, measured)
         manifest_path.write_text(
-            json.dumps({"adapters": sorted(entries.values(), key=lambda e: e["name"])}, indent=1) + "\n"
+            json.dumps(
+                {
+                    "adapters": sorted(entries.values(), key=lambda e: e["name"]),
+                    "success_tolerance": TOLERANCE,
+                },
+                indent=1,
+            )
+            + "\n"
         )
 
 
