@@ -25,6 +25,15 @@ def manifest(folder: Path) -> list[dict]:
     return json.loads(path.read_text())["adapters"]
 
 
+def _training_record(entry: dict) -> dict | None:
+    """The catalog's training record of a bundled adapter: its training settings and its own measured success
+    (toyworld.train_concepts measures each adapter right after training; the manifest keeps the same figures)."""
+    training = entry.get("training")
+    if "success" not in entry:
+        return training
+    return {**(training or {}), "success": entry["success"]}
+
+
 def import_bundled(library: Library, folder: Path, record: Path) -> list[str]:
     """Import the bundled adapters not imported before; the names imported now."""
     from composer.formats.safetensors_io import file_hashes
@@ -58,7 +67,7 @@ def import_bundled(library: Library, folder: Path, record: Path) -> list[str]:
                 name=entry["name"],
                 tags=entry["tags"],
                 description=entry["description"],
-                training_config=entry.get("training"),
+                training_config=_training_record(entry),
             )
             imported.append(info.name)
         except DuplicateAdapterError as exc:  # the same tensors are catalogued already: nothing to add

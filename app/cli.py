@@ -89,6 +89,12 @@ def show(name: Annotated[str, typer.Argument(help="name or hash")], data_dir: Da
         "created_at",
     ):
         typer.echo(f"{key:14} {getattr(info, key)}")
+    success = (info.training_config or {}).get("success")
+    if isinstance(success, dict) and "rate" in success:  # a bundled adapter's own measured success
+        typer.echo(
+            f"{'success':14} {success['rate']:.3f} ± {success.get('se') or 0:.3f} over {success['prompts']} prompts "
+            f"(by size {success.get('by_size')}; base model {success.get('base_rate')})"
+        )
 
 
 @app.command()

@@ -56,6 +56,18 @@ def test_the_shipped_bundle_imports_on_first_start(tmp_path):
     for e in entries:
         assert names[e["name"]].trigger_words == e["trigger_words"]
         assert names[e["name"]].adapter_type == e["kind"]
+    measured = [e for e in entries if "success" in e]
+    assert measured, "no bundled adapter records its measured success"
+    for e in measured:  # the catalog entry carries the adapter's own success, as the manifest does
+        assert studio.library.get(e["name"]).training_config["success"] == e["success"]
+    from typer.testing import CliRunner
+
+    from app.cli import app
+
+    subject = next(e for e in measured if e["kind"] == "lora")
+    shown = CliRunner().invoke(app, ["show", subject["name"], "--data-dir", str(tmp_path / "data")])
+    assert shown.exit_code == 0, shown.output
+    assert f"success        {subject['success']['rate']:.3f}" in shown.output
 
 
 def test_a_bundled_subject_adapter_draws_its_subject():

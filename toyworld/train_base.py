@@ -237,6 +237,12 @@ def main() -> None:
         default=",".join(str(c) for c in VAE["block_out_channels"]),
         help="a fresh VAE's widths per level, e.g. 24,48,48 (default %(default)s)",
     )
+    parser.add_argument(
+        "--vae-latent-channels",
+        type=int,
+        default=VAE["latent_channels"],
+        help="a fresh VAE's latent channels (SDXL 4, FLUX 16); the UNet trains only on 4 (use --unet-minutes 0)",
+    )
     parser.add_argument("--unet-minutes", type=float, default=45.0)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -244,6 +250,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     parser.add_argument("--resume", type=Path, default=None, help="a saved toy model to continue training")
     args = parser.parse_args()
+    if args.vae_latent_channels != VAE["latent_channels"] and args.unet_minutes > 0:
+        parser.error(
+            f"--vae-latent-channels {args.vae_latent_channels}: the toy UNet takes {VAE['latent_channels']}-channel "
+            "latents; train such a VAE alone with --unet-minutes 0"
+        )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -267,7 +278,9 @@ def main() -> None:
             from diffusers import AutoencoderKL
 
             widths = tuple(int(c) for c in args.vae_channels.split(","))
-            pipe.vae = AutoencoderKL(**{**VAE, "block_out_channels": widths})
+            pipe.vae = AutoencoderKL(
+                **{**VAE, "block_out_channels": widths, "latent_channels": args.vae_latent_channels}
+            )
             recon = train_vae(pipe.vae, vae_minutes, args.batch, rng, split=args.vae_scenes)
             vae_s = time.monotonic() - start
     if args.decoder_minutes > 0:

@@ -1,6 +1,6 @@
 """Train the bundled concept adapters of the toy world with our own trainer, on the shipped toy model.
 
-python -m toyworld.train_concepts --out toyworld/loras [--steps 800] [--only star,zigzag] [--n 48]
+python -m toyworld.train_concepts --out toyworld/loras [--steps 800] [--only star,zigzag] [--n 48] [--measure-only]
 
 One LoRA per held-out concept (6 subjects, 4 styles, 2 backgrounds) from 32 generated scenes each with
 trigger-word captions, half of them with the concept beside a base object in either half (so that it composes),
@@ -27,7 +27,7 @@ from PIL import Image
 from composer.adapters import blora
 from composer.adapters.host import AdapterHost
 from composer.backbones import get_backbone, load_pipeline
-from composer.formats import write_kohya
+from composer.formats import read_lora, write_kohya
 from composer.train import TrainConfig
 from composer.train.data import TrainingImage, to_pixels
 from toyworld import concepts, model_dir, scenes
@@ -102,6 +102,9 @@ def main() -> None:
     parser.add_argument("--blora-steps", type=int, default=400)
     parser.add_argument("--images", type=int, default=32)
     parser.add_argument("--pairs", type=float, default=PAIRS, help="share of two-object training scenes")
+    parser.add_argument(
+        "--measure-only", action="store_true", help="re-measure the adapters in --out without training them"
+    )
     parser.add_argument("--n", type=int, default=48, help="test prompts per concept for its recorded success")
     parser.add_argument("--only", default="", help="comma-separated concept/B-LoRA names (default: all)")
     args = parser.parse_args()
@@ -157,20 +160,16 @@ def main() -> None:
     for name, config, data, triggers, tags, description in jobs:
         if only and name not in only:
             continue
-        result, seconds = concepts.train_in_scratch(pipe, backbone, config, data, host=host)
-        if config.kind == "blora":
-            measured = blora_success(pipe, host, name, result.lora, evaluator, args.n)
-        else:
-            with torch.no_grad():
-                base = concepts.success(pipe, name, evaluator, args.n, guidance=GUIDANCE)
-            host.add(name, result.lora)
-            try:
-                with host.activate({name: 1.0}), torch.no_grad():
-                    measured = concepts.success(pipe, name, evaluator, args.n, guidance=GUIDANCE)
-            finally:
-                host.remove(name)
-            measured["base_rate"] = base["rate"]
         path = args.out / f"{name}.safetensors"
+        if args.measure_only:  # keep the file and its training record; measure it again
+            if name not in entries or not path.is_file():
+                raise SystemExit(f"--measure-only: {path} or its manifest entry is missing")
+            entries[name]["success"] = measure(pipe, host, name, read_lora(path), evaluator, args.n)
+            log.info("%s: success %s", name, entries[name]["success"])
+            write_manifest(manifest_path, entries)
+            continue
+        result, seconds = concepts.train_in_scratch(pipe, backbone, config, data, host=host)
+        measured = measure(pipe, host, name, result.lora, evaluator, args.n)
         write_kohya(result.lora, path, title=name, trigger_words=triggers)
         entries[name] = {
             "name": name,
@@ -191,16 +190,28 @@ def main() -> None:
             "success": measured,
         }
         log.info("%s: %d params, %.0f s, success %s", name, result.parameters, seconds, measured)
-        manifest_path.write_text(
-            json.dumps(
-                {
-                    "adapters": sorted(entries.values(), key=lambda e: e["name"]),
-                    "success_tolerance": TOLERANCE,
-                },
-                indent=1,
-            )
-            + "\n"
-        )
+        write_manifest(manifest_path, entries)
+
+
+def measure(pipe, host, name: str, lora, evaluator, n: int) -> dict:
+    """The adapter's own success: a B-LoRA's halves (`blora_success`), a concept LoRA on its test prompts
+    beside the base model on the same prompts (the chance level)."""
+    if name in BLORA_IMAGES:
+        return blora_success(pipe, host, name, lora, evaluator, n)
+    with torch.no_grad():
+        base = concepts.success(pipe, name, evaluator, n, guidance=GUIDANCE)
+    host.add(name, lora)
+    try:
+        with host.activate({name: 1.0}), torch.no_grad():
+            measured = concepts.success(pipe, name, evaluator, n, guidance=GUIDANCE)
+    finally:
+        host.remove(name)
+    return {**measured, "base_rate": base["rate"]}
+
+
+def write_manifest(path: Path, entries: dict) -> None:
+    adapters = sorted(entries.values(), key=lambda e: e["name"])
+    path.write_text(json.dumps({"adapters": adapters, "success_tolerance": TOLERANCE}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
