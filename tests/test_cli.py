@@ -135,3 +135,17 @@ def test_cli_prompt_tags_activate_catalog_loras(tmp_path, tiny_sdxl_factory):
         result = runner.invoke(app, [*args, "--prompt", prompt, "--out", str(tmp_path / "bad.png")])
         assert result.exit_code == 1 and message in result.output, result.output
         assert "Traceback" not in result.output
+
+
+def test_cli_names_the_family_of_a_single_file_checkpoint_it_cannot_load(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    path = tmp_path / "v1-5-pruned.safetensors"
+    save_file({"cond_stage_model.transformer.text_model.final_layer_norm.weight": torch.zeros(1)}, path)
+    args = ["render", "--backbone", "sdxl", "--model", str(path), "--prompt", "x", "--steps", "1"]
+    result = runner.invoke(
+        app, [*args, "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "r.png")]
+    )
+    assert result.exit_code == 1 and "is an SD 1.x checkpoint, not one of the sdxl family" in result.output
+    assert "Traceback" not in result.output
