@@ -113,14 +113,15 @@ def export(
 @app.command("render")
 @_guard
 def render_(
-    prompt: Annotated[str, typer.Option(help="what to draw")],
+    prompt: Annotated[str, typer.Option(help="what to draw; <lora:NAME:WEIGHT> tags add catalog LoRAs")],
     lora: Annotated[list[str] | None, typer.Option("--lora", help="NAME or NAME:WEIGHT (repeatable)")] = None,
     negative_prompt: str = "",
     backbone: Annotated[str | None, typer.Option(help="toy (the bundled toy model), sdxl or flux")] = None,
     model: Annotated[
         str | None,
         typer.Option(
-            help="'tiny' (random weights), a diffusers directory or a hub id; default: the backbone's own"
+            help="'tiny' (random weights), a diffusers directory, a single-file .safetensors checkpoint "
+            "or a hub id; default: the backbone's own"
         ),
     ] = None,
     steps: Annotated[int | None, typer.Option(help="denoising steps")] = None,
@@ -261,7 +262,9 @@ def train(
     description: str = "",
     resume: Annotated[bool, typer.Option(help="continue the run's last checkpoint")] = False,
     backbone: Annotated[str | None, typer.Option(help="toy, sdxl or flux")] = None,
-    model: Annotated[str | None, typer.Option(help="'tiny', a diffusers directory or a hub id")] = None,
+    model: Annotated[
+        str | None, typer.Option(help="'tiny', a diffusers directory, a .safetensors checkpoint or a hub id")
+    ] = None,
     data_dir: DataDir = None,
 ):
     """Train an adapter on a folder of images and add it to the catalog."""

@@ -19,7 +19,8 @@ class Settings(BaseSettings):
     backbone: str = Field(default="toy", description="default backbone: 'toy' (bundled), 'sdxl' or 'flux'")
     model: str | None = Field(
         default=None,
-        description="default model: 'tiny', a diffusers directory or a hub id (None: the backbone's own)",
+        description="default model: 'tiny', a diffusers directory, a single-file .safetensors checkpoint or a hub id "
+        "(None: the backbone's own)",
     )
     device: str = Field(default="auto", description="'auto' (cuda when available), 'cpu' or 'cuda[:N]'")
     dtype: str = Field(

@@ -134,6 +134,25 @@ class Studio:
                 ) from None
             return info, role
 
+    def resolve_stack(self, request: RenderRequest) -> list[tuple[AdapterInfo, str | None]]:
+        """`resolve_lora` for each LoRA of the request's stack; an unknown name that came from a prompt tag is
+        refused naming the tag.
+
+        Raises:
+            AdapterNotFoundError, StudioError: as `resolve_lora`.
+        """
+        tagged = {lw.name: lw for lw in request.prompt_tags}
+        entries = []
+        for lw in request.loras:
+            try:
+                entries.append(self.resolve_lora(lw.name))
+            except AdapterNotFoundError as exc:
+                if lw.name not in tagged:
+                    raise
+                tag = f"<lora:{lw.name}:{tagged[lw.name].weight:g}>"
+                raise AdapterNotFoundError(f"prompt tag {tag}: {exc}", exc.ref, exc.suggestions) from None
+        return entries
+
     def _make_resident(self, loaded: _Loaded, entries: list[tuple[AdapterInfo, str | None]]) -> list[str]:
         """Make the entries resident (LRU beyond max_resident_loras); their resident names, in order."""
         keys = []
@@ -201,7 +220,7 @@ class Studio:
         backbone = backbone or self.settings.backbone
         bb, model = resolve_backbone(backbone, model or self.settings.model)
         stack = requests[0].loras
-        entries = [self.resolve_lora(lw.name) for lw in stack]
+        entries = self.resolve_stack(requests[0])
         infos = [info for info, _ in entries]
         for info in infos:
             check_family(info, backbone, bb.family)
@@ -231,6 +250,7 @@ class Studio:
                 "method": request.method,
                 "method_params": params_to_json(request.params()),
                 "prompt": request.prompt,
+                "prompt_tags": [{"name": lw.name, "weight": lw.weight} for lw in request.prompt_tags],
                 "negative_prompt": request.negative_prompt,
                 "seed": request.seed,
                 "num_inference_steps": steps,
@@ -252,7 +272,14 @@ class Studio:
                     method=request.method,
                     params={
                         k: provenance[k]
-                        for k in ("num_inference_steps", "guidance_scale", "height", "width", "method_params")
+                        for k in (
+                            "num_inference_steps",
+                            "guidance_scale",
+                            "height",
+                            "width",
+                            "method_params",
+                            "prompt_tags",
+                        )
                     },
                     seed=request.seed,
                     loras=[
@@ -286,8 +313,8 @@ class Studio:
             try:
                 request = RenderRequest.from_json(data)
                 request.validate()
-                for lw in request.loras:
-                    check_family(self.resolve_lora(lw.name)[0], backbone, family)
+                for info, _role in self.resolve_stack(request):
+                    check_family(info, backbone, family)
             except (StudioError, CatalogError) as exc:
                 exc.args = (f"requests[{i}]: {exc.args[0] if exc.args else exc}", *exc.args[1:])
                 raise

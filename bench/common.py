@@ -15,6 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from composer.backbones import sdxl  # noqa: E402
+from composer.backbones.single_file import shipped_configs  # noqa: E402
 from composer.formats.model import LoraFile, ModuleDelta  # noqa: E402
 
 # SDXL-like widths on CPU: two levels at 640 and 1280 channels, SDXL head size 64.
@@ -29,7 +30,7 @@ MID_UNET = dict(
     addition_time_embed_dim=256,
     norm_num_groups=32,
 )
-CONFIGS = {"tiny": sdxl.TINY_UNET, "mid": MID_UNET, "real": sdxl.REAL_UNET}
+CONFIGS = {"tiny": sdxl.TINY_UNET, "mid": MID_UNET}  # "real": SDXL base's shipped config
 
 
 def build_unet(config: str, device: str, dtype: torch.dtype):
@@ -39,6 +40,8 @@ def build_unet(config: str, device: str, dtype: torch.dtype):
         from toyworld import model_dir
 
         kwargs = UNet2DConditionModel.load_config(model_dir() / "unet")
+    elif config == "real":
+        kwargs = UNet2DConditionModel.load_config(shipped_configs("sdxl") / "unet")
     else:
         kwargs = CONFIGS[config]
     torch.manual_seed(0)

@@ -21,6 +21,7 @@ from composer.methods import (
     params_from_json,
     params_to_json,
 )
+from composer.prompt_tags import has_prompt_tag, parse_prompt_tags
 
 Progress = Callable[[int, int], None]  # (step done, total steps)
 
@@ -46,7 +47,12 @@ class LoraWeight:
 
 @dataclass(frozen=True)
 class RenderRequest:
-    """What to draw. Field names follow the diffusers pipeline call."""
+    """What to draw. Field names follow the diffusers pipeline call.
+
+    `<lora:NAME:WEIGHT>` tags in the prompt (A1111's syntax, `composer.prompt_tags`) are taken out of the text and
+    join the LoRA stack after the explicit entries; an explicit entry for the same LoRA wins (its weight is
+    used). The tags as parsed stay in `prompt_tags` for the provenance.
+    """
 
     prompt: str
     negative_prompt: str = ""
@@ -59,10 +65,20 @@ class RenderRequest:
     loras: tuple[LoraWeight, ...] = field(default_factory=tuple)
     method: str = "merge"  # a composer.methods name
     method_params: Any = None  # that method's parameters dataclass; None: its defaults
+    prompt_tags: tuple[LoraWeight, ...] = field(
+        default=(), init=False
+    )  # the prompt's <lora:...> tags, parsed
 
     def __post_init__(self):
         if self.method_params is None and self.method in METHODS:  # one value for "the defaults"
             object.__setattr__(self, "method_params", METHODS[self.method]())
+        tagged = parse_prompt_tags(self.prompt)
+        if tagged.tags:
+            tags = tuple(LoraWeight(tag.name, tag.weight) for tag in tagged.tags)
+            explicit = {lw.name for lw in self.loras}
+            object.__setattr__(self, "prompt", tagged.text)
+            object.__setattr__(self, "prompt_tags", tags)
+            object.__setattr__(self, "loras", self.loras + tuple(t for t in tags if t.name not in explicit))
 
     def params(self):
         """The composition method's parameters (its defaults when none were given)."""
@@ -70,7 +86,11 @@ class RenderRequest:
 
     def validate(self) -> None:
         if not self.prompt.strip():
-            raise StudioError("prompt is empty")
+            raise StudioError(
+                "prompt is empty" + (" once its LoRA tags are taken out" if self.prompt_tags else "")
+            )
+        if has_prompt_tag(self.negative_prompt):
+            raise StudioError("LoRA tags (<lora:...>) are read from the prompt only, not the negative prompt")
         if self.num_inference_steps is not None and not 1 <= self.num_inference_steps <= 500:
             raise StudioError(f"num_inference_steps must be 1..500, got {self.num_inference_steps}")
         if not 1 <= self.num_images <= 16:
@@ -90,7 +110,7 @@ class RenderRequest:
 
     def to_json(self) -> dict[str, Any]:
         """JSON of the request (LoRAs as {name, weight}, method parameters as `params_to_json` writes them)."""
-        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.init}
         out["loras"] = [{"name": lw.name, "weight": lw.weight} for lw in self.loras]
         out["method_params"] = params_to_json(self.params())
         return out
@@ -102,7 +122,7 @@ class RenderRequest:
         Raises:
             StudioError: an unknown field, a malformed LoRA entry or bad method parameters (named).
         """
-        known = [f.name for f in fields(cls)]
+        known = [f.name for f in fields(cls) if f.init]
         unknown = sorted(set(data) - set(known))
         if unknown:
             raise StudioError(f"unknown request fields {', '.join(unknown)}; expected {', '.join(known)}")

@@ -289,7 +289,7 @@ def test_without_an_executor_the_render_routes_answer_503(studio):
 
 
 def test_request_schema_follows_the_render_request_dataclass(studio):
-    assert list(RenderRequestIn.model_fields) == [f.name for f in dataclasses.fields(RenderRequest)]
+    assert list(RenderRequestIn.model_fields) == [f.name for f in dataclasses.fields(RenderRequest) if f.init]
     assert list(LoraWeightIn.model_fields) == [f.name for f in dataclasses.fields(LoraWeight)]
     defaults = RenderRequestIn(prompt="x").model_dump()
     reference = RenderRequest("x")
@@ -300,3 +300,36 @@ def test_request_schema_follows_the_render_request_dataclass(studio):
     assert set(spec["paths"][f"{API}/renders/{{job_id}}"]) == {"get", "delete"}
     assert f"{API}/renders/{{job_id}}/images/{{n}}" in spec["paths"]
     assert {"RenderBatch", "RenderRequestIn", "JobRead", "JobPage"} <= set(spec["components"]["schemas"])
+
+
+def test_prompt_tags_in_a_job_render_as_the_explicit_stack_and_unknown_tags_are_404(client, studio):
+    tagged = {"prompt": "a green square <lora:inkwell:0.7>", "seed": 4, **SMALL}
+    r = client.post(f"{API}/renders", json={"requests": [tagged]})
+    assert r.status_code == 202, r.text
+    done = poll(client, r.headers["location"])
+    assert done["status"] == "done", done
+    provenance = done["results"][0]["provenance"]
+    assert provenance["prompt"] == "a green square"
+    assert provenance["prompt_tags"] == [{"name": "inkwell", "weight": 0.7}]
+    assert [(x["name"], x["weight"]) for x in provenance["loras"]] == [("inkwell", 0.7)]
+    reference = studio.render(
+        RenderRequest("a green square", seed=4, loras=(LoraWeight("inkwell", 0.7),), **SMALL)
+    )
+    image = png(client.get(done["results"][0]["images"][0]))
+    np.testing.assert_array_equal(
+        np.asarray(image.convert("RGB")), np.asarray(reference.images[0].convert("RGB"))
+    )
+
+    body = error(
+        client.post(f"{API}/renders", json={"requests": [{"prompt": "x <lora:inkwel:0.5>"}]}),
+        404,
+        "not_found",
+    )
+    assert body["message"].startswith("requests[0]: prompt tag <lora:inkwel:0.5>: no adapter named 'inkwel'")
+    assert body["suggestions"] == ["inkwell"]
+    body = error(
+        client.post(f"{API}/renders", json={"requests": [{"prompt": "x <lora:inkwell:0.5"}]}),
+        400,
+        "bad_request",
+    )
+    assert "requests[0]: prompt tag '<lora:inkwell:0.5' is not closed" in body["message"]

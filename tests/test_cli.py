@@ -105,3 +105,47 @@ def test_cli_end_to_end(tmp_path, tiny_sdxl_factory):
     assert "Traceback" not in result.output
     result = runner.invoke(app, ["export", "alpha", "--format", "ckpt", *data])
     assert result.exit_code == 1 and "unknown export format" in result.output
+
+
+def test_cli_prompt_tags_activate_catalog_loras(tmp_path, tiny_sdxl_factory):
+    backbone, make = tiny_sdxl_factory
+    lora = tmp_path / "alpha.safetensors"
+    write_diffusers(random_lora(make(), backbone, seed=1), lora)
+    data = ["--data-dir", str(tmp_path / "data")]
+    assert runner.invoke(app, ["import", str(lora), *data]).exit_code == 0
+    args = ["render", "--backbone", "sdxl", "--steps", "2", "--height", "32", "--width", "32", *data]
+
+    tagged, explicit = tmp_path / "tagged.png", tmp_path / "explicit.png"
+    result = runner.invoke(app, [*args, "--prompt", "a red circle <lora:alpha:0.7>", "--out", str(tagged)])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(
+        app, [*args, "--prompt", "a red circle", "--lora", "alpha:0.7", "--out", str(explicit)]
+    )
+    assert result.exit_code == 0, result.output
+    meta = json.loads(Image.open(tagged).text["lora_studio"])
+    assert meta["prompt"] == "a red circle" and meta["prompt_tags"] == [{"name": "alpha", "weight": 0.7}]
+    assert [(x["name"], x["weight"]) for x in meta["loras"]] == [("alpha", 0.7)]
+    assert list(Image.open(tagged).getdata()) == list(Image.open(explicit).getdata())
+
+    for prompt, message in [
+        ("x <lora:alpah:0.5>", "prompt tag <lora:alpah:0.5>: no adapter named 'alpah'; did you mean 'alpha'"),
+        ("x <lora:alpha:lots>", "weight 'lots' is not a number"),
+        ("x <lora:alpha:<lora:alpha>>", "prompt tags cannot nest"),
+    ]:
+        result = runner.invoke(app, [*args, "--prompt", prompt, "--out", str(tmp_path / "bad.png")])
+        assert result.exit_code == 1 and message in result.output, result.output
+        assert "Traceback" not in result.output
+
+
+def test_cli_names_the_family_of_a_single_file_checkpoint_it_cannot_load(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    path = tmp_path / "v1-5-pruned.safetensors"
+    save_file({"cond_stage_model.transformer.text_model.final_layer_norm.weight": torch.zeros(1)}, path)
+    args = ["render", "--backbone", "sdxl", "--model", str(path), "--prompt", "x", "--steps", "1"]
+    result = runner.invoke(
+        app, [*args, "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "r.png")]
+    )
+    assert result.exit_code == 1 and "is an SD 1.x checkpoint, not one of the sdxl family" in result.output
+    assert "Traceback" not in result.output

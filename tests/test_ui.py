@@ -167,12 +167,24 @@ def test_clora_render_shows_the_masks_it_found(client):
         render(client, "a red circle inkwellstyle", rows=rows, method="clora")
 
 
+def test_a_prompt_tag_renders_as_the_stack_row_and_is_in_the_provenance(client):
+    tagged_gallery, tagged = render(client, prompt="a red circle on the left <lora:pastel:0.7>")
+    row_gallery, _ = render(client, rows=[("pastel", 0.7)])
+    assert tagged["prompt"] == "a red circle on the left"
+    assert tagged["prompt_tags"] == [{"name": "pastel", "weight": 0.7}]
+    assert [(x["name"], x["weight"]) for x in tagged["loras"]] == [("pastel", 0.7)]
+    assert "pastel" in tagged_gallery[0]["caption"]
+    assert np.array_equal(pixels(tagged_gallery[0]["image"]), pixels(row_gallery[0]["image"]))
+
+
 @pytest.mark.parametrize(
     "rows, kw, message",
     [
         ([("inkwel", 1.0)], {}, "no adapter named 'inkwel'; did you mean 'inkwell'"),
         ([("inkwell", "strong")], {}, "weight of LoRA 'inkwell' is not a number"),
         ([], {"width": 60}, "multiples of 8"),
+        ([], {"prompt": "x <lora:inkwel:0.5>"}, "prompt tag <lora:inkwel:0.5>: no adapter named 'inkwel'"),
+        ([], {"prompt": "x <lora:inkwell:big>"}, "weight 'big' is not a number"),
         ([], {"method": "blend"}, "blend is not in the list of choices: \\['merge', 'regional', 'clora'\\]"),
     ],
 )

@@ -49,7 +49,12 @@ class RenderRequestIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    prompt: str = Field(min_length=1, max_length=4000, pattern=r"\S", description="what to draw")
+    prompt: str = Field(
+        min_length=1,
+        max_length=4000,
+        pattern=r"\S",
+        description="what to draw; <lora:NAME:WEIGHT> tags (A1111) add catalog LoRAs and are taken out of the text",
+    )
     negative_prompt: str = Field(default="", max_length=4000)
     num_inference_steps: int | None = Field(default=None, ge=1, le=500, description="denoising steps")
     guidance_scale: float | None = Field(default=None, ge=0, le=100, allow_inf_nan=False)

@@ -62,7 +62,12 @@ def build_studio_tab(studio: StudioFacade, demo: gr.Blocks) -> None:
 
     with gr.Row():
         with gr.Column(scale=3):
-            prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt")
+            prompt = gr.Textbox(
+                label="Prompt",
+                lines=2,
+                elem_id="prompt",
+                info="<lora:NAME:WEIGHT> in the prompt adds that catalog LoRA (the stack's own row wins)",
+            )
             negative = gr.Textbox(label="Negative prompt", elem_id="negative-prompt")
             with gr.Row():
                 query = gr.Textbox(

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from composer.backbones.single_file import load_single_file, shipped_configs
 from composer.errors import BackboneError, StudioError
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,11 @@ class Backbone:
     build_tiny: Callable[[int], Any]  # seed -> pipeline with tiny random weights, built offline
     build_meta_denoiser: Callable[[], nn.Module]  # the real architecture on the meta device
     blora_blocks: dict[str, str] = field(default_factory=dict)  # role -> block module path (B-LoRA)
+    # Single-file checkpoints (composer.backbones.single_file): key prefixes that mark the family, prefixes of
+    # variants whose configs are not shipped (refused), and each pipeline component's prefixes in the file.
+    checkpoint_marker: tuple[str, ...] = ()
+    checkpoint_foreign: tuple[str, ...] = ()
+    checkpoint_components: dict[str, tuple[str, ...]] = field(default_factory=dict)
     default_steps: int = 30
     default_guidance: float = 5.0
 
@@ -66,6 +72,11 @@ class Backbone:
     def native_size(self, pipe) -> int:
         """The pixel size the model was built for (toy 64, SDXL and FLUX 1024 for the real ones)."""
         return int(getattr(pipe, "default_sample_size", 64)) * int(pipe.vae_scale_factor)
+
+    def checkpoint_tokenizers(self, configs: Path, checkpoint: Path) -> dict[str, Any]:
+        """Tokenizers to hand `from_single_file` (a single-file checkpoint carries none): {} where the config
+        folder `configs` has them. Raises BackboneError naming a tokenizer that cannot be had offline."""
+        raise self._unsupported("single-file checkpoints")
 
     def _unsupported(self, what: str) -> BackboneError:
         return BackboneError(f"the {self.family} backbone does not support {what}")
@@ -223,7 +234,7 @@ def _load_pipeline(backbone: Backbone, model, *, dtype, device, seed):
                     )
                 pipe = cls.from_pretrained(path, dtype=dtype, local_files_only=True)
             elif path.suffix == ".safetensors" and path.is_file():
-                pipe = cls.from_single_file(path, dtype=dtype)
+                pipe = load_single_file(backbone, path, dtype=dtype)
             elif path.suffix in {".ckpt", ".pt", ".pth", ".bin"}:
                 raise BackboneError(f"{path}: pickle checkpoints are refused; convert it to safetensors")
             elif path.exists() or text.startswith((".", "/", "~")):
@@ -249,12 +260,14 @@ def _load_pipeline(backbone: Backbone, model, *, dtype, device, seed):
     return pipe
 
 
-def on_meta(model_class: str, config: dict) -> nn.Module:
-    """A diffusers model class built from a config on the meta device: exact architecture, no memory."""
+def on_meta(family: str, component: str) -> nn.Module:
+    """A diffusers model of a family's real architecture (its shipped config, `single_file.shipped_configs`)
+    built on the meta device: exact architecture, no memory."""
     import diffusers
 
+    config = json.loads((shipped_configs(family) / component / "config.json").read_text())
     with torch.device("meta"):
-        return getattr(diffusers, model_class)(**config)
+        return getattr(diffusers, config["_class_name"]).from_config(config)
 
 
 def count_params(module: nn.Module) -> int:

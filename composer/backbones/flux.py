@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -11,21 +13,7 @@ from torch import nn
 from composer.backbones.base import SEMANTIC_SIDE, Backbone, Conditioning, on_meta
 from composer.backbones.sdxl import TINY_MERGES, clip_text_config
 from composer.backbones.tokenizers import clip_tokenizer, t5_tokenizer
-from composer.errors import StudioError
-
-# black-forest-labs/FLUX.1-dev transformer/config.json
-REAL_TRANSFORMER = dict(
-    patch_size=1,
-    in_channels=64,
-    num_layers=19,
-    num_single_layers=38,
-    attention_head_dim=128,
-    num_attention_heads=24,
-    joint_attention_dim=4096,
-    pooled_projection_dim=768,
-    guidance_embeds=True,
-    axes_dims_rope=(16, 56, 56),
-)
+from composer.errors import BackboneError, StudioError
 
 TINY_TRANSFORMER = dict(
     patch_size=1,
@@ -96,8 +84,8 @@ def tiny(seed: int = 0):
 
 
 def meta_transformer() -> nn.Module:
-    """FLUX.1-dev's transformer on the meta device."""
-    return on_meta("FluxTransformer2DModel", REAL_TRANSFORMER)
+    """FLUX.1-dev's transformer on the meta device (its shipped config)."""
+    return on_meta("flux", "transformer")
 
 
 T5_LENGTH = 512  # T5 tokens FluxPipeline encodes (at most; a tokenizer with a shorter limit caps it)
@@ -169,6 +157,25 @@ class FluxBackbone(Backbone):
     defaults to uniform). Guided models get the objective's guidance (3.5 for FLUX.1-dev) and T5 sees 512
     tokens, as FluxPipeline renders.
     """
+
+    def checkpoint_tokenizers(self, configs: Path, checkpoint: Path) -> dict[str, Any]:
+        """CLIP-L's tokenizer built offline; T5's from the configs, or from a `tokenizer_2` folder beside the
+        checkpoint: its SentencePiece vocabulary is in no checkpoint and not among our dependencies."""
+        out: dict[str, Any] = {}
+        if not (configs / "tokenizer").is_dir():
+            out["tokenizer"] = clip_tokenizer()
+        if not (configs / "tokenizer_2").is_dir():
+            beside = checkpoint.parent / "tokenizer_2"
+            if not beside.is_dir():
+                raise BackboneError(
+                    f"{checkpoint.name}: FLUX needs T5's tokenizer, which single-file checkpoints do not carry "
+                    f"and this package does not ship; put the tokenizer_2 folder of a FLUX.1 diffusers model "
+                    f"(spiece.model or tokenizer.json) at {beside}"
+                )
+            from transformers import T5TokenizerFast
+
+            out["tokenizer_2"] = T5TokenizerFast.from_pretrained(beside, local_files_only=True)
+        return out
 
     def patch_grid(self, pipe, height: int, width: int) -> tuple[int, int]:
         rows, cols = self.latent_size(pipe, height, width)
@@ -252,6 +259,18 @@ BACKBONE = FluxBackbone(
     target_pattern=TARGET_PATTERN,
     build_tiny=tiny,
     build_meta_denoiser=meta_transformer,
+    checkpoint_marker=("double_blocks.", "model.diffusion_model.double_blocks."),
+    checkpoint_foreign=tuple(  # FLUX.2 and Chroma share the block names; their configs are not shipped
+        prefix + name
+        for prefix in ("", "model.diffusion_model.")
+        for name in ("single_stream_modulation.", "distilled_guidance_layer.")
+    ),
+    checkpoint_components={
+        "transformer": ("double_blocks.", "model.diffusion_model.double_blocks."),
+        "vae": ("vae.", "first_stage_model."),
+        "text_encoder": ("text_encoders.clip_l.",),
+        "text_encoder_2": ("text_encoders.t5xxl.",),
+    },
     default_steps=28,
     default_guidance=3.5,
 )

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -12,32 +14,13 @@ from composer.backbones.base import SEMANTIC_SIDE, Backbone, Conditioning, on_me
 from composer.backbones.tokenizers import clip_tokenizer
 from composer.errors import StudioError
 
-# stabilityai/stable-diffusion-xl-base-1.0 unet/config.json (the fields that shape the network)
-REAL_UNET = dict(
-    sample_size=128,
-    in_channels=4,
-    out_channels=4,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    block_out_channels=(320, 640, 1280),
-    layers_per_block=2,
-    transformer_layers_per_block=(1, 2, 10),
-    cross_attention_dim=2048,
-    attention_head_dim=(5, 10, 20),
-    use_linear_projection=True,
-    addition_embed_type="text_time",
-    addition_time_embed_dim=256,
-    projection_class_embeddings_input_dim=2816,
-    norm_num_groups=32,
-)
-
 # Same block layout as SDXL (so up_blocks.0.attentions.0/.1 exist for B-LoRA), toy widths.
 TINY_UNET = dict(
     sample_size=16,
     in_channels=4,
     out_channels=4,
-    down_block_types=REAL_UNET["down_block_types"],
-    up_block_types=REAL_UNET["up_block_types"],
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
     block_out_channels=(32, 64, 64),
     layers_per_block=1,
     transformer_layers_per_block=(1, 1, 2),
@@ -141,8 +124,8 @@ def tiny(seed: int = 0):
 
 
 def meta_unet() -> nn.Module:
-    """SDXL-base's UNet on the meta device: the exact architecture, no memory, no weights."""
-    return on_meta("UNet2DConditionModel", REAL_UNET)
+    """SDXL-base's UNet on the meta device (its shipped config): the exact architecture, no memory, no weights."""
+    return on_meta("sdxl", "unet")
 
 
 class UNetCrossAttention:
@@ -178,6 +161,13 @@ class SDXLBackbone(Backbone):
 
     def native_size(self, pipe) -> int:
         return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+
+    def checkpoint_tokenizers(self, configs: Path, checkpoint: Path) -> dict[str, Any]:
+        """SDXL's two CLIP tokenizers, built from open-clip-torch's vocabulary (ids equal OpenAI's); the second
+        pads with "!" as SDXL's tokenizer_2 does."""
+        if (configs / "tokenizer").is_dir() and (configs / "tokenizer_2").is_dir():
+            return {}
+        return {"tokenizer": clip_tokenizer(), "tokenizer_2": clip_tokenizer(pad_token="!")}
 
     def prompt_tokenizer(self, pipe):
         return pipe.tokenizer
@@ -256,6 +246,14 @@ BACKBONE = SDXLBackbone(
     build_tiny=tiny,
     build_meta_denoiser=meta_unet,
     blora_blocks={"content": "up_blocks.0.attentions.0", "style": "up_blocks.0.attentions.1"},
+    checkpoint_marker=("model.diffusion_model.label_emb.",),  # SDXL's size/pooled-text embedding
+    checkpoint_foreign=("conditioner.embedders.0.model.", "edm_mean"),  # the refiner; Playground v2.5
+    checkpoint_components={
+        "unet": ("model.diffusion_model.",),
+        "vae": ("first_stage_model.",),
+        "text_encoder": ("conditioner.embedders.0.transformer.",),
+        "text_encoder_2": ("conditioner.embedders.1.model.",),
+    },
     default_steps=30,
     default_guidance=5.0,
 )

@@ -56,12 +56,13 @@ def clip_vocab_and_merges(num_merges: int = CLIP_FULL_MERGES) -> tuple[dict[str,
     return {t: i for i, t in enumerate(tokens)}, merges
 
 
-def clip_tokenizer(num_merges: int = CLIP_FULL_MERGES, max_length: int = 77):
-    """A transformers CLIPTokenizer built from open-clip-torch's BPE file."""
+def clip_tokenizer(num_merges: int = CLIP_FULL_MERGES, max_length: int = 77, pad_token: str = CLIP_EOS):
+    """A transformers CLIPTokenizer built from open-clip-torch's BPE file. OpenAI's CLIP pads with its end token;
+    SDXL's second tokenizer (OpenCLIP bigG) pads with "!"."""
     from transformers import CLIPTokenizer
 
     vocab, merges = clip_vocab_and_merges(num_merges)
-    tok = CLIPTokenizer(vocab=vocab, merges=[tuple(m.split(" ")) for m in merges])
+    tok = CLIPTokenizer(vocab=vocab, merges=[tuple(m.split(" ")) for m in merges], pad_token=pad_token)
     tok.model_max_length = max_length
     return tok
 
