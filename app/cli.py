@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from pathlib import Path
@@ -11,7 +10,7 @@ from typing import Annotated
 import typer
 
 from app.cli_admin import admin_app, apikey_app
-from app.cli_common import DataDir, _fail, _guard, _studio
+from app.cli_common import DataDir, _fail, _guard, _studio, configure_logging, full_traces
 
 app = typer.Typer(
     add_completion=False,
@@ -349,6 +348,7 @@ def serve(
     Studio, with a render-job executor."""
     import uvicorn
 
+    full_traces()
     from app.jobs import make_executor
     from app.web import create_web_app
 
@@ -364,7 +364,7 @@ def serve(
 
 
 def main() -> None:
-    logging.basicConfig(level=os.environ.get("LORA_STUDIO_LOG", "WARNING"))
+    configure_logging(os.environ.get("LORA_STUDIO_LOG", "WARNING"))
     app()
 
 

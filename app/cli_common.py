@@ -3,6 +3,7 @@ one-red-line error handling."""
 
 from __future__ import annotations
 
+import logging
 import os
 from functools import wraps
 from pathlib import Path
@@ -28,6 +29,28 @@ def _studio(data_dir: Path | None):
 
     settings = Settings(data_dir=data_dir) if data_dir else Settings()
     return Studio.open(settings)
+
+
+class OneLineErrors(logging.Filter):
+    """Drops log records that carry a trace from the terminal: the command reports that error itself, as one
+    red line (LORA_STUDIO_LOG=DEBUG shows the traces; `serve` keeps them in its log)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.exc_info is None
+
+
+def configure_logging(level: str) -> None:
+    handler = logging.StreamHandler()
+    if level.upper() != "DEBUG":
+        handler.addFilter(OneLineErrors())
+    logging.basicConfig(level=level, handlers=[handler])
+
+
+def full_traces() -> None:
+    """A server logs every trace: remove the CLI's one-line filter from the root handlers."""
+    for handler in logging.getLogger().handlers:
+        for f in [f for f in handler.filters if isinstance(f, OneLineErrors)]:
+            handler.removeFilter(f)
 
 
 def _fail(message: str, code: int = 1):

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -11,6 +14,11 @@ from PIL import PngImagePlugin
 
 import toyworld
 from composer.backbones import TINY, Backbone, get_backbone
+from composer.errors import AdapterRuntimeError, StudioError, first_line
+from composer.render import Progress
+from db.errors import CatalogError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -65,3 +73,52 @@ def save_images(images: list, out: Path, provenance: dict) -> list[Path]:
         image.save(path, format="PNG", pnginfo=info)
         paths.append(path)
     return paths
+
+
+class RenderFailed(StudioError):
+    """A render failed for a reason the studio did not check beforehand; the message is one line naming the
+    LoRA and module (an adapter failed) or the LoRAs and settings, and the full trace is in the log."""
+
+
+@contextmanager
+def render_errors(names: Mapping[str, str], setting: str, progress: Progress | None):
+    """Turn any exception of the block into one line: yields the progress callback to pass on, whose own
+    exceptions (a cancelled job) pass through unchanged, as do project errors other than an adapter's.
+
+    Args:
+        names: the user's LoRA name by resident adapter name (a file hash).
+        setting: what was rendered, for the message ("sdxl tiny, 32x32, 2 steps").
+    """
+    own: list[BaseException] = []
+
+    def relay(done: int, total: int) -> None:
+        try:
+            progress(done, total)
+        except BaseException as exc:
+            own.append(exc)
+            raise
+
+    try:
+        yield None if progress is None else relay
+    except Exception as exc:
+        if any(exc is e for e in own) or (
+            isinstance(exc, (StudioError, CatalogError)) and not isinstance(exc, AdapterRuntimeError)
+        ):
+            raise
+        line = _failure_line(exc, names, setting)
+        log.error("%s", line, exc_info=exc)
+        raise RenderFailed(line) from exc
+
+
+def _failure_line(exc: BaseException, names: Mapping[str, str], setting: str) -> str:
+    if isinstance(exc, AdapterRuntimeError):
+        loras = ", ".join(repr(names.get(a, a)) for a in exc.adapters)
+        return f"render failed: LoRA {loras} on module {exc.module}: {exc.cause_line}"
+    loras = ", ".join(repr(n) for n in names.values()) or "none"
+    return f"render failed ({setting}; LoRAs: {loras}): {first_line(exc)}"
+
+
+def name_lora(exc: BaseException, key: str, name: str) -> None:
+    """Re-word an adapter-host error about resident adapter `key` (a file hash) to name the LoRA."""
+    if exc.args and isinstance(exc.args[0], str):
+        exc.args = (exc.args[0].replace(repr(key), repr(name)), *exc.args[1:])

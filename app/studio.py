@@ -20,7 +20,15 @@ from app.catalog import JobInfo, JobPage
 from app.facade import SamplingDefaults
 from app.jobs.board import JobBoard
 from app.library import AdapterInfo, Library
-from app.rendering import RenderResult, resolve_backbone, resolve_device, resolve_dtype, save_images
+from app.rendering import (
+    RenderResult,
+    name_lora,
+    render_errors,
+    resolve_backbone,
+    resolve_device,
+    resolve_dtype,
+    save_images,
+)
 from app.settings import Settings
 from app.training import TrainingRuns, TrainOutcome
 from composer.adapters import blora
@@ -46,6 +54,11 @@ class _Loaded:
     pipe: object
     host: AdapterHost
     resident: OrderedDict[str, None] = field(default_factory=OrderedDict)  # sha256, LRU order
+
+
+def _resident_key(info: AdapterInfo, role: str | None) -> str:
+    """The name a catalog entry (or one B-LoRA half) is resident under: its file hash (#role)."""
+    return info.sha256 if role is None else f"{info.sha256}#{role}"
 
 
 def check_family(info: AdapterInfo, backbone: str, family: str) -> None:
@@ -157,13 +170,17 @@ class Studio:
         """Make the entries resident (LRU beyond max_resident_loras); their resident names, in order."""
         keys = []
         for info, role in entries:
-            key = info.sha256 if role is None else f"{info.sha256}#{role}"
+            key = _resident_key(info, role)
             keys.append(key)
             if key in loaded.resident:
                 loaded.resident.move_to_end(key)
                 continue
             lora = read_lora(Path(info.file_path))
-            loaded.host.add(key, lora if role is None else blora.half(lora, role))
+            try:
+                loaded.host.add(key, lora if role is None else blora.half(lora, role))
+            except StudioError as exc:  # the host knows the file hash; the user knows the name
+                name_lora(exc, key, info.name)
+                raise
             loaded.resident[key] = None
         evictable = [k for k in loaded.resident if k not in set(keys)]  # least recently used first
         for victim in evictable[: max(0, len(loaded.resident) - self.settings.max_resident_loras)]:
@@ -225,7 +242,12 @@ class Studio:
         for info in infos:
             check_family(info, backbone, bb.family)
         pictures: list = []
-        with self._lock:
+        first = requests[0]
+        users = {_resident_key(info, role): lw.name for lw, (info, role) in zip(stack, entries, strict=True)}
+        setting = (
+            f"{backbone} {model}, {first.width or 'default'}x{first.height or 'default'}, {first.method}"
+        )
+        with self._lock, render_errors(users, setting, progress) as relay:
             loaded = self.pipeline(backbone, model)
             keys = self._make_resident(loaded, entries)
             names = {lw.name: key for lw, key in zip(stack, keys, strict=True)}
@@ -235,7 +257,7 @@ class Studio:
                 loaded.host,
                 requests,
                 adapter_names=names,
-                progress=progress,
+                progress=relay,
                 pictures=pictures,
                 triggers={lw.name: info.trigger_words for lw, info in zip(stack, infos, strict=True)},
             )

@@ -31,3 +31,21 @@ class BackboneError(StudioError):
 
 class AdapterError(StudioError):
     """An adapter cannot be attached, activated or fused."""
+
+
+class AdapterRuntimeError(AdapterError):
+    """Adapters failed while their model ran: names them (resident names) and the module (component.path)."""
+
+    def __init__(self, adapters: tuple[str, ...], module: str, cause: BaseException):
+        line = first_line(cause)
+        shown = ", ".join(repr(a) for a in adapters)
+        super().__init__(f"adapter {shown} on module {module or '?'}: {line}")
+        self.adapters = adapters
+        self.module = module
+        self.cause_line = line
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception as one line: its type and the first line of its message."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__

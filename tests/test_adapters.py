@@ -9,7 +9,7 @@ from torch import nn
 from composer.adapters.host import AdapterHost
 from composer.adapters.layer import AdaptedModule
 from composer.adapters.lora import LoraAdapter
-from composer.errors import AdapterError, FamilyMismatchError, UnknownKeysError
+from composer.errors import AdapterError, AdapterRuntimeError, FamilyMismatchError, UnknownKeysError
 from composer.formats.model import LoraFile, ModuleDelta
 
 
@@ -196,3 +196,35 @@ def test_remove_frees_the_adapter():
     host.remove("one")
     assert host.names == [] and len(net.a.adapters) == 0
     torch.testing.assert_close(net(x), base)
+
+
+def test_the_wrapper_stands_in_for_the_module_it_wraps():
+    """Callers read the original's attributes (diffusers reads add_embedding.linear_1.in_features) and
+    make isinstance checks (peft, diffusers' loaders) on the wrapper."""
+    context = AdapterHost({}).context
+    conv = nn.Conv2d(4, 8, 3, stride=2, padding=1, dilation=1, bias=False)
+    linear = nn.Linear(6, 10)
+    for base, attrs in (
+        (conv, ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
+                "padding_mode", "weight", "bias")),
+        (linear, ("in_features", "out_features", "weight", "bias")),
+    ):  # fmt: skip
+        wrapped = AdaptedModule(base, context, "unet.layer")
+        assert isinstance(wrapped, type(base)) and isinstance(wrapped, AdaptedModule)
+        for attr in attrs:
+            assert getattr(wrapped, attr) is getattr(base, attr), attr
+        assert (wrapped.dtype, wrapped.device) == (base.weight.dtype, base.weight.device)
+        assert [n for n, _ in wrapped.named_parameters()] == [f"base.{n}" for n, _ in base.named_parameters()]
+        with pytest.raises(AttributeError):
+            _ = wrapped.no_such_attribute
+    with pytest.raises(AdapterError, match="cannot adapt a LayerNorm"):
+        AdaptedModule(nn.LayerNorm(4), context)
+
+
+def test_an_adapter_that_fails_in_forward_names_itself_and_the_module():
+    net = Net()
+    host = AdapterHost({"unet": net}, "sdxl")
+    host.add("one", lora_for(net, 1))
+    with host.activate({"one": torch.ones(3)}), pytest.raises(AdapterRuntimeError) as caught:
+        net(torch.randn(4, 16), torch.randn(4, 3, 8, 8))  # a per-sample scale for 3 of 4 samples
+    assert "adapter 'one' on module unet.a: ValueError: per-sample scale" in str(caught.value)

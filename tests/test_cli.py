@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -149,3 +150,55 @@ def test_cli_names_the_family_of_a_single_file_checkpoint_it_cannot_load(tmp_pat
     )
     assert result.exit_code == 1 and "is an SD 1.x checkpoint, not one of the sdxl family" in result.output
     assert "Traceback" not in result.output
+
+
+def test_a_failing_render_is_one_line_naming_the_lora_and_the_trace_is_logged(
+    tmp_path, tiny_sdxl_factory, monkeypatch, caplog
+):
+    from composer.adapters import lora as lora_module
+    from composer.formats.model import LoraFile, ModuleDelta
+
+    backbone, make = tiny_sdxl_factory
+    pipe = make()
+    data = ["--data-dir", str(tmp_path / "data")]
+    ok = random_lora(pipe, backbone, seed=1)
+    wrong = {"unet.add_embedding.linear_1": ModuleDelta(  # 81 inputs; the layer has 80
+        "unet", "add_embedding.linear_1", "lora", {"down": torch.ones(2, 81), "up": torch.ones(128, 2)}
+    )}  # fmt: skip
+    write_diffusers(ok, tmp_path / "fine.safetensors")
+    write_diffusers(LoraFile(wrong, "diffusers", "sdxl"), tmp_path / "misfit.safetensors")
+    result = runner.invoke(
+        app, ["import", str(tmp_path / "fine.safetensors"), str(tmp_path / "misfit.safetensors"), *data]
+    )
+    assert result.exit_code == 0, result.output
+    render = [
+        "render",
+        "--backbone",
+        "sdxl",
+        "--prompt",
+        "x",
+        "--steps",
+        "2",
+        "--width",
+        "32",
+        "--height",
+        "32",
+    ]
+    out = ["--out", str(tmp_path / "r.png"), *data]
+
+    result = runner.invoke(app, [*render, "--lora", "misfit", *out])  # refused as it is made resident
+    assert result.exit_code == 1 and "LoRA 'misfit', module unet.add_embedding.linear_1" in result.output
+
+    def broken(self, x):  # an adapter that fails while the model runs
+        raise RuntimeError("shapes do not fit\nsecond line")
+
+    monkeypatch.setattr(lora_module.LoraAdapter, "forward_delta", broken)
+    with caplog.at_level("ERROR"):
+        result = runner.invoke(app, [*render, "--lora", "fine:0.5", *out])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    line = result.output.strip()
+    assert "\n" not in line and line.startswith("error: render failed: LoRA 'fine' on module unet."), line
+    assert line.endswith("RuntimeError: shapes do not fit")
+    assert any(r.exc_info and "render failed" in r.getMessage() for r in caplog.records), (
+        "the trace is logged"
+    )

@@ -75,6 +75,17 @@ def loha_delta(m1: torch.Tensor, m2: torch.Tensor, scale: float, shape: torch.Si
     return (m1 * m2 * scale).reshape(shape)
 
 
+def lokr_rank(tensors: Mapping[str, torch.Tensor]) -> int | None:
+    """A LoKr's rank: lokr_w1_b's rows when w1 is low-rank, else lokr_w2_b's; None when both are full."""
+    low = tensors.get("lokr_w1_b", tensors.get("lokr_w2_b"))
+    return None if low is None else int(low.shape[0])
+
+
+def loha_rank(tensors: Mapping[str, torch.Tensor]) -> int:
+    """A LoHa's rank: hada_w1_b's rows (LyCORIS gives both sides one rank)."""
+    return int(tensors["hada_w1_b"].shape[0])
+
+
 def _check_names(names: Collection[str], known: tuple[str, ...], what: str) -> None:
     unknown = sorted(set(names) - set(known))
     if unknown:

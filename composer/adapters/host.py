@@ -142,7 +142,7 @@ class AdapterHost:
         model = self.components[component]
         parent_path, _, attr = path.rpartition(".")
         parent = model.get_submodule(parent_path) if parent_path else model
-        wrapper = AdaptedModule(target, self.context)
+        wrapper = AdaptedModule(target, self.context, f"{component}.{path}")
         setattr(parent, attr, wrapper)
         self._wrapped[f"{component}.{path}"] = wrapper
         return wrapper

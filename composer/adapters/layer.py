@@ -8,7 +8,7 @@ from torch import nn
 
 from composer.adapters.base import MixingContext, broadcast_scale, is_trainable
 from composer.adapters.lora import LoraAdapter
-from composer.errors import AdapterError
+from composer.errors import AdapterError, AdapterRuntimeError
 
 _STACK_CACHE_SIZE = 4  # resident stacked LoRA sets kept per layer (switching back and forth costs nothing)
 
@@ -22,15 +22,26 @@ def _param_dtype(module: nn.Module) -> torch.dtype | None:
 class AdaptedModule(nn.Module):
     """Wraps a Linear or Conv2d: y = base(x) + sum_i s_i * delta_i(x) over the context's active adapters.
 
-    Plain LoRAs on a Linear are evaluated as one stacked pair of matmuls (all active downs concatenated,
-    then all ups), which keeps k LoRAs close to the cost of one. Anything else runs adapter by adapter.
+    The wrapper stands in for the module it wraps: `AdaptedModule(base, ...)` is an `AdaptedLinear` (an
+    nn.Linear) or an `AdaptedConv2d` (an nn.Conv2d), so isinstance checks in diffusers and peft still hold,
+    and every attribute of the original (in_features, kernel_size, stride, weight, bias, ...) reads through
+    to it. Plain LoRAs on a Linear are evaluated as one stacked pair of matmuls (all active downs
+    concatenated, then all ups), which keeps k LoRAs close to the cost of one. Anything else runs adapter by
+    adapter; an adapter that fails names itself and the module (`AdapterRuntimeError`).
     """
 
-    def __init__(self, base: nn.Module, context: MixingContext):
-        super().__init__()
-        if not isinstance(base, (nn.Linear, nn.Conv2d)):
+    def __new__(cls, *args, **kwargs):
+        if cls is AdaptedModule and args:  # pick the subclass that is-a the wrapped module's kind
+            base = args[0]
+            cls = AdaptedConv2d if isinstance(base, nn.Conv2d) else AdaptedLinear
+        return super().__new__(cls)
+
+    def __init__(self, base: nn.Module, context: MixingContext, key: str = ""):
+        nn.Module.__init__(self)  # not nn.Linear's / nn.Conv2d's: their state is `base`'s
+        if not isinstance(base, (nn.Linear, nn.Conv2d)) or isinstance(base, AdaptedModule):
             raise AdapterError(f"cannot adapt a {type(base).__name__}; only Linear and Conv2d")
         self.base = base
+        self.key = key  # "component.path", for messages
         self.adapters = nn.ModuleDict()
         self.context = context
         self._stacks: dict[tuple, tuple[torch.Tensor, torch.Tensor, list[int]]] = {}
@@ -78,12 +89,18 @@ class AdaptedModule(nn.Module):
         if stackable and not (
             torch.is_grad_enabled() and any(is_trainable(self.adapters[n]) for n, _ in work)
         ):
-            return y + self._stacked_delta(x, y, work)
+            try:
+                return y + self._stacked_delta(x, y, work)
+            except Exception as exc:
+                raise AdapterRuntimeError(tuple(n for n, _ in work), self.key, exc) from exc
         for name, scale in work:
             adapter = self.adapters[name]
             dtype = _param_dtype(adapter)  # fp32 trainable adapters on an fp16 model compute in fp32
-            delta = adapter.forward_delta(x if dtype in (None, x.dtype) else x.to(dtype)).to(y.dtype)
-            y = y + broadcast_scale(scale, delta) * delta
+            try:
+                delta = adapter.forward_delta(x if dtype in (None, x.dtype) else x.to(dtype)).to(y.dtype)
+                y = y + broadcast_scale(scale, delta) * delta
+            except Exception as exc:
+                raise AdapterRuntimeError((name,), self.key, exc) from exc
         return y
 
     def _stacked_delta(
@@ -121,10 +138,31 @@ class AdaptedModule(nn.Module):
             h = h * torch.cat(col, dim=1).view(-1)
         return F.linear(h, up)
 
-    @property
-    def weight(self) -> torch.Tensor:  # code that inspects `module.weight` (dtype, device) keeps working
-        return self.base.weight
+    # --- standing in for the wrapped module ---------------------------------------------------------
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)  # our own parameters, buffers and submodules
+        except AttributeError:
+            base = self.__dict__.get("_modules", {}).get("base")
+            if base is None:
+                raise
+            return getattr(base, name)  # weight, bias, in_features, kernel_size, stride, padding, ...
 
     @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base.bias
+    def dtype(self) -> torch.dtype:
+        return self.base.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.base.weight.device
+
+    def extra_repr(self) -> str:
+        return self.key
+
+
+class AdaptedLinear(AdaptedModule, nn.Linear):
+    """An AdaptedModule around an nn.Linear (what `AdaptedModule(linear, ...)` makes)."""
+
+
+class AdaptedConv2d(AdaptedModule, nn.Conv2d):
+    """An AdaptedModule around an nn.Conv2d (what `AdaptedModule(conv, ...)` makes)."""

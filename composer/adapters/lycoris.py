@@ -32,8 +32,10 @@ from composer.adapters.functional import (
     kron_delta_forward,
     kron_factors_to_lokr,
     loha_delta,
+    loha_rank,
     lokr_delta,
     lokr_kron_factors,
+    lokr_rank,
     lycoris_scale,
     rebuild_tucker,
     shape_of,
@@ -58,6 +60,7 @@ class _LycorisAdapter(nn.Module):
     file_metadata = staticmethod(no_metadata)
     names: tuple[str, ...] = ()
     check_names: Callable[[Collection[str]], None]  # raises AdapterError unless the names form this kind
+    file_rank: Callable[[Mapping[str, torch.Tensor]], int | None]  # the rank a module's tensors have
 
     def __init__(self, base: nn.Module, tensors: Mapping[str, torch.Tensor], alpha: float | None):
         super().__init__()
@@ -122,10 +125,10 @@ class LokrAdapter(_LycorisAdapter):
     title = "LoKr"
     names = file_roles = LOKR_TENSORS
     check_names = staticmethod(check_lokr_names)
+    file_rank = staticmethod(lokr_rank)
 
     def __init__(self, base: nn.Module, tensors: Mapping[str, torch.Tensor], alpha: float | None = None):
         super().__init__(base, tensors, alpha)
-        rank = None
         # w1 (out_l, in_m)
         if self.lokr_w1 is not None:
             if self.lokr_w1.ndim != 2:
@@ -135,7 +138,7 @@ class LokrAdapter(_LycorisAdapter):
             a, b = self.lokr_w1_a, self.lokr_w1_b
             if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
                 raise AdapterError(f"LoKr lokr_w1_a {shape_of(a)} and lokr_w1_b {shape_of(b)} do not chain")
-            (out_l, rank), in_m = a.shape, b.shape[1]
+            out_l, in_m = a.shape[0], b.shape[1]
         # w2 (out_k, cols = in_n * kh * kw)
         if self.lokr_w2 is not None:
             w2 = self.lokr_w2
@@ -159,15 +162,14 @@ class LokrAdapter(_LycorisAdapter):
                     )
                 self._check_kernel("lokr_t2", tuple(t.shape[2:]))
                 out_k, cols = a.shape[1], b.shape[1] * math.prod(t.shape[2:])
-            rank = rank if rank is not None else w2_rank
         d_out, d_in, kk = self.shape[0], self.shape[1], math.prod(self.kernel)
         if out_l * out_k != d_out or d_in % in_m or cols != (d_in // in_m) * kk:
             raise AdapterError(
                 f"LoKr factors w1 ({out_l}, {in_m}) and w2 ({out_k}, {cols}) do not fit the layer weight "
                 f"{tuple(self.shape)}"
             )
-        self.rank = rank  # None: both factors full, alpha ignored
-        self.scale = lycoris_scale(self.alpha, rank)
+        self.rank = lokr_rank(tensors)  # None: both factors full, alpha ignored
+        self.scale = lycoris_scale(self.alpha, self.rank)
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(w1 (out_l, in_m), w2 (out_k, in_n * kh * kw)) before the scale."""
@@ -204,6 +206,7 @@ class LohaAdapter(_LycorisAdapter):
     title = "LoHa"
     names = file_roles = LOHA_TENSORS
     check_names = staticmethod(check_loha_names)
+    file_rank = staticmethod(loha_rank)
 
     def __init__(self, base: nn.Module, tensors: Mapping[str, torch.Tensor], alpha: float | None = None):
         super().__init__(base, tensors, alpha)
@@ -227,7 +230,7 @@ class LohaAdapter(_LycorisAdapter):
                 raise AdapterError(
                     f"LoHa side {side} gives a ({out}, {cols}) matrix; the layer weight is {tuple(self.shape)}"
                 )
-        self.rank = self.hada_w1_b.shape[0]
+        self.rank = loha_rank(tensors)
         self.scale = lycoris_scale(self.alpha, self.rank)
 
     def _side(self, side: str) -> torch.Tensor:

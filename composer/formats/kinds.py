@@ -54,6 +54,15 @@ def lycoris_algo(kind: str) -> str | None:
     return next((t.lycoris_algo for t in _file_types() if t.kind == kind), None)
 
 
+def module_rank(m: ModuleDelta) -> int | None:
+    """A module's rank: LoRA's (and LoCon's) down rows, or what its type's `file_rank` reads of its tensors
+    (LoHa, low-rank LoKr); None for a kind without one (Kronecker, full LoKr, TLoRA)."""
+    if m.kind == "lora":
+        return m.rank
+    file_rank = next((getattr(t, "file_rank", None) for t in _file_types() if t.kind == m.kind), None)
+    return None if file_rank is None else file_rank(m.tensors)
+
+
 # --- reading ----------------------------------------------------------------------------------------
 def role_kind(role: str) -> str | None:
     """The kind a module role belongs to ("down"/"up": lora); None for alpha."""

@@ -70,8 +70,11 @@ class LoraFile:
 
     @property
     def rank(self) -> int | None:
-        """The most common LoRA rank in the file (None when it holds no plain LoRA)."""
-        ranks = [m.rank for m in self.modules.values() if m.kind == "lora"]
+        """The most common rank in the file (LoRA, LoCon, LoHa, low-rank LoKr: formats.kinds.module_rank);
+        None when no module has one."""
+        from composer.formats.kinds import module_rank  # kinds reads the adapter registry, which imports us
+
+        ranks = [r for m in self.modules.values() if (r := module_rank(m)) is not None]
         return max(set(ranks), key=ranks.count) if ranks else None
 
     @property

@@ -32,6 +32,12 @@ REFUSED = {
     "lora_magnitude_vector": "DoRA (lora_magnitude_vector) is not supported yet",
     "lora_magnitude_vector.weight": "DoRA (lora_magnitude_vector) is not supported yet",
     "lora_mid.weight": "LoCon Tucker decomposition (lora_mid) is not supported yet",
+    # LyCORIS algorithms other than LoCon, LoHa and LoKr, named by a key only they write
+    "diff": "LyCORIS full fine-tuning (diff) is not supported yet",
+    "on_input": "LyCORIS (IA)^3 (on_input) is not supported yet",
+    "oft_blocks": "LyCORIS OFT / BOFT (oft_blocks) is not supported yet",
+    "a1.weight": "LyCORIS GLoRA (a1, a2, b1, b2) is not supported yet",
+    "w_norm": "LyCORIS normalisation-layer training (w_norm) is not supported yet",
 }
 _KOHYA = re.compile(r"^(lora_unet|lora_transformer|lora_te[123]?|lycoris)_([^.]+)\.(.+)$")
 _LEGACY = re.compile(r"^(.+)_lora\.(down|up)\.weight$")  # unet.<...>.processor.to_q_lora.down.weight
