@@ -214,7 +214,7 @@ def test_cli_shows_a_loha_rank_and_renders_a_full_network_file(tiny_sdxl_factory
     result = runner.invoke(app, ["show", "loha", *data])
     assert result.exit_code == 0 and "rank           4" in result.output, result.output
     png = tmp_path / "r.png"
-    args = "render --backbone sdxl --prompt circle --lora loha:0.8 --lora lokr:0.5".split()
+    args = ["render", "--backbone", "sdxl", "--prompt", "circle", "--lora", "loha:0.8", "--lora", "lokr:0.5"]  # fmt: skip
     result = runner.invoke(
         app, [*args, "--steps", "2", "--width", "32", "--height", "32", "--out", str(png), *data]
     )
