@@ -144,7 +144,11 @@ def test_clora_masks_follow_the_prompt_and_its_updates_lower_the_loss(toy, monke
     assert [c.split(" (")[0] for c in captions] == ["clora: base", "clora: star", "clora: heart"]
     masks = dict(zip(["base", "star", "heart"], [p for _, p in pictures], strict=True))
     assert all(p.size == (64, 64) for p in masks.values())
-    assert centre_x(masks["star"]) < 0.45 < 0.55 < centre_x(masks["heart"])  # where the prompt puts them
+    # where the prompt puts them: the star's mask left of the heart's. With the retrained bundled adapters
+    # (text encoders adapted too) the masks are less sharp than before: star 0.37-0.41, heart 0.50-0.54 over
+    # seeds 3-6, and swapping the words swaps them (0.56 / 0.36-0.39), measured 2026-12-06
+    assert centre_x(masks["star"]) + 0.08 < centre_x(masks["heart"])
+    assert centre_x(masks["star"]) < 0.45
     claimed = (np.asarray(masks["star"]) > 0) | (np.asarray(masks["heart"]) > 0)
     assert np.array_equal(np.asarray(masks["base"]) > 0, ~claimed)  # the base stream takes the rest
     (masks_only,) = toy_render(toy, CLoRAParams(step_size=0.0))
