@@ -40,7 +40,7 @@ FAMILIES = ("sd15", "sdxl", "flux")
 # The built-in adapter types (composer.adapters.registry's kinds; a test pins the two together). db never
 # imports composer, so the app passes the live registry in (`use_adapter_types`); this torch-free copy serves
 # db on its own and the REST filter (app.api never imports torch).
-ADAPTER_TYPES = ("lora", "lokr", "loha", "blora", "kron", "tensor")
+ADAPTER_TYPES = ("lora", "lokr", "loha", "dora", "blora", "kron", "tensor")
 SOURCE_FORMATS = ("diffusers", "peft", "kohya", "lycoris")
 RENDER_STATUSES = ("pending", "running", "done", "failed", "cancelled")
 JOB_STATUSES = ("queued", "running", "done", "failed", "cancelled")

@@ -434,10 +434,10 @@ def test_every_kind_is_registered():
 def test_unregistered_adapter_type_is_caught(tmp_path):
     for path in Path(composer.adapters.__file__).parent.glob("*.py"):
         (tmp_path / path.name).write_text(path.read_text())
-    (tmp_path / "dora.py").write_text('class DoraAdapter:\n    kind = "dora"\n')
+    (tmp_path / "oft.py").write_text('class OftAdapter:\n    kind = "oft"\n')
     defined = defined_adapter_kinds(tmp_path)
-    assert defined["dora"] == "dora.py:DoraAdapter"
-    assert "dora" not in {t.kind for t in ADAPTER_TYPES}  # so test_every_kind_is_registered would fail
+    assert defined["oft"] == "oft.py:OftAdapter"
+    assert "oft" not in {t.kind for t in ADAPTER_TYPES}  # so test_every_kind_is_registered would fail
 
 
 def test_catalog_list_matches_the_registry():

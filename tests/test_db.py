@@ -229,7 +229,7 @@ def test_add_refuses_missing_unknown_and_malformed_fields(sessions):
             repo.add(**fields("a", colour="red"))
         for bad in (
             {"family": "sd3"},
-            {"adapter_type": "dora"},
+            {"adapter_type": "oft"},
             {"source_format": "ckpt"},
             {"sha256": "123"},
             {"file_path": "relative/x.safetensors"},

@@ -403,13 +403,13 @@ def test_flux_kohya_fused_qkv_and_linear1_are_split_exactly():
         convert_state_dict(kohya("lora_unet_double_blocks_0_img_attn_qkv", out=10))
 
 
-def test_dora_and_tucker_are_refused_by_key():
+def test_dora_and_tucker_keys_are_read_as_their_kinds():
     sd = kohya("lora_unet_conv_in") | {"lora_unet_conv_in.dora_scale": torch.ones(1, 5)}
-    with pytest.raises(LoraFileError, match=r"lora_unet_conv_in\.dora_scale.*DoRA"):
-        convert_state_dict(sd)
+    (m,) = convert_state_dict(sd)[0].values()
+    assert m.kind == "dora" and set(m.tensors) == {"down", "up", "magnitude"}
     sd = kohya("lora_unet_conv_in") | {"lora_unet_conv_in.lora_mid.weight": torch.ones(2, 2, 3, 3)}
-    with pytest.raises(LoraFileError, match=r"lora_mid.*not supported"):
-        convert_state_dict(sd)
+    (m,) = convert_state_dict(sd)[0].values()
+    assert m.kind == "lora" and set(m.tensors) == {"down", "mid", "up"}
 
 
 def test_lycoris_loha_and_lokr_keep_raw_tensors():

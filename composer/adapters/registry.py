@@ -10,6 +10,7 @@ from torch import nn
 
 from composer.adapters.base import AdapterType
 from composer.adapters.blora import BloraAdapter
+from composer.adapters.dora import DoraAdapter
 from composer.adapters.kron import KronAdapter
 from composer.adapters.lora import LoraAdapter
 from composer.adapters.lycoris import LohaAdapter, LokrAdapter
@@ -23,6 +24,7 @@ ADAPTER_TYPES: list[type[AdapterType]] = [
     KronAdapter,
     LokrAdapter,
     LohaAdapter,
+    DoraAdapter,
     TensorAdapter,
 ]
 

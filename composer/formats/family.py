@@ -37,7 +37,7 @@ def family_from_metadata(metadata: Mapping[str, str]) -> str | None:
 
 
 def _in_features(m: ModuleDelta) -> int | None:
-    return int(m.tensors["down"].shape[1]) if m.kind == "lora" else None
+    return int(m.tensors["down"].shape[1]) if m.kind in ("lora", "dora") else None
 
 
 def family_from_structure(modules: Mapping[str, ModuleDelta]) -> str | None:

@@ -6,6 +6,8 @@ One kind per module; a file may mix kinds. What write_kohya writes after `<prefi
   placeholder: full factors mean scale 1), so every LoKr reader (LyCORIS, ComfyUI, A1111, Forge) applies it.
   Metadata says which LoKr modules were Kronecker adapters, so read_lora gives kind "kron" back.
 - "lokr", "loha": the LyCORIS tensors as they are, and `alpha`.
+- "dora": LyCORIS's LoCon with weight decomposition: `lora_down.weight`, `lora_up.weight` (`lora_mid.weight`
+  with a Tucker core), `dora_scale`, `alpha` (read by LyCORIS, ComfyUI, A1111, Forge and diffusers).
 - "tensor" (TLoRA): `tr_t.<k>` (transform cores (I_k, J_k, R_t, R_t)) and `tr_d.<k>` (residual cores
   (O_k, J_k, R, R)), k = 0, 1, ...; the core shapes (the tensorisation) go to metadata. This is our own
   layout: community tools do not read it.
@@ -56,7 +58,7 @@ def lycoris_algo(kind: str) -> str | None:
 
 def module_rank(m: ModuleDelta) -> int | None:
     """A module's rank: LoRA's (and LoCon's) down rows, or what its type's `file_rank` reads of its tensors
-    (LoHa, low-rank LoKr); None for a kind without one (Kronecker, full LoKr, TLoRA)."""
+    (DoRA, LoHa, low-rank LoKr); None for a kind without one (Kronecker, full LoKr, TLoRA)."""
     if m.kind == "lora":
         return m.rank
     file_rank = next((getattr(t, "file_rank", None) for t in _file_types() if t.kind == m.kind), None)
@@ -67,6 +69,20 @@ def module_rank(m: ModuleDelta) -> int | None:
 def role_kind(role: str) -> str | None:
     """The kind a module role belongs to ("down"/"up": lora); None for alpha."""
     return next((t.kind for t in _file_types() if t.reads_role(role)), None)
+
+
+def module_kind(kinds: set[str]) -> set[str]:
+    """The kinds of one module's roles, a type that extends another taking its roles: LoRA's down / up
+    beside DoRA's magnitude make a DoRA."""
+    for t in _file_types():
+        if t.kind in kinds and getattr(t, "extends", None) in kinds:
+            kinds = kinds - {t.extends}
+    return kinds
+
+
+def lora_like(kind: str) -> bool:
+    """LoRA, or a kind that extends it (DoRA): the module holds LoRA's down / up (and mid)."""
+    return kind == "lora" or any(t.kind == kind and getattr(t, "extends", None) == "lora" for t in _types())
 
 
 def kron_declared(metadata: Mapping[str, str], source: str) -> Callable[[str], bool]:

@@ -24,7 +24,10 @@ class ModuleDelta:
     """The adapter weights of one adapted module.
 
     kind "lora": tensors["down"] (r, in) or (r, in, kh, kw); tensors["up"] (out, r) or (out, r, 1, 1);
-    effective delta = (alpha / r) * up @ down, alpha None meaning alpha = r (scale 1).
+    effective delta = (alpha / r) * up @ down, alpha None meaning alpha = r (scale 1). A LoCon Tucker module
+    adds tensors["mid"] (r, r, kh, kw), with down (r, in, 1, 1).
+    kind "dora": the "lora" tensors (mid included) plus tensors["magnitude"], LyCORIS's dora_scale layout:
+    (out, 1[, 1, 1]) for a norm per output row (peft, LyCORIS wd_on_out) or (1, in[, 1, 1]) per input column.
     kind "kron": tensors["kron_a"] (a1, a2), ["kron_b"] (d_out / a1, d_in / a2); delta = kron(a, b), no alpha.
     kind "tensor": cores "tr_t.<k>" (I_k, J_k, R_t, R_t) and "tr_d.<k>" (O_k, J_k, R, R), k = 0, 1, ...; no alpha.
     LyCORIS kinds ("lokr", "loha") keep their own tensor names (lokr_w1, hada_w1_a, ...).
@@ -42,13 +45,13 @@ class ModuleDelta:
 
     @property
     def rank(self) -> int:
-        if self.kind == "lora":
+        if self.kind in ("lora", "dora"):
             return int(self.tensors["down"].shape[0])
         raise NotImplementedError(f"rank of a {self.kind} delta")
 
     @property
     def scale(self) -> float:
-        """alpha / rank for LoRA (1.0 when alpha is absent)."""
+        """alpha / rank for LoRA and DoRA (1.0 when alpha is absent)."""
         return 1.0 if self.alpha is None else float(self.alpha) / self.rank
 
 

@@ -17,7 +17,15 @@ from composer.adapters.functional import check_cores, core_suffix, is_core
 from composer.errors import LoraFileError, UnknownKeysError
 from composer.formats import names
 from composer.formats.family import family_from_metadata, family_from_string, family_from_structure
-from composer.formats.kinds import as_kron, file_roles, kron_declared, lycoris_algo, role_kind
+from composer.formats.kinds import (
+    as_kron,
+    file_roles,
+    kron_declared,
+    lora_like,
+    lycoris_algo,
+    module_kind,
+    role_kind,
+)
 from composer.formats.model import COMPONENTS, LoraFile, ModuleDelta
 from composer.formats.safetensors_io import file_hashes, load_tensors
 from composer.formats.triggers import read_sidecars, trigger_words
@@ -25,13 +33,10 @@ from composer.formats.triggers import read_sidecars, trigger_words
 LORA_ROLES = {
     "lora_down.weight": "down", "lora_up.weight": "up", "lora_A.weight": "down", "lora_B.weight": "up",
     "lora.down.weight": "down", "lora.up.weight": "up", "lora_linear_layer.down.weight": "down",
-    "lora_linear_layer.up.weight": "up", "alpha": "alpha",
+    "lora_linear_layer.up.weight": "up", "alpha": "alpha", "lora_mid.weight": "mid",
+    "dora_scale": "magnitude", "lora_magnitude_vector": "magnitude", "lora_magnitude_vector.weight": "magnitude",
 }  # fmt: skip
 REFUSED = {
-    "dora_scale": "DoRA (dora_scale) is not supported yet",
-    "lora_magnitude_vector": "DoRA (lora_magnitude_vector) is not supported yet",
-    "lora_magnitude_vector.weight": "DoRA (lora_magnitude_vector) is not supported yet",
-    "lora_mid.weight": "LoCon Tucker decomposition (lora_mid) is not supported yet",
     # LyCORIS algorithms other than LoCon, LoHa and LoKr, named by a key only they write
     "diff": "LyCORIS full fine-tuning (diff) is not supported yet",
     "on_input": "LyCORIS (IA)^3 (on_input) is not supported yet",
@@ -202,6 +207,17 @@ def _peft_alpha(config: dict, path: str, rank: int, source: str) -> float | None
     return a if r == rank else a / r * rank
 
 
+def _peft_magnitude(m: torch.Tensor, ndim: int) -> torch.Tensor:
+    """peft's lora_magnitude_vector in LyCORIS's dora_scale layout (see ModuleDelta): (out,) on a Linear and
+    (1, out, 1, 1) on a Conv2d become (out, 1[, 1, 1]); (out, 1[, 1, 1]) (a dora_scale diffusers renamed)
+    stays."""
+    if m.ndim == 1:
+        return m.reshape(-1, *[1] * (ndim - 1))
+    if m.ndim == 4 and m.shape[0] == 1 and m.shape[1] != 1:
+        return m.transpose(0, 1).contiguous()
+    return m
+
+
 def _lora_tensors(
     g: _Group, tensors: Mapping[str, torch.Tensor], source: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -238,7 +254,13 @@ def _group_keys(tensors: Mapping[str, torch.Tensor], source: str) -> tuple[dict[
 
 def _kind(g: _Group, source: str) -> str:
     first_key = next(iter(g.keys.values()))
-    kinds = {k for r in g.keys if (k := role_kind(r)) is not None}
+    kinds = module_kind({k for r in g.keys if (k := role_kind(r)) is not None})
+    if len(kinds) == 2 and "dora" in kinds:  # LyCORIS's dora_wd on LoHa / LoKr
+        other = next(iter(kinds - {"dora"}))
+        raise LoraFileError(
+            f"{source}: {first_key}: DoRA weight decomposition on {other} is not supported yet (only on LoRA "
+            f"and LoCon)"
+        )
     if len(kinds) > 1:
         raise LoraFileError(f"{source}: {first_key}: module mixes {' and '.join(sorted(kinds))} weights")
     if not kinds:
@@ -279,7 +301,7 @@ def _deltas(
     """
     first_key = next(iter(g.keys.values()))
     kind = _kind(g, source)
-    down, up = _lora_tensors(g, tensors, source) if kind == "lora" else (None, None)
+    down, up = _lora_tensors(g, tensors, source) if lora_like(kind) else (None, None)
     try:
         component, pieces = _targets(g, int(up.shape[0]) if up is not None else 0, layout, first_key)
     except UnknownKeysError:
@@ -292,7 +314,7 @@ def _deltas(
     alpha_t = tensors.get(g.keys.get("alpha", ""))
     if alpha_t is not None and alpha_t.numel() != 1:
         raise LoraFileError(f"{source}: {g.keys['alpha']} must be a scalar, has shape {tuple(alpha_t.shape)}")
-    config = peft.get(component, peft.get(None)) if g.style != "kohya" and kind == "lora" else None
+    config = peft.get(component, peft.get(None)) if g.style != "kohya" and lora_like(kind) else None
     rows_of = [
         (up if rows == whole else torch.cat([up[s] for s in rows], dim=0)) if kind == "lora" else None
         for _, rows in pieces
@@ -301,7 +323,11 @@ def _deltas(
     out = []
     for n, (path, _) in enumerate(pieces):
         if kind == "lora":
-            module_tensors = {"down": down, "up": rows_of[n]}
+            module_tensors = {
+                "down": down,
+                "up": rows_of[n],
+                **({"mid": tensors[g.keys["mid"]]} if "mid" in g.keys else {}),
+            }
             if blocks is not None:
                 if blocks[n] is None:
                     continue
@@ -311,7 +337,9 @@ def _deltas(
             module_tensors = {r: tensors[k] for r, k in g.keys.items() if r != "alpha"}
             if kind == "tensor":
                 check_cores(module_tensors, f"{source}: {first_key}")
-        rank = int(down.shape[0]) if kind == "lora" else 0
+            if not g.keys.get("magnitude", "dora_scale").endswith("dora_scale"):  # peft's spelling
+                module_tensors["magnitude"] = _peft_magnitude(module_tensors["magnitude"], down.ndim)
+        rank = int(down.shape[0]) if lora_like(kind) else 0
         alpha = _peft_alpha(config, path, rank, source) if config else None
         if alpha is None and alpha_t is not None:
             alpha = float(alpha_t.item())
@@ -370,9 +398,12 @@ def convert_state_dict(
 
 
 def _source_format(groups, modules) -> str:
-    if any(lycoris_algo(m.kind) for m in modules) or any(g.prefix == "lycoris" for g in groups):
-        return "lycoris"
     styles = {g.style for g in groups}
+    # a DoRA is LyCORIS's when it says dora_scale, peft's when it says lora_magnitude_vector
+    lycoris_kinds = any(lycoris_algo(m.kind) for m in modules if m.kind != "dora")
+    dora_scale = any(g.keys.get("magnitude", "").endswith("dora_scale") for g in groups)
+    if lycoris_kinds or dora_scale or any(g.prefix == "lycoris" for g in groups):
+        return "lycoris"
     return "kohya" if "kohya" in styles else "diffusers" if "diffusers" in styles else "peft"
 
 

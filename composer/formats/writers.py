@@ -41,6 +41,12 @@ def _plain_loras(lora: LoraFile, path: Path) -> list[ModuleDelta]:
             f"{path}: diffusers files hold plain LoRA only; {other[0]} is {lora.modules[other[0]].kind} "
             f"(use --format kohya: write_kohya writes every adapter kind)"
         )
+    tucker = sorted(m.key for m in lora.modules.values() if "mid" in m.tensors)
+    if tucker:
+        raise LoraFileError(
+            f"{path}: diffusers files hold plain LoRA only; {tucker[0]} is a LoCon Tucker module (lora_mid) "
+            f"(use --format kohya: write_kohya writes every adapter kind)"
+        )
     return _modules(lora, path)
 
 
@@ -242,9 +248,13 @@ def _kohya_tensors(
     kinds: dict[str, str] = {}
     cores: dict[str, ModuleDelta] = {}
 
-    def put(name: str, down: torch.Tensor, up: torch.Tensor, alpha: float | None) -> None:
+    def put(
+        name: str, down: torch.Tensor, up: torch.Tensor, alpha: float | None, mid: torch.Tensor | None = None
+    ) -> None:
         tensors[f"{name}.lora_down.weight"] = down
         tensors[f"{name}.lora_up.weight"] = up
+        if mid is not None:  # LoCon Tucker core
+            tensors[f"{name}.lora_mid.weight"] = mid
         if alpha is not None:
             tensors[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
 
@@ -259,7 +269,7 @@ def _kohya_tensors(
                 cores[name] = m
         elif not _uses_bfl(m, lora.family):
             name = kohya_name(m, lora.family, components)
-            put(name, m.tensors["down"], m.tensors["up"], m.alpha)
+            put(name, m.tensors["down"], m.tensors["up"], m.alpha, m.tensors.get("mid"))
             kinds[name] = "lora"
         elif (target := names.path_to_bfl(m.path)) is None:
             unnamed.append(m.key)
@@ -306,6 +316,7 @@ def write_kohya(
 
     Other kinds (one per module; a file may mix them), see composer.formats.kinds: "kron" as LyCORIS LoKr
     (`lokr_w1` = A, `lokr_w2` = B, `alpha`), which every UI reads; "lokr" / "loha" with their LyCORIS tensors;
+    "dora" as LyCORIS's LoCon with `dora_scale`; a LoCon Tucker core as `lora_mid.weight`;
     "tensor" as `tr_t.<k>` / `tr_d.<k>` cores, our own layout that community tools do not read. Metadata:
     `lora_studio.adapter_type` (the kind, or "mixed"), `ss_network_module` ("networks.lora", "lycoris.kohya"
     with `ss_network_args` {"algo": ...} for kron/lokr/loha, or "composer.adapters.tensor"),
@@ -323,7 +334,7 @@ def write_kohya(
     mods = _modules(lora, p)
     tensors, kinds, cores = _kohya_tensors(lora, mods, p)
     meta = kohya_metadata(_base_metadata(lora, title, trigger_words), kinds, cores)
-    if loras := [m for m in mods if m.kind == "lora"]:
+    if loras := [m for m in mods if m.kind in ("lora", "dora")]:
         meta["ss_network_dim"] = str(_most_common([m.rank for m in loras]))
         meta["ss_network_alpha"] = str(_num(_most_common([_alpha(m) for m in loras])))
     meta.update(
