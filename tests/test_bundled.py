@@ -125,7 +125,8 @@ def test_recorded_success_matches_a_fresh_measurement(entry, bundled_pipe):
     p = recorded["rate"]
     tolerance = max(rule["floor"], rule["standard_errors"] * math.sqrt(p * (1 - p) / n))
     assert abs(fresh["rate"] - p) <= tolerance, (entry["name"], recorded, fresh, tolerance)
-    assert fresh["rate"] > recorded["base_rate"] or p <= recorded["base_rate"]
+    if p - recorded["base_rate"] > tolerance:  # clearly above chance, even at this many prompts: still is
+        assert fresh["rate"] > recorded["base_rate"], (entry["name"], recorded, fresh)
 
 
 @pytest.fixture(scope="module")
