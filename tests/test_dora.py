@@ -238,13 +238,31 @@ def test_dora_and_tucker_round_trip_exactly_through_kohya_as_lycoris_writes_them
         assert all(torch.equal(n.tensors[k], t) for k, t in m.tensors.items()), key
 
 
-def test_diffusers_writer_refuses_dora_and_tucker_naming_the_module(tmp_path):
+def test_diffusers_writer_holds_per_row_dora_and_refuses_what_peft_cannot(tmp_path):
     src = studio_file()
-    with pytest.raises(LoraFileError, match=r"to_q is dora \(use --format kohya"):
+    rows = LoraFile({k: m for k, m in src.modules.items() if k.endswith("to_q")}, "studio", "sdxl")
+    conv = ModuleDelta("unet", CONV, "dora", {"down": rand(4, 6, 3, 3), "up": rand(8, 4, 1, 1), "magnitude": rand(8, 1, 1, 1)}, 2.0)  # fmt: skip
+    rows.modules[conv.key] = conv
+    write_diffusers(rows, tmp_path / "dora.safetensors")
+    tensors, meta = load_tensors(tmp_path / "dora.safetensors")
+    assert tensors[f"unet.{Q}.lora_magnitude_vector"].shape == (8,)  # peft's own shapes
+    assert tensors[f"unet.{CONV}.lora_magnitude_vector"].shape == (1, 8, 1, 1)
+    assert '"unet.use_dora": true' in meta["lora_adapter_metadata"]
+    back = read_lora(tmp_path / "dora.safetensors", sidecars=False)
+    for key, m in rows.modules.items():
+        n = back.modules[key]
+        assert (n.kind, n.alpha) == (m.kind, m.alpha)
+        assert all(torch.equal(n.tensors[k], t) for k, t in m.tensors.items()), key
+    with pytest.raises(LoraFileError, match=r"conv1 is a LoCon Tucker module \(lora_mid\)"):
         write_diffusers(src, tmp_path / "x.safetensors")
-    tucker = LoraFile({k: m for k, m in src.modules.items() if m.kind == "lora"}, "studio", "sdxl")
-    with pytest.raises(LoraFileError, match=r"conv2 is a LoCon Tucker module \(lora_mid\)"):
-        write_diffusers(tucker, tmp_path / "y.safetensors")
+    per_column = LoraFile({k: m for k, m in src.modules.items() if "conv1" in k}, "studio", "sdxl")
+    per_column.modules[f"unet.{CONV}"] = ModuleDelta("unet", CONV, "dora", {**conv.tensors, "magnitude": rand(1, 6, 1, 1)})  # fmt: skip
+    with pytest.raises(LoraFileError, match=r"conv1 is a DoRA normalised per input column"):
+        write_diffusers(per_column, tmp_path / "y.safetensors")
+    plain = ModuleDelta("unet", Q.replace("to_q", "to_k"), "lora", {"down": rand(2, 12), "up": rand(8, 2)})
+    mixed = LoraFile({f"unet.{Q}": src.modules[f"unet.{Q}"], plain.key: plain}, "studio", "sdxl")
+    with pytest.raises(LoraFileError, match="unet mixes LoRA and DoRA modules"):
+        write_diffusers(mixed, tmp_path / "z.safetensors")
 
 
 def test_peft_magnitude_layouts_read_into_the_lycoris_layout():

@@ -20,7 +20,7 @@ from app.library import adapter_type_of
 from composer.adapters.host import AdapterHost
 from composer.adapters.layer import AdaptedModule
 from composer.errors import LoraFileError
-from composer.formats import read_lora
+from composer.formats import read_lora, write_diffusers
 from tests.helpers import render
 
 lycoris = pytest.importorskip("lycoris")  # the dev extra: lycoris-lora
@@ -301,6 +301,11 @@ def test_peft_dora_applies_as_peft_and_renders_as_diffusers_renders_it(tiny_sdxl
     ours = _ours(pipe, backbone, read_lora(unet_only), 1.0)
     assert np.abs(theirs - base).max() > 1e-2, "the file must change the image"
     assert np.abs(ours - theirs).max() <= TOL
+    rewritten = tmp_path / "ours.safetensors"  # our diffusers writer, read back by diffusers
+    write_diffusers(read_lora(unet_only), rewritten)
+    again = make()
+    again.load_lora_weights(rewritten)
+    assert np.abs(render(again, steps=2) - theirs).max() <= TOL
 
 
 def test_cli_shows_loha_and_dora_ranks_and_renders_full_network_files(tiny_sdxl_factory, tmp_path):

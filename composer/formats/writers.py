@@ -34,19 +34,36 @@ def _modules(lora: LoraFile, path: Path) -> list[ModuleDelta]:
     return list(lora.modules.values())
 
 
-def _plain_loras(lora: LoraFile, path: Path) -> list[ModuleDelta]:
-    other = sorted(m.key for m in lora.modules.values() if m.kind != "lora")
+def _peft_modules(lora: LoraFile, path: Path) -> list[ModuleDelta]:
+    """The modules a diffusers/peft file can hold: LoRA, and DoRA normalised per output row, one of the two per
+    component (peft's `use_dora` is per config); anything else refused naming the module."""
+    suggest = "(use --format kohya: write_kohya writes every adapter kind)"
+    other = sorted(m.key for m in lora.modules.values() if m.kind not in ("lora", "dora"))
     if other:
         raise LoraFileError(
-            f"{path}: diffusers files hold plain LoRA only; {other[0]} is {lora.modules[other[0]].kind} "
-            f"(use --format kohya: write_kohya writes every adapter kind)"
+            f"{path}: diffusers files hold LoRA and DoRA only; {other[0]} is {lora.modules[other[0]].kind} "
+            f"{suggest}"
         )
     tucker = sorted(m.key for m in lora.modules.values() if "mid" in m.tensors)
     if tucker:
         raise LoraFileError(
-            f"{path}: diffusers files hold plain LoRA only; {tucker[0]} is a LoCon Tucker module (lora_mid) "
-            f"(use --format kohya: write_kohya writes every adapter kind)"
+            f"{path}: diffusers files hold LoRA and DoRA only; {tucker[0]} is a LoCon Tucker module (lora_mid) "
+            f"{suggest}"
         )
+    for m in lora.modules.values():
+        mag = m.tensors.get("magnitude")
+        if mag is not None and mag.shape[0] == 1 and mag.ndim > 1 and mag.shape[1] > 1:
+            raise LoraFileError(
+                f"{path}: {m.key} is a DoRA normalised per input column (LyCORIS wd_on_out=False), which peft "
+                f"cannot hold {suggest}"
+            )
+    for component in sorted(lora.components):
+        kinds = {m.kind for m in lora.modules.values() if m.component == component}
+        if len(kinds) > 1:
+            raise LoraFileError(
+                f"{path}: {component} mixes LoRA and DoRA modules; peft's use_dora is one setting per "
+                f"component {suggest}"
+            )
     return _modules(lora, path)
 
 
@@ -89,7 +106,7 @@ def _peft_config(mods: list[ModuleDelta]) -> dict:
         "rank_pattern": {pattern(m.path): m.rank for m in mods if m.rank != r},
         "alpha_pattern": {pattern(m.path): _num(_alpha(m)) for m in mods if _alpha(m) != lora_alpha},
         "target_modules": sorted({m.path.removeprefix("text_model.") if text else m.path for m in mods}),
-        "use_dora": False,
+        "use_dora": mods[0].kind == "dora",
         "lora_bias": False,
     }
 
@@ -107,17 +124,23 @@ def write_diffusers(
 
     When no module has an alpha the config is omitted (diffusers then uses scale 1), so alpha None survives a
     round trip; otherwise a missing alpha is written as alpha = rank (the same scale). `title` and
-    `trigger_words` (default: the LoRA's own) go to modelspec.title / modelspec.trigger_phrase.
+    `trigger_words` (default: the LoRA's own) go to modelspec.title / modelspec.trigger_phrase. A DoRA
+    component (normalised per output row) gets peft's `lora_magnitude_vector` and `use_dora` in its config.
 
     Raises:
-        LoraFileError: a module is not plain LoRA.
+        LoraFileError: a module is neither LoRA nor such a DoRA (Tucker, LoKr, ...), or a component mixes LoRA
+            and DoRA; each names the module and suggests the kohya format.
     """
     p = Path(path)
-    mods = _plain_loras(lora, p)
+    mods = _peft_modules(lora, p)
     tensors: dict[str, torch.Tensor] = {}
     for m in mods:
         tensors[f"{m.component}.{m.path}.lora_A.weight"] = m.tensors["down"]
         tensors[f"{m.component}.{m.path}.lora_B.weight"] = m.tensors["up"]
+        if m.kind == "dora":  # peft's layout: (out,) on a Linear, (1, out, 1, 1) on a Conv2d
+            mag = m.tensors["magnitude"]
+            peft_mag = mag.flatten() if mag.ndim == 2 else mag.transpose(0, 1)
+            tensors[f"{m.component}.{m.path}.lora_magnitude_vector"] = peft_mag.contiguous()
     meta = _base_metadata(lora, title, trigger_words)
     meta["format"] = "pt"
     if any(m.alpha is not None for m in mods):
