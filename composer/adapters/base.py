@@ -101,7 +101,10 @@ class AdapterType(Protocol):
         ...
 
     def forward_delta(self, x: torch.Tensor) -> torch.Tensor:
-        """The output change at scale 1 for input x, computed without materialising the dense delta."""
+        """The output change at scale 1 for input x, computed without materialising the dense delta.
+
+        A type whose delta needs the layer's own output W x + b (DoRA) sets the class attribute
+        `reads_base_output = True` and is called as `forward_delta(x, base_out=...)` by the adapter layer."""
         ...
 
 

@@ -36,6 +36,11 @@ def dora_rank(tensors: Mapping[str, torch.Tensor]) -> int:
     return int(tensors["down"].shape[0])
 
 
+def _missing(tensors: Mapping[str, torch.Tensor]) -> str | None:
+    """The first of down, up and magnitude a DoRA module lacks, or None."""
+    return next((n for n in ("down", "up", "magnitude") if n not in tensors), None)
+
+
 class DoraAdapter(nn.Module):
     """A DoRA on a Linear or Conv2d: a LoRA (LoCon Tucker core allowed) and a magnitude per row or column."""
 
@@ -50,6 +55,7 @@ class DoraAdapter(nn.Module):
     select_targets = staticmethod(all_targets)
     file_metadata = staticmethod(no_metadata)
     file_rank = staticmethod(dora_rank)
+    reads_base_output = True  # forward_delta takes the layer's own output (composer.adapters.layer)
 
     def __init__(self, base: nn.Module, lora: LoraAdapter, magnitude: torch.Tensor):
         super().__init__()
@@ -74,9 +80,8 @@ class DoraAdapter(nn.Module):
     @classmethod
     def from_delta(cls, base: nn.Module, delta: ModuleDelta) -> DoraAdapter:
         t = delta.tensors
-        missing = [n for n in ("down", "up", "magnitude") if n not in t]
-        if missing:
-            raise AdapterError(f"DoRA delta needs down, up and magnitude (missing: {', '.join(missing)})")
+        if missing := _missing(t):
+            raise AdapterError(f"DoRA delta needs down, up and magnitude (missing: {missing})")
         lora = LoraAdapter(base, t["down"], t["up"], delta.alpha, mid=t.get("mid"))
         return cls(base, lora, t["magnitude"])
 
@@ -92,9 +97,8 @@ class DoraAdapter(nn.Module):
     def kohya_keys(cls, delta: ModuleDelta, where: str) -> dict[str, torch.Tensor]:
         """LyCORIS's LoCon-with-DoRA keys: lora_down / lora_up (/ lora_mid), dora_scale, alpha."""
         t = delta.tensors
-        missing = [n for n in ("down", "up", "magnitude") if n not in t]
-        if missing:
-            raise LoraFileError(f"{where}: a DoRA module needs down, up and magnitude (missing {missing[0]})")
+        if missing := _missing(t):
+            raise LoraFileError(f"{where}: a DoRA module needs down, up and magnitude (missing {missing})")
         keys = {"lora_down.weight": t["down"], "lora_up.weight": t["up"], "dora_scale": t["magnitude"]}
         if "mid" in t:
             keys["lora_mid.weight"] = t["mid"]
@@ -139,24 +143,31 @@ class DoraAdapter(nn.Module):
         return gain
 
     def delta_weight(self) -> torch.Tensor:
-        w = self._base[0].weight.float()
-        v = w + self.lora.delta_weight().float()
-        return (v * (self.magnitude.float() / self._norm(v)) - w).to(self._base[0].weight.dtype)
+        weight = self._base[0].weight
+        w = weight.float()
+        return ((w + self.lora.delta_weight().float()) * self.gain() - w).to(weight.dtype)
 
-    def forward_delta(self, x: torch.Tensor) -> torch.Tensor:
-        """W'x - Wx without the dense W': per output row g * (Wx + dW x) - Wx; per input column
-        (W + dW)(g * x) - Wx (scaling input column j of a weight scales input channel j)."""
-        g = self.gain().to(x.dtype)
-        w = self._base[0].weight.to(x.dtype)
-        if self._conv is None:
-            base = F.linear(x, w)
-            if self.on_out:
-                return (g.view(-1) - 1) * base + g.view(-1) * self.lora.forward_delta(x)
-            xs = x * g.view(-1)
-            return F.linear(xs, w) + self.lora.forward_delta(xs) - base
-        base = F.conv2d(x, w, **self._conv)
+    def _linear_map(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """W x without the bias: the layer's own map."""
+        return F.linear(x, w) if self._conv is None else F.conv2d(x, w, **self._conv)
+
+    def forward_delta(self, x: torch.Tensor, base_out: torch.Tensor | None = None) -> torch.Tensor:
+        """W'x - Wx without the dense W': per output row g * (Wx + dW x) - Wx, Wx read off the layer's own
+        output `base_out` (its bias taken off) when given; per input column (W + dW)(g * x) - Wx (scaling
+        input column j of a weight scales input channel j)."""
+        base = self._base[0]
+        w = base.weight.to(x.dtype)
+        shape = (-1,) if self._conv is None else (1, -1, 1, 1)  # over the output / input channels
+        g = self.gain().to(x.dtype).view(shape)
+        if base_out is None:
+            wx = self._linear_map(x, w)
+        else:
+            wx = (
+                base_out.to(x.dtype)
+                if base.bias is None
+                else base_out.to(x.dtype) - base.bias.to(x.dtype).view(shape)
+            )
         if self.on_out:
-            gc = g.view(1, -1, 1, 1)
-            return (gc - 1) * base + gc * self.lora.forward_delta(x)
-        xs = x * g.view(1, -1, 1, 1)
-        return F.conv2d(xs, w, **self._conv) + self.lora.forward_delta(xs) - base
+            return (g - 1) * wx + g * self.lora.forward_delta(x)
+        xs = x * g
+        return self._linear_map(xs, w) + self.lora.forward_delta(xs) - wx

@@ -80,7 +80,7 @@ class AdaptedModule(nn.Module):
 
     # --- forward ------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        y = self.base(x, *args, **kwargs)
+        y = base_out = self.base(x, *args, **kwargs)
         work = [(n, s) for n, s in self.context.effective() if n in self.adapters]
         if not work:
             return y
@@ -96,8 +96,12 @@ class AdaptedModule(nn.Module):
         for name, scale in work:
             adapter = self.adapters[name]
             dtype = _param_dtype(adapter)  # fp32 trainable adapters on an fp16 model compute in fp32
+            inputs = x if dtype in (None, x.dtype) else x.to(dtype)
             try:
-                delta = adapter.forward_delta(x if dtype in (None, x.dtype) else x.to(dtype)).to(y.dtype)
+                if getattr(adapter, "reads_base_output", False):  # DoRA: reuses W x instead of recomputing it
+                    delta = adapter.forward_delta(inputs, base_out=base_out).to(y.dtype)
+                else:
+                    delta = adapter.forward_delta(inputs).to(y.dtype)
                 y = y + broadcast_scale(scale, delta) * delta
             except Exception as exc:
                 raise AdapterRuntimeError((name,), self.key, exc) from exc

@@ -13,7 +13,7 @@ import torch
 
 from composer.errors import LoraFileError, UnknownKeysError
 from composer.formats import names
-from composer.formats.kinds import KIND_KEYS, kohya_keys, kohya_metadata
+from composer.formats.kinds import KIND_KEYS, kohya_keys, kohya_metadata, lora_like
 from composer.formats.model import LoraFile, ModuleDelta
 from composer.formats.readers import PEFT_METADATA_KEY
 from composer.formats.safetensors_io import serialize, tensor_bytes_sha256, write_bytes_atomic
@@ -38,7 +38,7 @@ def _peft_modules(lora: LoraFile, path: Path) -> list[ModuleDelta]:
     """The modules a diffusers/peft file can hold: LoRA, and DoRA normalised per output row, one of the two per
     component (peft's `use_dora` is per config); anything else refused naming the module."""
     suggest = "(use --format kohya: write_kohya writes every adapter kind)"
-    other = sorted(m.key for m in lora.modules.values() if m.kind not in ("lora", "dora"))
+    other = sorted(m.key for m in lora.modules.values() if not lora_like(m.kind))
     if other:
         raise LoraFileError(
             f"{path}: diffusers files hold LoRA and DoRA only; {other[0]} is {lora.modules[other[0]].kind} "
@@ -357,7 +357,7 @@ def write_kohya(
     mods = _modules(lora, p)
     tensors, kinds, cores = _kohya_tensors(lora, mods, p)
     meta = kohya_metadata(_base_metadata(lora, title, trigger_words), kinds, cores)
-    if loras := [m for m in mods if m.kind in ("lora", "dora")]:
+    if loras := [m for m in mods if lora_like(m.kind)]:
         meta["ss_network_dim"] = str(_most_common([m.rank for m in loras]))
         meta["ss_network_alpha"] = str(_num(_most_common([_alpha(m) for m in loras])))
     meta.update(
