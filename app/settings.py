@@ -33,6 +33,9 @@ class Settings(BaseSettings):
     max_upload_mb: int = Field(
         default=512, ge=1, description="largest LoRA file the REST API accepts, in MiB"
     )
+    max_json_kb: int = Field(
+        default=1024, ge=1, description="largest JSON request body the REST API reads, in KiB"
+    )
     # render jobs (REST batches) and their executor
     executor: Literal["local", "ray"] = Field(
         default="local", description="'local' (worker threads in this process) or 'ray' (a Ray cluster)"

@@ -1,5 +1,6 @@
-"""The whole web application: the REST API under /api/v1, the admin page under /admin, static files under
-/static and the Gradio studio at /. Everything is built here, over one ready Studio, never at import; each
+"""The whole web application: the REST API under /api/v1, the admin page under /admin, our static files under
+/studio-static and the Gradio studio at / (mounted last: every other route is matched before it, and Gradio
+keeps /static and /assets for its own files). Everything is built here, over one ready Studio, never at import; each
 front end gets that same Studio, typed as `app.facade.StudioFacade` (importing app.web never imports torch)."""
 
 from __future__ import annotations
@@ -7,16 +8,18 @@ from __future__ import annotations
 from pathlib import Path
 
 from fastapi import FastAPI
+from fastapi.responses import RedirectResponse
 from fastapi.staticfiles import StaticFiles
 
 from app.api.service import Executor
 from app.facade import StudioFacade
 
 STATIC_DIR = Path(__file__).resolve().parents[1] / "static"
+STATIC_PATH = "/studio-static"
 
 
 def create_web_app(studio: StudioFacade, executor: Executor | None = None) -> FastAPI:
-    """REST API (/api/v1, unchanged) + admin (/admin) + static files (/static) + Gradio studio (/)."""
+    """REST API (/api/v1) + admin (/admin) + static files (/studio-static) + Gradio studio (/)."""
     import gradio as gr
 
     from app.admin import create_admin_app
@@ -25,8 +28,9 @@ def create_web_app(studio: StudioFacade, executor: Executor | None = None) -> Fa
 
     app = create_app(studio, executor)
     studio.renders_dir.mkdir(parents=True, exist_ok=True)
+    app.add_api_route("/admin", lambda: RedirectResponse("/admin/", status_code=302), include_in_schema=False)
     app.mount("/admin", create_admin_app(studio))
-    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    app.mount(STATIC_PATH, StaticFiles(directory=STATIC_DIR), name="static")
     return gr.mount_gradio_app(
         app,
         create_ui(studio),

@@ -193,3 +193,22 @@ def test_clora_shows_the_masks_it_found_in_the_gallery(live, tab):
     assert "clora: base" in gallery and "clora: inkwell" in gallery
     assert page.locator("#gallery img").count() >= 4  # the render, then the base's and each LoRA's mask
     assert "clora" in page.locator("#provenance").inner_text()
+
+
+def test_the_api_docs_render_with_no_request_leaving_the_server(live, tab):
+    outside: list[str] = []
+
+    def only_local(route):
+        if route.request.url.startswith(live.url):
+            route.continue_()
+        else:
+            outside.append(route.request.url)
+            route.abort()
+
+    tab.route("**/*", only_local)
+    tab.goto(f"{live.url}/api/v1/docs")
+    title = tab.locator(".swagger-ui .info .title")
+    title.wait_for()
+    assert "LoRA Studio" in title.inner_text()
+    tab.locator(".opblock-summary-path", has_text="/api/v1/loras").first.wait_for()
+    assert outside == []

@@ -401,7 +401,7 @@ def test_serve_runs_the_whole_web_app(tmp_path, monkeypatch):
     result = CliRunner().invoke(cli, ["serve", "--port", "8123", "--data-dir", str(tmp_path / "data")])
     assert result.exit_code == 0, result.output
     mounts = {getattr(r, "path", None) for r in served["app"].routes}
-    assert {"/admin", "/static", ""} <= mounts and served["port"] == 8123  # "" is the studio at /
+    assert {"/admin", "/studio-static", ""} <= mounts and served["port"] == 8123  # "" is the studio at /
     assert "/api/v1/loras" in served["app"].openapi()["paths"]
 
 

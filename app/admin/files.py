@@ -16,7 +16,7 @@ from app.admin.catalog import split_list
 from app.admin.core import AdminDep, FormDep, StudioDep, content_length, page, session_of
 from app.admin.session import CSRF_FIELD, AdminError, check_csrf
 from app.api.errors import ApiError
-from app.api.loras import MIB, MULTIPART_SLACK
+from app.api.guard import MIB, MULTIPART_SLACK
 from app.api.loras import _store as store_upload
 from app.facade import StudioFacade
 

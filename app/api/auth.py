@@ -11,11 +11,10 @@ from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request, Security
-from fastapi.responses import JSONResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 
-from app.api.errors import ApiError, error_response
+from app.api.errors import ApiError
 from app.api.service import StudioDep
 from db.errors import ApiKeyRefusedError
 
@@ -67,6 +66,8 @@ def authenticate(
     Raises:
         ApiError: 401 (no, unknown or revoked key), 429 (over the rate limit, with Retry-After).
     """
+    if (checked := getattr(request.state, "principal", None)) is not None:
+        return checked  # the request guard checked the key (and took a token) before the body was read
     secret = credentials.credentials if credentials is not None else api_key
     if not secret:
         raise ApiError(
@@ -96,30 +97,13 @@ def authenticate(
 
 
 async def authenticate_request(request: Request) -> Principal:
-    """`authenticate` for a request whose dependencies never ran: FastAPI reads the body before them, so the
-    handlers of a body it cannot parse check the key this way (no key: 401, whatever the body).
+    """`authenticate` from the headers alone, before the body is read (`app.api.guard`).
 
     Raises:
         ApiError: as `authenticate`.
     """
     credentials, api_key = await bearer(request), await key_header(request)
     return await run_in_threadpool(authenticate, request, request.app.state.studio, credentials, api_key)
-
-
-async def key_refused(request: Request) -> JSONResponse | None:
-    """The 401 (or 429) of a request whose body was refused before its API key was checked, else None.
-
-    FastAPI reads and parses the body before a route's dependencies, so a body it cannot parse (malformed
-    JSON: 422, undecodable: 400, too large: 413) is answered before `authenticate` runs; without a valid key
-    the answer is 401 all the same.
-    """
-    if "route" not in request.scope or hasattr(request.state, "principal"):
-        return None  # no route matched, or the key was checked already
-    try:
-        await authenticate_request(request)
-    except ApiError as exc:
-        return error_response(exc.status, exc.type, exc.message, exc.headers, **exc.extra)
-    return None
 
 
 PrincipalDep = Annotated[Principal, Depends(authenticate)]

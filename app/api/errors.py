@@ -4,7 +4,6 @@ project exceptions by a table (most specific first), request validation, HTTP er
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -106,8 +105,7 @@ def _validation_message(errors: list[dict[str, Any]]) -> str:
     return f"{where}: {first.get('msg', 'invalid')}{more}"
 
 
-KeyCheck = Callable[[Request], Awaitable[JSONResponse | None]]  # the 401/429 answer for a request, or None
-
+FALLBACK_ROUTE = "api_fallback"  # the last /api/v1 route: what no other API route matched
 HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
 
@@ -115,8 +113,12 @@ def allowed_methods(request: Request) -> list[str]:
     """Every method the request's path supports. Starlette's 405 names only the first route that matched the
     path, but each method is its own route here (`/loras`: GET and POST), and RFC 9110 wants them all; so
     each method is tried against the routes (included routers match as one route each; mounted apps, which
-    take any method, are left out)."""
-    routes = [route for route in request.app.router.routes if not isinstance(route, Mount)]
+    take any method, and the API's fallback route, which takes any path, are left out)."""
+    routes = [
+        route
+        for route in request.app.router.routes
+        if not isinstance(route, Mount) and getattr(route, "name", None) != FALLBACK_ROUTE
+    ]
     return [
         method
         for method in HTTP_METHODS
@@ -124,9 +126,21 @@ def allowed_methods(request: Request) -> list[str]:
     ]
 
 
-def install_error_handlers(app: FastAPI, key_refused: KeyCheck) -> None:
-    """JSON error answers for every error; `key_refused` (`app.api.auth.key_refused`) answers the requests
-    whose body was refused before their API key was checked."""
+async def unmatched(request: Request) -> JSONResponse:
+    """The answer of the API's fallback route: 405 with Allow when another method fits the path, else 404, both
+    in the API's error shape (not the studio's pages, which are mounted at / behind the API)."""
+    if allowed := allowed_methods(request):
+        return error_response(
+            405,
+            "method_not_allowed",
+            f"{request.method} is not allowed on {request.url.path}; allowed: {', '.join(allowed)}",
+            {"Allow": ", ".join(allowed)},
+        )
+    return error_response(404, "not_found", f"no API route at {request.url.path}")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """JSON error answers for every error (the API key was checked before the body: `app.api.guard`)."""
 
     async def on_api_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, ApiError)
@@ -142,15 +156,11 @@ def install_error_handlers(app: FastAPI, key_refused: KeyCheck) -> None:
         errors = [dict(e) for e in exc.errors()]
         details = [{k: e[k] for k in ("loc", "msg", "type") if k in e} for e in errors]  # inputs not echoed
         type = "malformed_json" if errors and errors[0].get("type") == "json_invalid" else "validation_error"
-        if refused := await key_refused(request):
-            return refused
         return error_response(422, type, _validation_message(errors), details=details)
 
     async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, HTTPException)
         type = HTTP_TYPES.get(exc.status_code, "http_error")
-        if exc.status_code in (400, 413) and (refused := await key_refused(request)):
-            return refused
         headers = exc.headers
         if exc.status_code == 405:
             headers = {**(headers or {}), "Allow": ", ".join(allowed_methods(request))}

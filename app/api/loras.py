@@ -13,6 +13,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from app.api.errors import ApiError
+from app.api.guard import MIB
 from app.api.schemas import MAX_OFFSET, ErrorResponse, LoraPage, LoraRead, LoraUpdate, to_read
 from app.api.service import StudioDep
 from app.catalog import AdapterInfo
@@ -21,8 +22,6 @@ from composer.errors import StudioError
 from db.errors import CatalogError, InvalidFieldError
 from db.models import ADAPTER_TYPES, FAMILIES, validate_name
 
-MIB = 2**20
-MULTIPART_SLACK = 64 * 1024  # boundaries and the small form fields around the file
 _SUFFIX = re.compile(r"\.[a-z0-9]{1,16}")
 
 router = APIRouter(
@@ -106,12 +105,9 @@ UPLOAD_BODY = {
 )
 async def upload_lora(request: Request, response: Response, studio: StudioDep) -> LoraRead:
     """Upload a LoRA (multipart field `file`); it is validated, hashed and catalogued, or nothing is kept."""
-    limit = studio.settings.max_upload_mb * MIB
-    length = request.headers.get("content-length")
+    length = request.headers.get("content-length")  # its bound was checked before the body (app.api.guard)
     if length is None or not length.isdigit():
         raise ApiError(411, "length_required", "uploads need a Content-Length header")
-    if int(length) > limit + MULTIPART_SLACK:  # refused before a byte of the body is read
-        raise _too_large(int(length), studio)
     async with request.form(max_files=1, max_fields=8) as form:
         upload = form.get("file")
         if not isinstance(upload, UploadFile):
