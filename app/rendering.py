@@ -34,7 +34,8 @@ def resolve_backbone(name: str, model: str | None) -> tuple[Backbone, str]:
     """A backbone name as users type it, and the model to load: "toy" is SDXL with the shipped toy model;
     "sdxl" and "flux" default to their tiny random-weight variants."""
     if name == "toy":  # measured best guidance for the toy model (docs/BENCHMARKS.md)
-        return replace(get_backbone("sdxl"), default_guidance=7.5), str(model or toyworld.model_dir())
+        toy = replace(get_backbone("sdxl"), default_guidance=7.5, nominal_size=toyworld.IMAGE_SIZE)
+        return toy, str(model or toyworld.model_dir())
     return get_backbone(name), str(model or TINY)
 
 

@@ -49,6 +49,15 @@ class Settings(BaseSettings):
     )
     ray_address: str | None = Field(default=None, description="Ray cluster address (None: a local Ray)")
     max_queued_jobs: int = Field(default=100, ge=1, description="queued render jobs before 429")
+    max_queued_jobs_per_key: int = Field(
+        default=20, ge=1, description="queued render jobs of one API key before 429 (its share of the queue)"
+    )
+    max_job_megapixel_steps: float = Field(
+        default=5000.0,
+        gt=0,
+        description="largest render job: width x height in megapixels x steps x images, summed over its "
+        "requests (5000: about 160 SDXL images at 1024 px and 30 steps)",
+    )
     job_max_attempts: int = Field(default=2, ge=1, description="runs of a job whose worker dies, at most")
     job_heartbeat_s: float = Field(default=2.0, gt=0, description="seconds between a worker's heartbeats")
     job_stale_after_s: float = Field(

@@ -35,7 +35,7 @@ from composer.adapters import blora
 from composer.adapters.host import AdapterHost
 from composer.adapters.registry import trainable_kinds
 from composer.backbones import TINY, load_pipeline
-from composer.errors import FamilyMismatchError, StudioError
+from composer.errors import FamilyMismatchError, OverBudgetError, StudioError
 from composer.formats.readers import read_lora
 from composer.formats.safetensors_io import FileHashes, file_hashes
 from composer.methods import METHODS, params_to_json
@@ -324,23 +324,38 @@ class Studio:
         Raises:
             StudioError, CatalogError: naming the request (`requests[i]`) and what is wrong.
         """
-        if model not in (None, TINY, self.settings.model):
+        settings = self.settings
+        if model not in (None, TINY, settings.model):
             raise StudioError(
                 f"model {model!r} is not served here; leave it out for the server's model "
-                f"({self.settings.model or 'the backbone default'}) or use {TINY!r}"
+                f"({settings.model or 'the backbone default'}) or use {TINY!r}"
             )
-        family = resolve_backbone(backbone, model)[0].family
-        total = 0
+        spec, served = resolve_backbone(backbone, model)
+        own = settings.model == TINY or (backbone == settings.backbone and settings.model is None)
+        if served == TINY and not own:  # random weights: noise, never what a client asking for FLUX wants
+            raise StudioError(
+                f"backbone {backbone!r} has no real weights on this server (it would render {TINY!r}, a "
+                f"random-weight test model); use the server's backbone {settings.backbone!r}, or start a server "
+                f"for it: LORA_STUDIO_BACKBONE={backbone} LORA_STUDIO_MODEL=<weights> lora-studio serve"
+            )
+        total, cost = 0, 0.0
         for i, data in enumerate(requests):
             try:
                 request = RenderRequest.from_json(data)
                 request.validate()
                 for info, _role in self.resolve_stack(request):
-                    check_family(info, backbone, family)
+                    check_family(info, backbone, spec.family)
             except (StudioError, CatalogError) as exc:
                 exc.args = (f"requests[{i}]: {exc.args[0] if exc.args else exc}", *exc.args[1:])
                 raise
             total += request.num_images
+            cost += request.megapixel_steps(spec)
+        if cost > settings.max_job_megapixel_steps:
+            raise OverBudgetError(
+                f"this job costs {cost:,.0f} megapixel-steps (width x height x steps x images, summed over its "
+                f"requests), over this server's limit of {settings.max_job_megapixel_steps:,.0f} "
+                "(max_job_megapixel_steps); split it into smaller jobs or ask for fewer pixels or steps"
+            )
         return total
 
     # --- what the front ends call (app.facade.StudioFacade) -------------------------------------------

@@ -25,6 +25,10 @@ class FamilyMismatchError(StudioError):
     """A LoRA made for one base family (sd15, sdxl, flux) was applied to another."""
 
 
+class OverBudgetError(StudioError):
+    """A render job over a server's cost limit (pixels x steps x images): smaller, not later, is the fix."""
+
+
 class BackboneError(StudioError):
     """A backbone cannot be loaded or built."""
 

@@ -45,6 +45,9 @@ class LoraWeight:
             raise StudioError(f"LoRA weight in {text!r} is not a number") from None
 
 
+MAX_LORA_WEIGHT = 20.0  # |weight| above this only burns the image (A1111 and ComfyUI users stay within +-5)
+
+
 @dataclass(frozen=True)
 class RenderRequest:
     """What to draw. Field names follow the diffusers pipeline call.
@@ -80,6 +83,13 @@ class RenderRequest:
             object.__setattr__(self, "prompt_tags", tags)
             object.__setattr__(self, "loras", self.loras + tuple(t for t in tags if t.name not in explicit))
 
+    def megapixel_steps(self, backbone: Backbone) -> float:
+        """What the request costs to run: width x height (in megapixels) x steps x images, with the backbone's
+        defaults (`nominal_size`, `default_steps`) where the request leaves them out."""
+        side = backbone.nominal_size
+        pixels = (self.width or side) * (self.height or side) / 1e6
+        return pixels * (self.num_inference_steps or backbone.default_steps) * self.num_images
+
     def params(self):
         """The composition method's parameters (its defaults when none were given)."""
         return params_class(self.method)() if self.method_params is None else self.method_params
@@ -98,6 +108,12 @@ class RenderRequest:
         for side in (self.height, self.width):
             if side is not None and (side < 8 or side > 4096 or side % 8):
                 raise StudioError(f"height and width must be multiples of 8 in 8..4096, got {side}")
+        for lw in self.loras:
+            if not abs(lw.weight) <= MAX_LORA_WEIGHT:  # NaN fails this too
+                raise StudioError(
+                    f"LoRA {lw.name!r}: weight {lw.weight} is out of range -{MAX_LORA_WEIGHT:g}..{MAX_LORA_WEIGHT:g} "
+                    "(1 is the LoRA as trained)"
+                )
         names = [lw.name for lw in self.loras]
         if len(set(names)) != len(names):
             raise StudioError(f"a LoRA is listed twice: {names}")

@@ -218,6 +218,89 @@ def test_a_full_queue_answers_429_with_retry_after(studio):
     assert c.get(f"{API}/renders").json()["total"] == 2
 
 
+def test_one_key_cannot_fill_the_queue_past_its_share(tmp_path):
+    studio = Studio.open(
+        Settings(
+            data_dir=tmp_path / "data",
+            bundled=False,
+            backbone="sdxl",
+            model="tiny",
+            max_queued_jobs=10,
+            max_queued_jobs_per_key=2,
+        )
+    )
+    app = create_app(studio, make_executor(studio))  # not started: jobs stay queued
+    greedy = TestClient(app, headers={"X-API-Key": new_key(studio, "greedy")})
+    other = TestClient(app, headers={"X-API-Key": new_key(studio, "other")})
+    one = {"requests": [{"prompt": "x", **SMALL}]}
+    assert [greedy.post(f"{API}/renders", json=one).status_code for _ in range(2)] == [202, 202]
+    r = greedy.post(f"{API}/renders", json=one)
+    body = error(r, 429, "queue_full")
+    assert "limit is 2 (max_queued_jobs_per_key)" in body["message"] and int(r.headers["retry-after"]) >= 1
+    assert other.post(f"{API}/renders", json=one).status_code == 202  # the other key still gets in
+    assert greedy.get(f"{API}/renders").json()["total"] == 2
+
+
+def test_a_job_over_the_cost_budget_is_refused_naming_the_limit(tmp_path):
+    studio = Studio.open(
+        Settings(
+            data_dir=tmp_path / "data",
+            bundled=False,
+            backbone="sdxl",
+            model="tiny",
+            max_job_megapixel_steps=1,
+        )
+    )
+    c = TestClient(create_app(studio, make_executor(studio)), headers={"X-API-Key": new_key(studio)})
+    # 64 x 64 px x 100 steps x 2 images = 0.82 megapixel-steps: within 1
+    small = {"prompt": "x", "height": 64, "width": 64, "num_inference_steps": 100, "num_images": 2}
+    assert c.post(f"{API}/renders", json={"requests": [small]}).status_code == 202
+    body = error(c.post(f"{API}/renders", json={"requests": [small, small]}), 422, "over_budget")
+    assert "costs 2 megapixel-steps" in body["message"]  # 1.64, rounded
+    assert "limit of 1 (max_job_megapixel_steps)" in body["message"]
+    # the example: 4096 x 4096 x 16 images x 500 steps x 64 requests
+    huge = {"prompt": "x", "height": 4096, "width": 4096, "num_images": 16, "num_inference_steps": 500}
+    body = error(c.post(f"{API}/renders", json={"requests": [huge] * 64}), 422, "over_budget")
+    assert "8,589,935 megapixel-steps" in body["message"]
+    assert c.get(f"{API}/renders").json()["total"] == 1
+
+
+@pytest.mark.parametrize("weight", [1e6, -21.0, 20.5])
+def test_lora_weights_out_of_range_are_refused(client, weight):
+    batch = {"requests": [{"prompt": "x", "loras": [{"name": "inkwell", "weight": weight}], **SMALL}]}
+    body = error(client.post(f"{API}/renders", json=batch), 400, "bad_request")
+    assert (
+        "requests[0]" in body["message"] and "'inkwell'" in body["message"] and "-20..20" in body["message"]
+    )
+    edge = {"requests": [{"prompt": "x", "loras": [{"name": "inkwell", "weight": -20.0}], **SMALL}]}
+    assert client.post(f"{API}/renders", json=edge).status_code == 202
+
+
+def test_a_backbone_without_real_weights_is_refused_unless_the_server_runs_it(tmp_path):
+    toy = Studio.open(Settings(data_dir=tmp_path / "toy", bundled=False))  # the toy server: real toy weights
+    c = TestClient(create_app(toy, make_executor(toy)), headers={"X-API-Key": new_key(toy)})
+    for backbone in ("flux", "sdxl"):
+        body = error(
+            c.post(f"{API}/renders", json={"backbone": backbone, "requests": [{"prompt": "x"}]}),
+            400,
+            "bad_request",
+        )
+        assert (
+            f"backbone {backbone!r} has no real weights" in body["message"]
+            and "LORA_STUDIO_MODEL" in body["message"]
+        )
+    assert c.post(f"{API}/renders", json={"requests": [{"prompt": "x", **SMALL}]}).status_code == 202
+    # a server started for the random-weight model (tests, demos) takes it
+    flux = Studio.open(Settings(data_dir=tmp_path / "flux", bundled=False, backbone="flux"))
+    c = TestClient(create_app(flux, make_executor(flux)), headers={"X-API-Key": new_key(flux)})
+    assert (
+        c.post(
+            f"{API}/renders", json={"backbone": "flux", "requests": [{"prompt": "x", **SMALL}]}
+        ).status_code
+        == 202
+    )
+
+
 def test_keys_are_required_and_jobs_belong_to_their_key(client, studio):
     job = client.post(f"{API}/renders", json={"requests": [{"prompt": "mine", **SMALL}]}).json()
     anonymous = TestClient(client.app)  # the app (and its executor) is already running

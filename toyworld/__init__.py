@@ -3,6 +3,7 @@
 from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parent
+IMAGE_SIZE = 64  # the toy world's pictures and the shipped toy model, pixels a side
 
 
 def model_dir() -> Path:

@@ -24,11 +24,11 @@ import torch
 import torch.nn.functional as F
 
 from composer.backbones import sdxl
-from toyworld import combos, scenes
+from toyworld import IMAGE_SIZE, combos, scenes
 
 log = logging.getLogger("toyworld.train_base")
 
-IMAGE = 64
+IMAGE = IMAGE_SIZE
 LATENT = IMAGE // 4
 # SDXL's block layout (DownBlock2D, CrossAttnDownBlock2D x2 / CrossAttnUpBlock2D x2, UpBlock2D): up_blocks.0
 # has attentions.0 and .1, the B-LoRA content and style blocks. Widths sized for a CPU training budget.

@@ -16,6 +16,7 @@ from starlette.routing import Match, Mount
 from composer.errors import (
     FamilyMismatchError,
     LoraFileError,
+    OverBudgetError,
     PickleRefusedError,
     StudioError,
     UnknownKeysError,
@@ -47,6 +48,7 @@ ERROR_TABLE: tuple[tuple[type[Exception], int, str], ...] = (
     (UnknownKeysError, 422, "unknown_keys"),
     (LoraFileError, 422, "invalid_lora_file"),
     (FamilyMismatchError, 422, "family_mismatch"),
+    (OverBudgetError, 422, "over_budget"),
     (StudioError, 400, "bad_request"),
 )
 HTTP_TYPES = {

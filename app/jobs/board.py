@@ -98,7 +98,7 @@ class JobBoard:
                         max_attempts=settings.job_max_attempts,
                     )
                     if created:  # counted with the new job; raising rolls it back (a repeat is never refused)
-                        self._check_room(repo)
+                        self._check_room(repo, api_key_id)
                     info = JobInfo.of(job, repo.queue_position(job))
                 break
             except SubmitRaceError:
@@ -161,18 +161,31 @@ class JobBoard:
             listener.cancelled(info)
         return info
 
-    def _check_room(self, repo: JobRepository) -> None:
-        """Refuse when more than max_queued_jobs are queued; the wait is the mean job time per excess job."""
+    def _check_room(self, repo: JobRepository, api_key_id: int | None) -> None:
+        """Refuse when more than max_queued_jobs are queued, or more than max_queued_jobs_per_key of this
+        key's (so that one key cannot fill the queue); the wait is the mean job time per excess job."""
         settings = self.settings
-        queued, limit = repo.count_queued(), settings.max_queued_jobs
-        if queued <= limit:
-            return
-        per_job = repo.mean_run_seconds() or 1.0
-        wait = max(1, math.ceil(per_job * (queued - limit) / settings.workers))
-        raise QueueFullError(
-            f"{queued - 1} render jobs are queued, the limit is {limit} (max_queued_jobs); retry in {wait} s",
-            wait,
-        )
+        limits = [
+            (repo.count_queued(), settings.max_queued_jobs, "render jobs are queued", "max_queued_jobs")
+        ]
+        if api_key_id is not None:
+            mine = repo.count("queued", api_key_id)
+            limits.append(
+                (
+                    mine,
+                    settings.max_queued_jobs_per_key,
+                    "of this key's jobs are queued",
+                    "max_queued_jobs_per_key",
+                )
+            )
+        for queued, limit, what, setting in limits:
+            if queued <= limit:
+                continue
+            per_job = repo.mean_run_seconds() or 1.0
+            wait = max(1, math.ceil(per_job * (queued - limit) / settings.workers))
+            raise QueueFullError(
+                f"{queued - 1} {what}, the limit is {limit} ({setting}); retry in {wait} s", wait
+            )
 
 
 __all__ = ["JobBoard", "JobListener"]

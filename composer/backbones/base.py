@@ -63,6 +63,7 @@ class Backbone:
     checkpoint_components: dict[str, tuple[str, ...]] = field(default_factory=dict)
     default_steps: int = 30
     default_guidance: float = 5.0
+    nominal_size: int = 1024  # pixels a side when no pipeline is at hand to ask (`native_size`): job budgets
 
     def components(self, pipe) -> dict[str, nn.Module]:
         """LoRA component name -> module, as LoRA files name them."""
