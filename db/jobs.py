@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -340,6 +340,19 @@ class JobRepository:
         if self.session.execute(stmt).rowcount != 1:
             return None  # another recoverer got there first
         return self.get(job_id)
+
+    def recover_dead(self, is_dead: Callable[[str], bool], now: datetime | None = None) -> list[RenderJob]:
+        """Release every running job whose worker `is_dead` says has died (whatever its last heartbeat)."""
+        running = self.session.execute(
+            select(RenderJob.id, RenderJob.worker).where(RenderJob.status == "running")
+        ).all()
+        out = []
+        for job_id, worker in running:
+            if worker and is_dead(worker):
+                job = self.release(job_id, worker, f"worker {worker} died with its process", now)
+                if job is not None:
+                    out.append(job)
+        return out
 
     def recover_stale(self, older_than: timedelta, now: datetime | None = None) -> list[RenderJob]:
         """Release every running job whose heartbeat is older than `older_than` (its worker is gone)."""

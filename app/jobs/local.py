@@ -9,13 +9,11 @@ puts back the jobs of a process that died.
 from __future__ import annotations
 
 import logging
-import os
-import secrets
-import socket
 import threading
 from datetime import timedelta
 
 from app.catalog import JobInfo
+from app.jobs.identity import died_here, process_name
 from app.jobs.queue import JobQueue
 from app.jobs.runner import Heartbeats, JobControl, run_job
 from app.settings import Settings
@@ -41,16 +39,17 @@ class LocalExecutor(JobQueue):
         self._threads: list[threading.Thread] = []
         self.studios: list[Studio] = []  # the workers' Studio views, one each
         # unique per executor, so that two in one process (or a restarted one) never share a worker name
-        self.name = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        self.name = process_name()
 
     def start(self) -> None:
-        """Put back jobs left running by a dead process, then start the heartbeats and the workers."""
+        """Put back jobs left running by a dead process (at once when it ran on this machine, else once its
+        heartbeat is stale), then start the heartbeats and the workers."""
         if self._threads:
             return
         with unit_of_work(self.studio.sessions) as session:
-            recovered = JobRepository(session).recover_stale(
-                timedelta(seconds=self.settings.job_stale_after_s)
-            )
+            repo = JobRepository(session)
+            recovered = repo.recover_dead(died_here)
+            recovered += repo.recover_stale(timedelta(seconds=self.settings.job_stale_after_s))
         for job in recovered:
             log.warning("render job %d recovered on start: %s", job.id, job.status)
         self._stopping.clear()
