@@ -4,11 +4,12 @@ snapshots (`ApiKeyInfo`, `UserInfo`), never ORM rows, so no route or command hol
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import NamedTuple
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from db.errors import InvalidFieldError
 from db.models import ApiKey, User
 from db.repository import DEFAULT_RATE_LIMIT, ApiKeyRepository
 from db.session import unit_of_work
@@ -161,3 +162,23 @@ class Accounts:
         """
         with unit_of_work(self.sessions) as session:
             return UserInfo.of(UserRepository(session).set_password(username, password))
+
+    def start_session(self, user_id: int, hours: float, now: datetime | None = None) -> str:
+        """A server-side login session for the user, `hours` long; its token (for the cookie)."""
+        with unit_of_work(self.sessions) as session:
+            users = UserRepository(session)
+            user = users.get(user_id)
+            if user is None:
+                raise InvalidFieldError(f"no user with id {user_id}")
+            return users.start_session(user, timedelta(hours=hours), now)
+
+    def session_user(self, token: object, now: datetime | None = None) -> UserInfo | None:
+        """The user of a live login session, or None (logged out, expired, unknown)."""
+        with self.sessions() as session:
+            user = UserRepository(session).session_user(token, now)
+            return None if user is None else UserInfo.of(user)
+
+    def end_session(self, token: object) -> None:
+        """Log out: the session's token is worthless from now on, on every server sharing the catalog."""
+        with unit_of_work(self.sessions) as session:
+            UserRepository(session).end_session(token)

@@ -441,3 +441,17 @@ class User(Base):
     @validates("username")
     def _v_username(self, key: str, value: object) -> str:
         return validate_name(value, "username")
+
+
+class LoginSession(Base):
+    """A signed-in session (the admin page and the studio): only the SHA-256 of its token is stored, so that
+    logging out, or a password change, ends it on the server whatever the browser keeps."""
+
+    __tablename__ = "login_sessions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, server_default=func.now())
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime())

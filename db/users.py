@@ -4,16 +4,18 @@ user exists, and the last-login time. The caller owns the transaction (`db.sessi
 from __future__ import annotations
 
 import functools
+import hashlib
+import secrets
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from db.errors import InvalidFieldError, NameTakenError
-from db.models import User, utcnow
+from db.models import LoginSession, User, utcnow
 
 MIN_PASSWORD = 8
 MAX_PASSWORD = 1024  # Argon2 takes any length; this bounds the work one login attempt can ask for
@@ -91,6 +93,7 @@ class UserRepository:
         if user is None:
             raise InvalidFieldError(f"no user named {username!r}")
         user.password_hash = _hasher().hash(check_password(password))
+        self.end_sessions(user.id)  # a new password signs the user out everywhere
         self.session.flush()
         return user
 
@@ -100,3 +103,48 @@ class UserRepository:
 
     def list(self) -> Sequence[User]:
         return self.session.scalars(select(User).order_by(User.username)).all()
+
+    # --- server-side login sessions --------------------------------------------------------------------------
+    @staticmethod
+    def _digest(token: str) -> str:
+        return hashlib.sha256(token.encode()).hexdigest()
+
+    def start_session(self, user: User, lifetime: timedelta, now: datetime | None = None) -> str:
+        """A new login session of `user` for `lifetime`; returns its token (only its hash is stored)."""
+        token = secrets.token_urlsafe(32)
+        now = now or utcnow()
+        self.session.add(
+            LoginSession(
+                token_hash=self._digest(token), user_id=user.id, created_at=now, expires_at=now + lifetime
+            )
+        )
+        self.session.flush()
+        return token
+
+    def session_user(self, token: object, now: datetime | None = None) -> User | None:
+        """The user of a live session (not ended, not expired), else None."""
+        if not isinstance(token, str) or not token:
+            return None
+        row = self.session.scalars(
+            select(LoginSession).where(LoginSession.token_hash == self._digest(token))
+        ).one_or_none()
+        if row is None or row.ended_at is not None or row.expires_at <= (now or utcnow()):
+            return None
+        return self.get(row.user_id)
+
+    def end_session(self, token: object, now: datetime | None = None) -> None:
+        """End one session (logout); an unknown or ended token is a no-op."""
+        if isinstance(token, str) and token:
+            self.session.execute(
+                update(LoginSession)
+                .where(LoginSession.token_hash == self._digest(token), LoginSession.ended_at.is_(None))
+                .values(ended_at=now or utcnow())
+            )
+
+    def end_sessions(self, user_id: int, now: datetime | None = None) -> None:
+        """End every session of a user."""
+        self.session.execute(
+            update(LoginSession)
+            .where(LoginSession.user_id == user_id, LoginSession.ended_at.is_(None))
+            .values(ended_at=now or utcnow())
+        )

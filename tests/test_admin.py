@@ -375,9 +375,21 @@ def test_job_monitor_lists_render_jobs(live, admin):
     assert admin.get("/admin/jobs", params={"status": "lost"}).status_code == 400
 
 
-def test_logout_ends_the_session(live, admin):
+def test_logout_ends_the_session_on_the_server_so_the_old_cookie_is_worthless(live, admin):
+    cookie = dict(admin.cookies)  # what an attacker who copied it would hold
+    assert admin.get("/admin/").status_code == 200
     assert admin.post("/admin/logout", data={"csrf": admin.csrf}).status_code == 303
     assert admin.get("/admin/").status_code == 303
+    with httpx.Client(base_url=live.url, cookies=cookie) as stolen:
+        r = stolen.get("/admin/")
+        assert r.status_code == 303 and "/admin/login" in r.headers["location"]
+
+
+def test_a_password_change_ends_every_session_of_the_user(live, admin):
+    assert admin.get("/admin/").status_code == 200
+    live.studio.accounts.set_password(USER, "another long password")
+    assert admin.get("/admin/").status_code == 303
+    live.studio.accounts.set_password(USER, PASSWORD)
 
 
 def test_session_key_is_private_and_kept(live):

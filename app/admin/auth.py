@@ -1,10 +1,11 @@
-"""Login and logout. A successful login replaces the session (new CSRF token) and records the time."""
+"""Login and logout. A successful login replaces the session (new CSRF token, a new server-side login session)
+and records the time; logout ends the server-side session."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from app.admin.core import AccountsDep, FormDep, page, redirect, session_of
+from app.admin.core import AccountsDep, FormDep, page, redirect, session_of, studio_of
 from app.admin.session import Session
 
 router = APIRouter()
@@ -47,15 +48,17 @@ def login(request: Request, form: FormDep, accounts: AccountsDep):
         throttle.failed(address, name)
         return page(request, "login.html", 401, next=form.get("next", ""), error="wrong username or password")
     throttle.succeeded(address, name)
-    request.state.admin_session = Session.new(user.id)
+    hours = studio_of(request).settings.admin_session_hours
+    request.state.admin_session = Session.new(user.id, accounts.start_session(user.id, hours))
     response = redirect(request, safe_next(form.get("next"), request.scope.get("root_path", "")))
     request.app.state.codec.write(response, session_of(request), request)
     return response
 
 
 @router.post("/logout")
-def logout(request: Request, form: FormDep):
-    """End the session."""
+def logout(request: Request, form: FormDep, accounts: AccountsDep):
+    """End the session, on the server too: the old cookie no longer signs anyone in."""
+    accounts.end_session(session_of(request).login)
     response = redirect(request, "/login")
     request.app.state.codec.clear(response)
     return response

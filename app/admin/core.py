@@ -57,8 +57,8 @@ def current_admin(request: Request) -> Admin:
     session = session_of(request)
     if session.user_id is None:
         raise LoginRequired()
-    user = accounts_of(request).get_user(session.user_id)
-    if user is None or not user.is_admin:  # deleted or demoted since the cookie was issued
+    user = accounts_of(request).session_user(session.login)  # None once logged out or expired on the server
+    if user is None or user.id != session.user_id or not user.is_admin:  # or deleted or demoted since
         raise LoginRequired()
     return Admin(user.id, user.username)
 

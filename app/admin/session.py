@@ -1,6 +1,7 @@
-"""Admin sessions: a signed cookie (itsdangerous, key kept in the data dir with mode 0600) carrying the user id
-and a CSRF token that every POST form must echo. Anonymous visitors get a session too (for the login form's
-token); logging in issues a fresh one, so a token seen before login is worthless after it."""
+"""Admin sessions: a signed cookie (itsdangerous, key kept in the data dir with mode 0600) carrying the user id,
+the token of a server-side login session (`login_sessions`: logging out ends it there, so a copied cookie is
+worthless afterwards) and a CSRF token that every POST form must echo. Anonymous visitors get a session too (for
+the login form's token); logging in issues a fresh one, so a token seen before login is worthless after it."""
 
 from __future__ import annotations
 
@@ -54,10 +55,11 @@ class Session:
     user_id: int | None
     csrf: str
     fresh: bool = False  # not yet in the browser's cookie: the response sets it
+    login: str | None = None  # the server-side login session's token (`Accounts.start_session`)
 
     @classmethod
-    def new(cls, user_id: int | None = None) -> Session:
-        return cls(user_id, secrets.token_urlsafe(32), fresh=True)
+    def new(cls, user_id: int | None = None, login: str | None = None) -> Session:
+        return cls(user_id, secrets.token_urlsafe(32), fresh=True, login=login)
 
 
 class SessionCodec:
@@ -73,7 +75,7 @@ class SessionCodec:
         if raw:
             try:
                 data = self._serializer.loads(raw, max_age=self.max_age_s)
-                return Session(data.get("u"), str(data["c"]))
+                return Session(data.get("u"), str(data["c"]), login=data.get("l"))
             except (BadSignature, KeyError, TypeError, AttributeError):
                 pass
         return Session.new()
@@ -81,7 +83,7 @@ class SessionCodec:
     def write(self, response, session: Session, request: Request) -> None:
         response.set_cookie(
             COOKIE,
-            self._serializer.dumps({"u": session.user_id, "c": session.csrf}),
+            self._serializer.dumps({"u": session.user_id, "c": session.csrf, "l": session.login}),
             max_age=self.max_age_s,
             path="/admin",
             httponly=True,
