@@ -129,16 +129,17 @@ class Accounts:
             return UserInfo.of(UserRepository(session).create(username, password, is_admin=is_admin))
 
     def verify_login(
-        self, username: object, password: object, now: datetime | None = None
+        self, username: object, password: object, now: datetime | None = None, *, admin_only: bool = True
     ) -> UserInfo | None:
-        """The admin whose password this is, with the login time recorded; None for a wrong password, an
-        unknown user (the same Argon2 work, so timing does not tell) or a user who is not an admin."""
+        """The admin (or, `admin_only=False`, any user) whose password this is, with the login time recorded;
+        None for a wrong password, an unknown user (the same Argon2 work, so timing does not tell) or a user
+        who is not an admin where one must be."""
         if not isinstance(username, str):
             return None
         with unit_of_work(self.sessions) as session:
             users = UserRepository(session)
             user = users.verify(username, password)  # type: ignore[arg-type]  # non-strings are refused there
-            if user is None or not user.is_admin:
+            if user is None or (admin_only and not user.is_admin):
                 return None
             users.touch_login(user, now)
             return UserInfo.of(user)

@@ -342,14 +342,24 @@ def serve(
         str | None, typer.Option(help="Ray cluster address, e.g. ray://head:10001 (default: a local Ray)")
     ] = None,
     workers: Annotated[int | None, typer.Option(help="render workers (threads, or Ray actors)")] = None,
+    no_login: Annotated[
+        bool,
+        typer.Option(
+            "--no-login",
+            help="serve the studio with no login even beyond loopback (anyone who can reach it can render, "
+            "train and change the catalog)",
+        ),
+    ] = False,
     data_dir: DataDir = None,
 ):
     """Serve the studio (/), the admin page (/admin) and the REST API (/api/v1, docs at /api/v1/docs) over one
-    Studio, with a render-job executor."""
+    Studio, with a render-job executor. Beyond loopback (--host 0.0.0.0) the studio asks for a catalog user's
+    login, and serve refuses to start while no user exists, unless --no-login."""
     import uvicorn
 
     full_traces()
     from app.jobs import make_executor
+    from app.serving import ServeRefused, decide_access, summary
     from app.web import create_web_app
 
     studio = _studio(data_dir)
@@ -359,7 +369,17 @@ def serve(
         _fail(f"--executor {settings.executor!r}: choose local or ray")
     if settings.workers < 1:
         _fail(f"--workers {settings.workers}: at least 1")
-    app_ = create_web_app(studio, make_executor(studio, settings))
+    try:
+        access = decide_access(
+            host, "never" if no_login else settings.studio_login, len(studio.accounts.list_users())
+        )
+    except ServeRefused as exc:
+        _fail(str(exc))
+    for line in summary(studio, host, port, access, studio.imported_on_open):
+        typer.secho(
+            line, err=line.startswith("WARNING"), fg=typer.colors.RED if line.startswith("WARNING") else None
+        )
+    app_ = create_web_app(studio, make_executor(studio, settings), login=access.login)
     uvicorn.run(app_, host=host, port=port, log_level="info")
 
 

@@ -67,6 +67,11 @@ class Settings(BaseSettings):
         default=None,
         description="server folder the admin page imports folders from (default: <data_dir>/import)",
     )
+    studio_login: Literal["auto", "always", "never"] = Field(
+        default="auto",
+        description="the studio at / asks for a username and password: 'auto' when serving beyond loopback, "
+        "'always', or 'never' (serve --no-login)",
+    )
     admin_session_hours: float = Field(default=12, gt=0, description="admin login lifetime, in hours")
     admin_login_attempts: int = Field(
         default=5, ge=1, description="failed admin logins per address and username before it must wait"

@@ -85,6 +85,7 @@ class Studio:
         self.training = TrainingRuns(settings, library, self.pipeline)
         self._pipelines: dict[tuple[str, str], _Loaded] = {}
         self._lock = threading.RLock()  # one pipeline user at a time (re-entered: render -> pipeline)
+        self.imported_on_open: list[str] = []  # bundled adapters `open` imported (serve's start-up summary)
 
     @classmethod
     def open(cls, settings: Settings) -> Studio:
@@ -94,9 +95,12 @@ class Studio:
         upgrade(engine)
         sessions = make_session_factory(engine)
         library = Library(sessions, settings.lora_dir)
+        imported = []
         if settings.bundled:
-            import_bundled(library, toyworld.loras_dir(), settings.root / "bundled.json")
-        return cls(settings, library, sessions)
+            imported = import_bundled(library, toyworld.loras_dir(), settings.root / "bundled.json")
+        studio = cls(settings, library, sessions)
+        studio.imported_on_open = imported
+        return studio
 
     def view(self) -> Studio:
         """The same catalog, sessions and job board's table, with pipelines (and a lock) of its own: what a

@@ -18,12 +18,14 @@ STATIC_DIR = Path(__file__).resolve().parents[1] / "static"
 STATIC_PATH = "/studio-static"
 
 
-def create_web_app(studio: StudioFacade, executor: Executor | None = None) -> FastAPI:
-    """REST API (/api/v1) + admin (/admin) + static files (/studio-static) + Gradio studio (/)."""
+def create_web_app(studio: StudioFacade, executor: Executor | None = None, *, login: bool = False) -> FastAPI:
+    """REST API (/api/v1) + admin (/admin) + static files (/studio-static) + Gradio studio (/); with `login`
+    the studio asks for a catalog user's name and password (`app.serving.studio_login`)."""
     import gradio as gr
 
     from app.admin import create_admin_app
     from app.api import create_app
+    from app.serving import studio_login
     from app.ui import create_ui
 
     app = create_app(studio, executor)
@@ -39,4 +41,6 @@ def create_web_app(studio: StudioFacade, executor: Executor | None = None) -> Fa
         max_file_size=f"{studio.settings.max_upload_mb}mb",  # training images, like LoRA uploads
         css_paths=[STATIC_DIR / "studio.css"],
         footer_links=["api"],
+        auth=studio_login(studio) if login else None,
+        auth_message="LoRA Studio: sign in with a catalog user (lora-studio admin create)" if login else None,
     )

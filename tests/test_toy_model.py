@@ -80,3 +80,39 @@ def test_edge_loss_sees_fine_texture_that_blur_removes():
     blurred = torch.full_like(x, 0.5)  # what a blurring codec returns
     assert edge_loss(x, x).item() == 0.0
     assert edge_loss(blurred, x).item() >= 1.5 * F.l1_loss(blurred, x).item()  # 1.0 against 0.5
+
+
+def test_a_unet_takes_a_vae_of_another_latent_width_with_new_in_and_out_convolutions(tiny_sdxl_factory):
+    import torch
+    from diffusers import AutoencoderKL
+
+    from toyworld.train_base import match_unet_to_vae
+
+    _, make = tiny_sdxl_factory
+    pipe = make()
+    assert not match_unet_to_vae(pipe)  # the same width: nothing changes
+    before = {
+        k: v.clone() for k, v in pipe.unet.state_dict().items() if not k.startswith(("conv_in", "conv_out"))
+    }
+    pipe.vae = AutoencoderKL(**{**pipe.vae.config, "latent_channels": 8})
+    assert match_unet_to_vae(pipe)
+    assert pipe.unet.config.in_channels == pipe.unet.config.out_channels == 8
+    after = pipe.unet.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())  # the rest of the UNet is kept
+    latents = pipe.vae.encode(torch.rand(1, 3, 32, 32) * 2 - 1).latent_dist.mean
+    assert latents.shape[1] == 8
+    n = pipe.unet.config.cross_attention_dim
+    out = pipe.unet(
+        latents,
+        torch.tensor([10]),
+        torch.zeros(1, 4, n),
+        added_cond_kwargs={
+            "text_embeds": torch.zeros(
+                1,
+                pipe.unet.config.projection_class_embeddings_input_dim
+                - 6 * pipe.unet.config.addition_time_embed_dim,
+            ),
+            "time_ids": torch.zeros(1, 6),
+        },
+    ).sample
+    assert out.shape == latents.shape and torch.count_nonzero(out) == 0  # a zero head until it trains

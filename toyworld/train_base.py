@@ -151,6 +151,27 @@ def train_vae(
     return recon_err
 
 
+def match_unet_to_vae(pipe) -> bool:
+    """Give the UNet the VAE's latent channels: a new conv_in and conv_out (the rest of the UNet keeps what it
+    learned) when a VAE with another latent width replaced the one it was trained on. True if it changed."""
+    channels = pipe.vae.config.latent_channels
+    unet = pipe.unet
+    if unet.config.in_channels == channels and unet.config.out_channels == channels:
+        return False
+    old_in, old_out = unet.conv_in, unet.conv_out
+    unet.conv_in = torch.nn.Conv2d(channels, old_in.out_channels, old_in.kernel_size, padding=old_in.padding)
+    unet.conv_out = torch.nn.Conv2d(
+        old_out.in_channels, channels, old_out.kernel_size, padding=old_out.padding
+    )
+    torch.nn.init.zeros_(
+        unet.conv_out.weight
+    )  # starts by predicting zero noise, as a fresh output head should
+    torch.nn.init.zeros_(unet.conv_out.bias)
+    unet.register_to_config(in_channels=channels, out_channels=channels)
+    log.info("unet: conv_in/conv_out rebuilt for %d-channel latents", channels)
+    return True
+
+
 def encode_prompts(pipe, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """What StableDiffusionXLPipeline.encode_prompt computes (penultimate hidden states, pooled from te2)."""
     embeds, pooled = [], None
@@ -253,7 +274,8 @@ def main() -> None:
         "--vae-latent-channels",
         type=int,
         default=VAE["latent_channels"],
-        help="a fresh VAE's latent channels (SDXL 4, FLUX 16); the UNet trains only on 4 (use --unet-minutes 0)",
+        help="a fresh VAE's latent channels (SDXL 4, FLUX 16); a UNet trained on another width gets a new conv_in "
+        "and conv_out (`match_unet_to_vae`) and must then train on (--unet-minutes)",
     )
     parser.add_argument(
         "--vae-edge-weight",
@@ -269,11 +291,6 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     parser.add_argument("--resume", type=Path, default=None, help="a saved toy model to continue training")
     args = parser.parse_args()
-    if args.vae_latent_channels != VAE["latent_channels"] and args.unet_minutes > 0:
-        parser.error(
-            f"--vae-latent-channels {args.vae_latent_channels}: the toy UNet takes {VAE['latent_channels']}-channel "
-            "latents; train such a VAE alone with --unet-minutes 0"
-        )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -320,6 +337,9 @@ def main() -> None:
             edge_weight=args.vae_edge_weight,
         )
         vae_s = time.monotonic() - start
+    rebuilt = match_unet_to_vae(pipe)
+    if rebuilt and args.unet_minutes <= 0:
+        log.warning("the UNet's new conv_in/conv_out are untrained: use this model's VAE only (--vae-from)")
     stats = train_unet(pipe, args.unet_minutes, args.batch, args.lr, rng)
     total = time.monotonic() - start
     args.out.mkdir(parents=True, exist_ok=True)

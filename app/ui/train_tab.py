@@ -63,9 +63,11 @@ def build_train_tab(studio: StudioFacade) -> None:
             status = gr.Markdown(elem_id="train-status")
 
     stopping = threading.Event()  # one training run at a time (concurrency "gpu", limit 1)
+    owner: dict[str, str | None] = {"user": None}  # who started the run under way (None: no login)
 
-    def train(files, kind_, name_, prompt_, triggers_, steps_, progress=gr.Progress()):
+    def train(files, kind_, name_, prompt_, triggers_, steps_, request: gr.Request, progress=gr.Progress()):
         stopping.clear()
+        owner["user"] = request.username
         with user_errors():
             if not files:
                 raise StudioError("upload at least one training image")
@@ -127,7 +129,10 @@ def build_train_tab(studio: StudioFacade) -> None:
             f"final loss {result.final_loss:.4f}): [open it in the catalog](/admin/loras/{quote(info.name)})",
         )
 
-    def stop_training() -> str:
+    def stop_training(request: gr.Request) -> str:
+        """Only the user who started a run may stop it (without a login, the one local user may)."""
+        if owner["user"] is not None and request.username != owner["user"]:
+            return f"The training under way was started by {owner['user']}; only they can stop it."
         stopping.set()
         return "Stopping after the current step..."
 
