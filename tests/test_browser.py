@@ -212,3 +212,31 @@ def test_the_api_docs_render_with_no_request_leaving_the_server(live, tab):
     assert "LoRA Studio" in title.inner_text()
     tab.locator(".opblock-summary-path", has_text="/api/v1/loras").first.wait_for()
     assert outside == []
+
+
+def test_text_typed_right_after_the_page_loads_is_kept(live, tab):
+    """The page-load search used to fire the picker's change event with the prompt as it was, wiping what had
+    been typed meanwhile (about one load in three)."""
+    for i in range(10):
+        tab.goto(f"{live.url}/")
+        box = tab.locator("#prompt textarea")
+        box.wait_for()
+        text = f"a prompt typed key by key right after the page loads {i}"
+        box.press_sequentially(text, delay=25)  # spans the page-load search and anything it fires
+        tab.wait_for_function(  # the load search has answered: the picker knows the catalog's LoRAs
+            "() => document.querySelector('#lora-matches') && "
+            "document.querySelector('#lora-matches').innerText.includes('inkwell')"
+        )
+        tab.wait_for_timeout(500)  # and any event it fired has come back
+        assert box.input_value() == text, f"load {i}: {box.input_value()!r}"
+
+
+def test_removing_a_lora_takes_its_trigger_word_out_of_the_prompt(live, tab):
+    open_with_two_loras(tab, live)
+    box = tab.locator("#prompt textarea")
+    tab.wait_for_function("() => document.querySelector('#prompt textarea').value.includes('pastelstyle')")
+    assert box.input_value() == "a red circle on the left, inkwellstyle, pastelstyle"
+    token = tab.locator("#lora-picker .token", has_text="inkwell")
+    token.locator(".token-remove").click()  # the token's x
+    tab.wait_for_function("() => !document.querySelector('#prompt textarea').value.includes('inkwellstyle')")
+    assert box.input_value() == "a red circle on the left, pastelstyle"

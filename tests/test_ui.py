@@ -24,7 +24,7 @@ from PIL import Image
 from app.facade import SamplingDefaults
 from app.ui import create_ui
 from app.ui.methods import build_method_controls, params_from
-from app.ui.studio_tab import caption, insert_triggers, stack_entries
+from app.ui.studio_tab import caption, insert_triggers, remove_triggers, stack_entries
 from composer.errors import StudioError
 from composer.masks import PALETTE
 from composer.methods import METHODS
@@ -121,10 +121,20 @@ def test_picking_loras_inserts_their_trigger_words_and_keeps_weights(client):
     )
     assert rows["data"] == [["inkwell", 0.4], ["pastel", 1.0]]
     assert prompt == "a red circle, inkwellstyle, pastelstyle"  # inkwell's word is not added twice
-    rows, _ = client.predict(
+    rows, prompt = client.predict(
         ["pastel"], stack(("inkwell", 0.4), ("pastel", 0.9)), prompt, api_name="/pick_loras"
     )
     assert rows["data"] == [["pastel", 0.9]]
+    assert prompt == "a red circle, pastelstyle"  # inkwell left the stack: its trigger word left the prompt
+    rows, prompt = client.predict(
+        [], stack(("pastel", 0.9)), "pastelstyle, a red circle", api_name="/pick_loras"
+    )
+    assert rows["data"] == [] and prompt == "a red circle"
+    typed = "a red circle typed after the last pick"  # nothing came or went: the prompt is not touched
+    rows, prompt = client.predict(["pastel"], stack(("pastel", 0.9)), typed, api_name="/pick_loras")
+    assert rows["data"] == [["pastel", 0.9]] and prompt == {
+        "__type__": "update"
+    }  # no-op: the browser keeps it
 
 
 def test_regional_render_from_a_painted_canvas_shows_its_masks(client, tmp_path):
@@ -256,6 +266,14 @@ def test_uploads_over_the_limit_are_refused(live):
     assert r.status_code == 413 and "maximum allowed size of 1048576 bytes" in r.text
     r = httpx.post(f"{live.url}/gradio_api/upload", files={"files": ("ok.png", b"\0" * 1000)}, timeout=60)
     assert r.status_code == 200
+
+
+def test_remove_triggers_takes_out_whole_words_and_their_commas():
+    assert remove_triggers("a cat, inkwellstyle", ["inkwellstyle"]) == "a cat"
+    assert remove_triggers("InkwellStyle, a cat, dog", ["inkwellstyle"]) == "a cat, dog"
+    assert remove_triggers("a cat, sks, dog", ["sks"]) == "a cat, dog"
+    assert remove_triggers("a sksdog, sks", ["sks"]) == "a sksdog"  # only whole words
+    assert remove_triggers("a cat", ["sks", ""]) == "a cat"
 
 
 def test_insert_triggers():

@@ -13,6 +13,7 @@ from app.facade import StudioFacade
 from app.ui.common import count, optional, rows_of, user_errors
 from app.ui.methods import build_method_controls, colour_legend, has_canvas, params_from
 from composer.errors import StudioError
+from db.errors import AdapterNotFoundError
 
 STACK_HEADERS = ["LoRA", "weight"]
 MATCH_HEADERS = ["name", "type", "family", "trigger words", "tags", "sha256"]
@@ -27,6 +28,18 @@ def insert_triggers(prompt: str, words: list[str]) -> str:
         if not re.search(rf"(?<!\w){re.escape(word)}(?!\w)", out, flags=re.IGNORECASE):
             out = f"{out}, {word}" if out else word
     return out
+
+
+def remove_triggers(prompt: str, words: list[str]) -> str:
+    """The prompt without each of `words` as a whole word (case-insensitive), with the comma that joined it:
+    what `insert_triggers` put in comes out again when its LoRA leaves the stack."""
+    out = prompt
+    for word in words:
+        if not word.strip():
+            continue
+        w = rf"(?<!\w){re.escape(word.strip())}(?!\w)"
+        out = re.sub(rf"\s*,\s*{w}|{w}\s*,\s*|{w}", "", out, flags=re.IGNORECASE)
+    return re.sub(r"\s{2,}", " ", out).strip(" ,")
 
 
 def stack_entries(value: Any) -> list[tuple[str, float]]:
@@ -127,16 +140,32 @@ def build_studio_tab(studio: StudioFacade, demo: gr.Blocks) -> None:
             [a.name, a.adapter_type, a.family, ", ".join(a.trigger_words), ", ".join(a.tags), a.sha256[:12]]
             for a in found
         ]
-        return gr.Dropdown(choices=names, value=selected or []), rows
+        # choices only: setting the value would fire `pick` with the prompt as it was when the search started,
+        # wiping what was typed since (the page-load search)
+        return gr.Dropdown(choices=names), rows
 
     def pick(selected: list[str] | None, current: Any, text: str):
+        """The stack follows the picker: a LoRA added brings its trigger words into the prompt, one removed
+        takes its own out (words another LoRA of the stack also uses stay); the prompt is left untouched when
+        no LoRA came or went."""
         with user_errors():
             weights = dict(stack_entries(current))
             selected = selected or []
-            for name in selected:
-                if name not in weights:
-                    text = insert_triggers(text, library.get(name).trigger_words)
-            return [[name, weights.get(name, 1.0)] for name in selected], text
+            added = [name for name in selected if name not in weights]
+            removed = [name for name in weights if name not in selected]
+            stack_rows = [[name, weights.get(name, 1.0)] for name in selected]
+            if not added and not removed:
+                return stack_rows, gr.update()
+            kept = {w.lower() for name in selected for w in library.get(name).trigger_words}
+            for name in removed:
+                try:
+                    words = library.get(name).trigger_words
+                except AdapterNotFoundError:  # deleted from the catalog since it was picked
+                    continue
+                text = remove_triggers(text, [w for w in words if w.lower() not in kept])
+            for name in added:
+                text = insert_triggers(text, library.get(name).trigger_words)
+            return stack_rows, text
 
     def render(progress=gr.Progress(), *values):
         text, neg, table, chosen, seed_, steps_, guidance_, width_, height_, *method_values = values
