@@ -3,17 +3,24 @@ where a job's wall time goes, warm: the denoiser (UNet forward calls), the text 
 and everything else (HTTP, queue, database, PNG files, scheduler).
 
 python -m bench.api [--jobs 24] [--requests 4] [--steps 8] [--size 64] [--clients 4] [--workers 1]
+
+Under load: `--clients 50 --jobs 200 --requests 1` (each client its own API key, so the per-key queue share
+applies; a 429 is retried after its Retry-After, as a client should). Reports the submit latency and each job's
+completion time (submit to the poll that saw it done) as min/median/p95/max, the 429s, and checks that no job was
+lost or doubled: every job done once, one render record and one PNG per request.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import socket
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -85,30 +92,66 @@ def timed_parts(pipe) -> Iterator[dict[str, Clock]]:
         yield clocks
 
 
-def run_batch(url: str, key: str, jobs: int, clients: int, request: dict, requests: int) -> float:
-    """Submit `jobs` jobs from `clients` threads, wait for all; wall seconds from the first POST."""
-    ids: list[int] = []
+@dataclass
+class Load:
+    """What the clients saw: submit latencies (s), completion times (s), 429s, job ids."""
+
+    submit_s: list[float] = field(default_factory=list)
+    complete_s: list[float] = field(default_factory=list)
+    refused: int = 0
+    ids: list[int] = field(default_factory=list)
+
+
+def spread(values: list[float], scale: float = 1.0, digits: int = 3) -> dict[str, float]:
+    """min / median / p95 / max of `values` (times `scale`), rounded."""
+    v = sorted(x * scale for x in values)
+    if not v:
+        return {}
+    at = lambda q: v[min(len(v) - 1, math.ceil(q * len(v)) - 1)]  # noqa: E731 (nearest-rank percentile)
+    return {
+        k: round(x, digits)
+        for k, x in (("min", v[0]), ("median", at(0.5)), ("p95", at(0.95)), ("max", v[-1]))
+    }
+
+
+def run_batch(
+    url: str, keys: list[str], jobs: int, clients: int, request: dict, requests: int
+) -> tuple[float, Load]:
+    """Submit `jobs` jobs from `clients` threads (client n uses keys[n % len(keys)]), wait for all; wall seconds
+    from the first POST and what the clients saw."""
+    load = Load()
     lock = threading.Lock()
 
     def client(n: int) -> None:
-        with httpx.Client(base_url=url, headers={"X-API-Key": key}, timeout=120) as c:
-            mine = []
+        with httpx.Client(base_url=url, headers={"X-API-Key": keys[n % len(keys)]}, timeout=300) as c:
+            mine: list[tuple[int, float]] = []
             for j in range(n, jobs, clients):
                 body = {
                     "requests": [
                         {**request, "prompt": f"job {j} request {i}", "seed": i} for i in range(requests)
                     ]
                 }
-                r = c.post(f"{API}/renders", json=body)
+                while True:
+                    t = time.perf_counter()
+                    r = c.post(f"{API}/renders", json=body, headers={"Idempotency-Key": f"job-{j}"})
+                    took = time.perf_counter() - t
+                    if r.status_code != 429:
+                        break
+                    with lock:
+                        load.refused += 1
+                    time.sleep(float(r.headers.get("retry-after", "1")))
                 r.raise_for_status()
-                mine.append(r.json()["id"])
-            for job_id in mine:
+                mine.append((r.json()["id"], time.perf_counter()))
+                with lock:
+                    load.submit_s.append(took)
+            for job_id, submitted in mine:
                 while (state := c.get(f"{API}/renders/{job_id}").json())["status"] in ("queued", "running"):
                     time.sleep(POLL_S)
                 if state["status"] != "done":
                     raise RuntimeError(f"job {job_id} {state['status']}: {state['error']}")
-            with lock:
-                ids.extend(mine)
+                with lock:
+                    load.complete_s.append(time.perf_counter() - submitted)
+                    load.ids.append(job_id)
 
     t = time.perf_counter()
     threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
@@ -117,9 +160,26 @@ def run_batch(url: str, key: str, jobs: int, clients: int, request: dict, reques
     for th in threads:
         th.join()
     wall = time.perf_counter() - t
-    if len(ids) != jobs:
-        raise RuntimeError(f"{jobs - len(ids)} jobs did not finish")
-    return wall
+    if len(load.ids) != jobs or len(set(load.ids)) != jobs:
+        raise RuntimeError(f"{jobs} jobs submitted, {len(set(load.ids))} distinct jobs finished")
+    return wall, load
+
+
+def check_exactly_once(studio: Studio, load: Load, requests: int) -> dict[str, int]:
+    """Every finished job once in the catalog, done, with one render record and one PNG per request."""
+    from sqlalchemy import func, select
+
+    from db.models import Render, RenderJob
+
+    with studio.sessions() as session:
+        jobs = session.scalars(select(RenderJob).where(RenderJob.id.in_(load.ids))).all()
+        renders = session.scalar(select(func.count(Render.id))) or 0
+    pngs = len(list((studio.settings.root / "renders").rglob("job-*/*.png")))
+    done = sum(j.status == "done" and len(j.results) == requests for j in jobs)
+    expected = len(load.ids) * requests
+    if done != len(load.ids) or pngs < expected:
+        raise RuntimeError(f"lost work: {done} of {len(load.ids)} jobs done whole, {pngs} PNGs of {expected}")
+    return {"jobs_done_once": done, "render_records": renders, "pngs": pngs}
 
 
 def main() -> None:
@@ -130,6 +190,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument(
+        "--max-queued", type=int, default=100, help="the server's max_queued_jobs (default 100)"
+    )
     parser.add_argument("--backbone", default="sdxl", help="sdxl, flux or toy (the bundled toy model)")
     parser.add_argument("--model", default=None, help="default: the backbone's own (sdxl/flux: tiny)")
     args = parser.parse_args()
@@ -141,21 +204,25 @@ def main() -> None:
             backbone=args.backbone,
             model=args.model,
             workers=args.workers,
-            max_queued_jobs=max(100, args.jobs),
+            max_queued_jobs=args.max_queued,
         )
         studio = Studio.open(settings)
         with unit_of_work(studio.sessions) as session:
-            key = ApiKeyRepository(session).create("bench", rate_limit_per_minute=1_000_000)[1]
+            repo = ApiKeyRepository(session)
+            keys = [
+                repo.create(f"bench-{n}", rate_limit_per_minute=1_000_000)[1] for n in range(args.clients)
+            ]
         executor = LocalExecutor(studio)
         with live_server(studio, executor) as url:
-            run_batch(url, key, args.workers, 1, request, 1)  # warm: pipelines built and run once
+            run_batch(url, keys[:1], args.workers, 1, request, 1)  # warm: pipelines built and run once
             with ExitStack() as stack:
                 parts = [
                     stack.enter_context(timed_parts(s.pipeline(args.backbone, args.model).pipe))
                     for s in executor.studios
                 ]
-                wall = run_batch(url, key, args.jobs, args.clients, request, args.requests)
+                wall, load = run_batch(url, keys, args.jobs, args.clients, request, args.requests)
             spent = {name: sum(p[name].seconds for p in parts) for name in parts[0]}
+            checked = check_exactly_once(studio, load, args.requests)
     images = args.jobs * args.requests
     busy = wall * args.workers  # worker-seconds available in the run
     figures = {
@@ -165,9 +232,18 @@ def main() -> None:
         "text_encoder_share": round(spent["text_encoders"] / busy, 3),
         "vae_decode_share": round(spent["vae_decode"] / busy, 3),
         "other_share": round(1 - sum(spent.values()) / busy, 3),
+        "submit_ms": spread(load.submit_s, 1000, 1),
+        "completion_s": spread(load.complete_s, 1, 2),
+        "refused_429": load.refused,
+        **checked,
     }
     goals = {"outside_denoiser_share": "<= 0.1"}  # for real checkpoints; a tiny UNet is cheap by design
-    emit("api", figures, goals, {"images": images, "wall_s": round(wall, 2), **request})
+    emit(
+        "api",
+        figures,
+        goals,
+        {"images": images, "jobs": args.jobs, "clients": args.clients, "wall_s": round(wall, 2), **request},
+    )
 
 
 if __name__ == "__main__":
