@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from db.models import Adapter, RenderJob
+from db.models import Adapter, Render, RenderJob
 
 EDITABLE_FIELDS = ("name", "trigger_words", "tags", "description")  # what users may change after import
 
@@ -126,4 +126,51 @@ class JobPage:
     """One page of render jobs and how many there are in all."""
 
     items: list[JobInfo]
+    total: int
+
+
+@dataclass(frozen=True)
+class RenderInfo:
+    """A past render as the studio's history shows it: what was asked, with what, and its PNG (None when the
+    file was written outside the data dir's renders folder or is gone)."""
+
+    id: int
+    created_at: datetime | None
+    prompt: str
+    negative_prompt: str
+    backbone: str
+    model: str
+    method: str
+    params: dict
+    seed: int
+    loras: list[dict]
+    image: Path | None
+
+    @classmethod
+    def of(cls, r: Render, renders_dir: Path) -> RenderInfo:
+        image = None
+        if r.output_path:
+            path = Path(r.output_path).resolve()
+            if path.is_relative_to(renders_dir.resolve()) and path.is_file():
+                image = path
+        return cls(
+            id=r.id,
+            created_at=r.created_at,
+            prompt=r.prompt,
+            negative_prompt=r.negative_prompt,
+            backbone=r.backbone,
+            model=r.model,
+            method=r.method,
+            params=dict(r.params or {}),
+            seed=r.seed,
+            loras=[dict(x) for x in r.loras or []],
+            image=image,
+        )
+
+
+@dataclass(frozen=True)
+class RenderPage:
+    """One page of past renders (newest first) and how many there are in all."""
+
+    items: list[RenderInfo]
     total: int

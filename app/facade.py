@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from app.catalog import AdapterInfo, ImportOutcome, JobInfo, JobPage
+from app.catalog import AdapterInfo, ImportOutcome, JobInfo, JobPage, RenderInfo, RenderPage
 from app.settings import Settings
 
 if TYPE_CHECKING:  # torch-free, but it opens sessions: front ends reach it through the Studio only
@@ -156,6 +156,14 @@ class StudioFacade(Protocol):
 
     def file_hashes(self, path: Path) -> Any:
         """A file's sha256, AutoV2 and tensor hash (`composer.formats` FileHashes)."""
+        ...
+
+    def list_renders(self, limit: int = 12, offset: int = 0) -> RenderPage:
+        """Finished renders, newest first (the studio's history), and how many there are."""
+        ...
+
+    def get_render(self, render_id: int) -> RenderInfo:
+        """A finished render by id; StudioError when there is none."""
         ...
 
     # --- render jobs --------------------------------------------------------------------------------

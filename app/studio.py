@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 import toyworld
 from app.accounts import Accounts
 from app.bundled import import_bundled
-from app.catalog import JobInfo, JobPage
+from app.catalog import JobInfo, JobPage, RenderInfo, RenderPage
 from app.facade import SamplingDefaults
 from app.jobs.board import JobBoard
 from app.library import AdapterInfo, Library
@@ -466,6 +466,28 @@ class Studio:
 
     def get_job(self, job_id: int, api_key_id: int | None = None) -> JobInfo:
         return self.jobs.get(job_id, api_key_id)
+
+    def list_renders(self, limit: int = 12, offset: int = 0) -> RenderPage:
+        """Finished renders, newest first (the studio's history), and how many there are."""
+        with self.sessions() as session:
+            repo = RenderRepository(session)
+            rows = repo.list(limit, offset, status="done")
+            return RenderPage([RenderInfo.of(r, self.renders_dir) for r in rows], repo.count("done"))
+
+    def get_render(self, render_id: int) -> RenderInfo:
+        """A finished render by id.
+
+        Raises:
+            StudioError: no finished render with that id.
+        """
+        with self.sessions() as session:
+            try:
+                render = RenderRepository(session).get(render_id)
+            except CatalogError:
+                render = None
+            if render is None or render.status != "done":
+                raise StudioError(f"no finished render with id {render_id}")
+            return RenderInfo.of(render, self.renders_dir)
 
     def list_jobs(
         self, status: str | None = None, api_key_id: int | None = None, limit: int = 50, offset: int = 0

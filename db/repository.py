@@ -321,6 +321,12 @@ class RenderRepository:
         _flush(self.session, f"render {render_id}")
         return render
 
+    def count(self, status: str | None = None) -> int:
+        stmt = select(func.count(Render.id))
+        if status is not None:
+            stmt = stmt.where(Render.status == status)
+        return int(self.session.scalar(stmt) or 0)
+
     def list(self, limit: int = 50, offset: int = 0, status: str | None = None) -> Sequence[Render]:
         """Renders, newest first."""
         stmt = select(Render)

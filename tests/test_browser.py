@@ -240,3 +240,33 @@ def test_removing_a_lora_takes_its_trigger_word_out_of_the_prompt(live, tab):
     token.locator(".token-remove").click()  # the token's x
     tab.wait_for_function("() => !document.querySelector('#prompt textarea').value.includes('inkwellstyle')")
     assert box.input_value() == "a red circle on the left, pastelstyle"
+
+
+def test_history_shows_a_past_render_and_reuse_puts_its_settings_back(live, tab):
+    render = live.studio.render_image(
+        prompt="a render from the past", loras=[("pastel", 0.8)], seed=5, steps=3, width=64, height=64
+    )
+    tab.goto(f"{live.url}/")
+    tab.get_by_role("tab", name="History").click()
+    tab.locator("#history-refresh").click()
+    tab.wait_for_function("() => document.querySelector('#history-page').innerText.includes('page 1 of')")
+    first = tab.locator("#history-gallery img").first
+    first.wait_for(state="visible")
+    first.click()
+    tab.wait_for_function(
+        "() => document.querySelector('#history-provenance').innerText.includes('a render from the past')"
+    )
+    assert render.render_id == int(tab.locator("#history-chosen input").input_value())
+    tab.locator("#history-reuse").click()
+    box = tab.locator("#prompt textarea")
+    box.wait_for(state="visible")  # the Studio tab is shown again
+    tab.wait_for_function(
+        "() => document.querySelector('#prompt textarea').value === 'a render from the past'"
+    )
+    assert (
+        "pastel" in tab.locator("#lora-stack").inner_text()
+        and "0.8" in tab.locator("#lora-stack").inner_text()
+    )
+    assert (
+        tab.locator("#seed input").input_value() == "5" and tab.locator("#steps input").input_value() == "3"
+    )

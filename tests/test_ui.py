@@ -137,6 +137,37 @@ def test_picking_loras_inserts_their_trigger_words_and_keeps_weights(client):
     }  # no-op: the browser keeps it
 
 
+def test_history_pages_past_renders_and_reuse_puts_their_settings_back(client, live):
+    render(client, prompt="an older render", rows=[("inkwell", 0.6)], seed=11)
+    _, newest = render(client, prompt="the newest render", seed=12, steps=3)
+    gallery, where = client.predict(0, api_name="/history")  # the page number and ids are session state
+    page = live.studio.list_renders(12, 0)
+    ids, total = [r.id for r in page.items], page.total
+    assert where.startswith("page 1 of ") and f"({total} renders)" in where and len(gallery) == len(ids)
+    assert ids == sorted(ids, reverse=True) and newest["seed"] == 12  # newest first
+    assert (
+        "no LoRA | merge | seed 12" in gallery[0]["caption"]
+        and "x0.6 | merge | seed 11" in gallery[1]["caption"]
+    )
+    assert pixels(gallery[0]["image"]).shape == (64, 64, 3)
+    prompt, negative, picker, rows, method, seed, steps, guidance, width, height = client.predict(
+        ids[1], api_name="/reuse_render"
+    )
+    assert (prompt, negative, picker["value"], method, seed) == (
+        "an older render",
+        "",
+        ["inkwell"],
+        "merge",
+        11,
+    )
+    assert rows["data"] == [["inkwell", 0.6]] and (steps, guidance, width, height) == (4, 5.0, 64, 64)
+    with pytest.raises(AppError, match="no finished render with id 999999"):
+        client.predict(999999, api_name="/reuse_render")
+    gallery, where = client.predict(50, api_name="/history")  # past the end: the last page
+    last = max(0, (total - 1) // 12)
+    assert where.startswith(f"page {last + 1} of {last + 1} ") and gallery
+
+
 def test_regional_render_from_a_painted_canvas_shows_its_masks(client, tmp_path):
     painting = Image.new("RGBA", (64, 64), (255, 255, 255, 255))
     painting.paste(PALETTE[0] + (255,), (0, 0, 32, 64))  # left half: the first LoRA of the stack

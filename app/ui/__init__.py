@@ -1,8 +1,9 @@
-"""The Gradio studio at /: Studio, Training and Catalog tabs over one Studio (typed as `app.facade.StudioFacade`).
+"""The Gradio studio at /: Studio, History, Training and Catalog tabs over one Studio (typed as `app.facade.StudioFacade`).
 Thin: every event converts its inputs, makes one call into the Studio and converts the result; never imports
 torch.
 
-Named endpoints for `gradio_client`: /render, /search_loras, /pick_loras, /train, /catalog.
+Named endpoints for `gradio_client`: /render, /search_loras, /pick_loras, /history, /reuse_render, /train,
+/catalog.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import gradio as gr
 
 from app.facade import StudioFacade
 from app.ui.catalog_tab import build_catalog_tab
+from app.ui.history_tab import build_history_tab
 from app.ui.studio_tab import build_studio_tab
 from app.ui.train_tab import build_train_tab
 
@@ -22,12 +24,15 @@ def create_ui(studio: StudioFacade) -> gr.Blocks:
     # delete_cache: Gradio's copies of uploads and results older than a day go, checked hourly
     with gr.Blocks(title="LoRA Studio", analytics_enabled=False, delete_cache=(3600, 86400)) as demo:
         gr.Markdown("# LoRA Studio\n[Admin](/admin/) · [REST API](/api/v1/docs)")
-        with gr.Tab("Studio", id="studio"):
-            build_studio_tab(studio, demo)
-        with gr.Tab("Training", id="training"):
-            build_train_tab(studio)
-        with gr.Tab("Catalog", id="catalog"):
-            build_catalog_tab(studio, demo)
+        with gr.Tabs() as tabs:
+            with gr.Tab("Studio", id="studio"):
+                controls = build_studio_tab(studio, demo)
+            with gr.Tab("History", id="history"):
+                build_history_tab(studio, controls, tabs, demo)
+            with gr.Tab("Training", id="training"):
+                build_train_tab(studio)
+            with gr.Tab("Catalog", id="catalog"):
+                build_catalog_tab(studio, demo)
     return demo.queue(max_size=QUEUE_SIZE)
 
 

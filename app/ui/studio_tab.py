@@ -5,6 +5,7 @@ captions carry each image's provenance."""
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any
 
 import gradio as gr
@@ -67,7 +68,23 @@ def caption(provenance: dict) -> str:
     return f"{loras or 'no LoRA'} | {provenance['method']} | seed {provenance['seed']}"
 
 
-def build_studio_tab(studio: StudioFacade, demo: gr.Blocks) -> None:
+@dataclass(frozen=True)
+class StudioControls:
+    """The Studio tab's inputs other tabs fill (History's "Reuse settings")."""
+
+    prompt: gr.Textbox
+    negative: gr.Textbox
+    picker: gr.Dropdown
+    stack: gr.Dataframe
+    method: gr.Dropdown
+    seed: gr.Number
+    steps: gr.Number
+    guidance: gr.Number
+    width: gr.Number
+    height: gr.Number
+
+
+def build_studio_tab(studio: StudioFacade, demo: gr.Blocks) -> StudioControls:
     """The tab's components and events (call inside `gr.Tab`); the picker fills when the page loads."""
     library = studio.library
     methods = studio.composition_methods()
@@ -215,3 +232,4 @@ def build_studio_tab(studio: StudioFacade, demo: gr.Blocks) -> None:
         concurrency_id="gpu",
         concurrency_limit=1,
     )
+    return StudioControls(prompt, negative, picker, stack, method, seed, steps, guidance, width, height)
