@@ -379,7 +379,9 @@ def serve(
         typer.secho(
             line, err=line.startswith("WARNING"), fg=typer.colors.RED if line.startswith("WARNING") else None
         )
-    app_ = create_web_app(studio, make_executor(studio, settings), login=access.login)
+    app_ = create_web_app(
+        studio, make_executor(studio, settings), login=access.login, previews=settings.previews_on_start
+    )
     uvicorn.run(app_, host=host, port=port, log_level="info")
 
 

@@ -162,6 +162,10 @@ class StudioFacade(Protocol):
         """Finished renders, newest first (the studio's history), and how many there are."""
         ...
 
+    def served_family(self) -> str:
+        """The LoRA family the server's own backbone takes ("sdxl" for the toy model)."""
+        ...
+
     def get_render(self, render_id: int) -> RenderInfo:
         """A finished render by id; StudioError when there is none."""
         ...

@@ -29,6 +29,10 @@ class Settings(BaseSettings):
     bundled: bool = Field(
         default=True, description="import the toy world's bundled concept adapters on first start"
     )
+    previews_on_start: bool = Field(
+        default=True,
+        description="serve renders a preview for each LoRA of its family that has none, in the background",
+    )
     max_resident_loras: int = Field(default=32, ge=1, description="LoRAs kept resident per pipeline (LRU)")
     max_upload_mb: int = Field(
         default=512, ge=1, description="largest LoRA file the REST API accepts, in MiB"

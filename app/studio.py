@@ -432,6 +432,10 @@ class Studio:
         config = TrainConfig(kind=kind, prompt=prompt, steps=steps).validate()
         return self.train(config, images, name, trigger_words=trigger_words or [], progress=progress)
 
+    def served_family(self) -> str:
+        """The LoRA family the server's own backbone takes ("sdxl" for the toy model)."""
+        return resolve_backbone(self.settings.backbone, self.settings.model)[0].family
+
     def composition_methods(self) -> Mapping[str, type]:
         """Composition method name -> its parameters dataclass."""
         return dict(METHODS)

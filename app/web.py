@@ -18,24 +18,30 @@ STATIC_DIR = Path(__file__).resolve().parents[1] / "static"
 STATIC_PATH = "/studio-static"
 
 
-def create_web_app(studio: StudioFacade, executor: Executor | None = None, *, login: bool = False) -> FastAPI:
+def create_web_app(
+    studio: StudioFacade, executor: Executor | None = None, *, login: bool = False, previews: bool = False
+) -> FastAPI:
     """REST API (/api/v1) + admin (/admin) + static files (/studio-static) + Gradio studio (/); with `login`
-    the studio asks for a catalog user's name and password (`app.serving.studio_login`)."""
+    the studio asks for a catalog user's name and password (`app.serving.studio_login`); with `previews` the
+    LoRAs of the served family that have no preview get one rendered in the background once the app starts
+    (`app.previews.PreviewFiller`, its progress shown in the studio)."""
     import gradio as gr
 
     from app.admin import create_admin_app
     from app.api import create_app
+    from app.previews import PreviewFiller
     from app.serving import studio_login
     from app.ui import create_ui
 
-    app = create_app(studio, executor)
+    filler = PreviewFiller(studio, studio.served_family()) if previews else None
+    app = create_app(studio, executor, services=[filler] if filler else [])
     studio.renders_dir.mkdir(parents=True, exist_ok=True)
     app.add_api_route("/admin", lambda: RedirectResponse("/admin/", status_code=302), include_in_schema=False)
     app.mount("/admin", create_admin_app(studio))
     app.mount(STATIC_PATH, StaticFiles(directory=STATIC_DIR), name="static")
     return gr.mount_gradio_app(
         app,
-        create_ui(studio),
+        create_ui(studio, filler),
         path="/",
         allowed_paths=[str(studio.renders_dir)],
         max_file_size=f"{studio.settings.max_upload_mb}mb",  # training images, like LoRA uploads

@@ -191,7 +191,7 @@ def test_edited_trigger_words_reach_the_library_and_the_studio_search(live, admi
     info = live.studio.library.get("pastel")
     assert info.trigger_words == ["pastelstyle", "chalky"] and info.tags == ["soft", "paper"]
     assert info.description == "soft colours"
-    _, matches = Client(f"{live.url}/", verbose=False).predict("chalky", [], api_name="/search_loras")
+    _, matches, _ = Client(f"{live.url}/", verbose=False).predict("chalky", [], api_name="/search_loras")
     assert [row[0] for row in matches["data"]] == ["pastel"] and "chalky" in matches["data"][0][3]
     assert "Saved." in admin.get(r.headers["location"]).text
 

@@ -101,15 +101,24 @@ def test_render_with_two_loras_changes_the_image_and_names_both(client, live):
     assert np.array_equal(pixels(same_gallery[0]["image"]), image)  # same seed, same stack: same image
 
 
+def test_search_shows_a_card_per_lora_with_its_trigger_words(client):
+    _, _, cards = client.predict("", [], api_name="/search_loras")
+    assert sorted(c["caption"] for c in cards) == ["inkwell · inkwellstyle", "pastel · pastelstyle"]
+    assert all(
+        pixels(c["image"]["path"] if isinstance(c["image"], dict) else c["image"]).shape == (160, 160, 3)
+        for c in cards
+    )
+
+
 def test_search_loras_by_name_and_by_trigger_word(client):
-    _, matches = client.predict("inkwell", [], api_name="/search_loras")
+    _, matches, _ = client.predict("inkwell", [], api_name="/search_loras")
     assert [row[0] for row in matches["data"]] == ["inkwell"]
     assert matches["data"][0][3] == "inkwellstyle"
-    _, matches = client.predict("pastelstyle", [], api_name="/search_loras")
+    _, matches, _ = client.predict("pastelstyle", [], api_name="/search_loras")
     assert [row[0] for row in matches["data"]] == ["pastel"]
-    _, matches = client.predict("", [], api_name="/search_loras")
+    _, matches, _ = client.predict("", [], api_name="/search_loras")
     assert sorted(row[0] for row in matches["data"]) == sorted(LORAS)
-    _, matches = client.predict("nothing-like-this", [], api_name="/search_loras")
+    _, matches, _ = client.predict("nothing-like-this", [], api_name="/search_loras")
     assert not any(row and row[0] for row in matches["data"])
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
@@ -51,7 +51,9 @@ def add_docs(app: FastAPI) -> None:
     app.mount(DOCS_ASSETS, _swagger_assets(), name="docs_assets")
 
 
-def create_app(studio: StudioFacade, executor: Executor | None = None) -> FastAPI:
+def create_app(
+    studio: StudioFacade, executor: Executor | None = None, services: Sequence[Executor] = ()
+) -> FastAPI:
     """The web application over one ready Studio; OpenAPI docs at /api/v1/docs.
 
     Every /api/v1 path other than the docs needs an API key, checked before the body is read, and bodies are
@@ -59,16 +61,21 @@ def create_app(studio: StudioFacade, executor: Executor | None = None) -> FastAP
     the API's error shape, so that nothing mounted behind the API (the studio at /) sees it.
 
     `executor` runs render jobs (`app.jobs.make_executor`); it is started and stopped with the app. Without
-    one, the render routes answer 503.
+    one, the render routes answer 503. `services` (anything with start/stop, e.g. `app.previews.PreviewFiller`)
+    start after it and stop before it.
     """
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if executor is not None:
             executor.start()
+        for service in services:
+            service.start()
         try:
             yield
         finally:
+            for service in reversed(services):
+                service.stop()
             if executor is not None:
                 executor.stop()
 

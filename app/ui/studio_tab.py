@@ -9,8 +9,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import gradio as gr
+from PIL import Image, ImageDraw
 
 from app.facade import StudioFacade
+from app.previews import THUMB, PreviewFiller, thumbnail
 from app.ui.common import count, optional, rows_of, user_errors
 from app.ui.methods import build_method_controls, colour_legend, has_canvas, params_from
 from composer.errors import StudioError
@@ -84,8 +86,28 @@ class StudioControls:
     height: gr.Number
 
 
-def build_studio_tab(studio: StudioFacade, demo: gr.Blocks) -> StudioControls:
-    """The tab's components and events (call inside `gr.Tab`); the picker fills when the page loads."""
+def placeholder(name: str) -> Image.Image:
+    """A card for a LoRA without a preview yet: its initials on grey."""
+    card = Image.new("RGB", (THUMB, THUMB), (60, 63, 70))
+    draw = ImageDraw.Draw(card)
+    draw.text((THUMB // 2, THUMB // 2), name[:2].upper(), fill=(220, 220, 220), anchor="mm", font_size=48)
+    return card
+
+
+def cards(found: list) -> list[tuple[Image.Image, str]]:
+    """(thumbnail, caption) for each LoRA found: its preview, or a placeholder until one is rendered."""
+    out = []
+    for a in found:
+        words = f" · {', '.join(a.trigger_words)}" if a.trigger_words else ""
+        out.append((thumbnail(a.preview_path) or placeholder(a.name), f"{a.name}{words}"))
+    return out
+
+
+def build_studio_tab(
+    studio: StudioFacade, demo: gr.Blocks, previews: PreviewFiller | None = None
+) -> StudioControls:
+    """The tab's components and events (call inside `gr.Tab`); the picker and the cards fill when the page
+    loads; clicking a card adds its LoRA to the stack."""
     library = studio.library
     methods = studio.composition_methods()
     defaults = studio.default_sampling()
@@ -110,9 +132,21 @@ def build_studio_tab(studio: StudioFacade, demo: gr.Blocks) -> StudioControls:
                 allow_custom_value=True,  # API clients name any LoRA; unknown names fail with suggestions
                 elem_id="lora-picker",
             )
-            matches = gr.Dataframe(
-                headers=MATCH_HEADERS, label="Matches", interactive=False, elem_id="lora-matches"
+            card_gallery = gr.Gallery(
+                label="LoRAs (click a card to add it)",
+                columns=6,
+                height="auto",
+                object_fit="contain",
+                allow_preview=False,
+                format="png",
+                elem_id="lora-cards",
             )
+            shown = gr.State([])  # the names of the cards, in order
+            preview_status = gr.Markdown(elem_id="preview-status")
+            with gr.Accordion("Matches as a table", open=False):
+                matches = gr.Dataframe(
+                    headers=MATCH_HEADERS, label="Matches", interactive=False, elem_id="lora-matches"
+                )
             stack = gr.Dataframe(
                 headers=STACK_HEADERS,
                 datatype=["str", "number"],
@@ -121,6 +155,7 @@ def build_studio_tab(studio: StudioFacade, demo: gr.Blocks) -> StudioControls:
                 static_columns=[0],
                 elem_id="lora-stack",
             )
+            sliders = gr.Column(elem_id="lora-sliders")
             method = gr.Dropdown(
                 label="Composition method",
                 choices=list(methods),
@@ -159,7 +194,18 @@ def build_studio_tab(studio: StudioFacade, demo: gr.Blocks) -> StudioControls:
         ]
         # choices only: setting the value would fire `pick` with the prompt as it was when the search started,
         # wiping what was typed since (the page-load search)
-        return gr.Dropdown(choices=names), rows
+        return gr.Dropdown(choices=names), rows, cards(found), [a.name for a in found]
+
+    def add_card(selected: list[str] | None, names: list[str], evt: gr.SelectData):
+        name = names[evt.index]
+        selected = list(selected or [])
+        return gr.Dropdown(value=selected if name in selected else [*selected, name])
+
+    def preview_line():
+        """The background previews' progress; the timer stops once they are done."""
+        progress = previews.progress if previews is not None else None
+        running = progress is not None and progress.running
+        return (progress.line() if progress else ""), gr.Timer(active=running)
 
     def pick(selected: list[str] | None, current: Any, text: str):
         """The stack follows the picker: a LoRA added brings its trigger words into the prompt, one removed
@@ -207,6 +253,34 @@ def build_studio_tab(studio: StudioFacade, demo: gr.Blocks) -> StudioControls:
         shown += [(picture, text) for text, picture in getattr(result, "pictures", [])]  # e.g. the masks used
         return shown, result.provenance
 
+    def set_weight(name: str):
+        def update(value: float, table: Any):
+            with user_errors():
+                return [[n, float(value) if n == name else w] for n, w in stack_entries(table)]
+
+        return update
+
+    with sliders:
+
+        @gr.render(inputs=[stack], triggers=[stack.change, demo.load])
+        def weight_sliders(table: Any) -> None:
+            """A weight slider per LoRA of the stack (the table stays the record: a slider writes its cell)."""
+            try:
+                entries = stack_entries(table)
+            except StudioError:
+                return  # a cell that is not a number: the render names it
+            for name, weight in entries:
+                slider = gr.Slider(
+                    minimum=min(-2.0, weight),
+                    maximum=max(2.0, weight),
+                    step=0.05,
+                    value=weight,
+                    label=f"{name} weight",
+                    elem_classes=["lora-weight"],
+                    interactive=True,
+                )
+                slider.release(set_weight(name), [slider, stack], stack, api_visibility="private")
+
     def show_method(chosen: str):
         return [gr.Group(visible=g.method == chosen) for g in groups] + [
             gr.Markdown(visible=has_canvas(methods[chosen]))
@@ -216,10 +290,15 @@ def build_studio_tab(studio: StudioFacade, demo: gr.Blocks) -> StudioControls:
         return colour_legend([str(row[0]).strip() for row in rows_of(table) if row and str(row[0]).strip()])
 
     search_inputs = [query, picker]
-    search_outputs = [picker, matches]
+    search_outputs = [picker, matches, card_gallery, shown]
     query.submit(search, search_inputs, search_outputs, api_name="search_loras")
     search_btn.click(search, search_inputs, search_outputs, api_visibility="private")
     demo.load(search, search_inputs, search_outputs, api_visibility="private")
+    card_gallery.select(add_card, [picker, shown], picker, api_visibility="private")
+    if previews is not None:  # their progress while they render in the background (Search shows new ones)
+        timer = gr.Timer(2.0)
+        timer.tick(preview_line, None, [preview_status, timer], api_visibility="private")
+        demo.load(preview_line, None, [preview_status, timer], api_visibility="private")
     picker.change(pick, [picker, stack, prompt], [stack, prompt], api_name="pick_loras")
     method.change(show_method, method, [g.group for g in groups] + [legend], api_visibility="private")
     stack.change(show_legend, stack, legend, api_visibility="private")
