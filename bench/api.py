@@ -39,14 +39,15 @@ POLL_S = 0.5  # a client polling its job twice a second
 
 
 @contextmanager
-def live_server(studio: Studio, executor: LocalExecutor) -> Iterator[str]:
-    """uvicorn in a thread on a free loopback port; its URL."""
+def live_server(app) -> Iterator[str]:
+    """`app` served by uvicorn in a thread on a free loopback port; its URL."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(studio, executor), host="127.0.0.1", port=port, log_level="warning")
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=port, log_level="warning", timeout_graceful_shutdown=2
     )
+    server = uvicorn.Server(config)  # graceful shutdown bounded: Gradio clients keep streams open
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:
@@ -213,7 +214,7 @@ def main() -> None:
                 repo.create(f"bench-{n}", rate_limit_per_minute=1_000_000)[1] for n in range(args.clients)
             ]
         executor = LocalExecutor(studio)
-        with live_server(studio, executor) as url:
+        with live_server(create_app(studio, executor)) as url:
             run_batch(url, keys[:1], args.workers, 1, request, 1)  # warm: pipelines built and run once
             with ExitStack() as stack:
                 parts = [

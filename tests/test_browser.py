@@ -134,7 +134,8 @@ def test_admin_edits_trigger_words_that_the_studio_picker_then_uses(live, tab):
     page.locator("#lora-query input, #lora-query textarea").first.press("Enter")
     matches = page.locator("#lora-cards")
     found_only_inkwell = """() => {
-        const text = document.querySelector('#lora-cards').textContent;
+        const cards = document.querySelector('#lora-cards');  // null until the page has rendered it
+        const text = cards ? cards.textContent : '';
         return text.includes('midnightink') && !text.includes('pastel');
     }"""  # the page load lists every LoRA first; the search narrows it to the one with the new word
     page.wait_for_function(found_only_inkwell, timeout=WAIT_MS)

@@ -34,6 +34,7 @@ def served(tmp_path_factory):
         mp.setenv("LORA_STUDIO_BACKBONE", "sdxl")
         mp.setenv("LORA_STUDIO_MODEL", "tiny")
         mp.setenv("LORA_STUDIO_MAX_JSON_KB", "64")
+        mp.setenv("LORA_STUDIO_MAX_QUEUED_JOBS_PER_KEY", "1")
         result = CliRunner().invoke(cli, ["serve", "--data-dir", str(data)])
     assert result.exit_code == 0, result.output
     return served["app"]
@@ -169,3 +170,23 @@ def test_an_oversize_json_body_is_413_before_or_while_it_is_read(served, key):
     # under the limit the body reaches the route (a validation error here, not a size error)
     status, body, _ = asgi_call(served, "POST", f"{API}/renders", auth, [b'{"requests": []}'])
     assert status == 422 and body["error"]["type"] == "validation_error"
+
+
+def test_cost_budget_and_per_key_queue_share_on_the_served_app(served, client):
+    with unit_of_work(served.state.studio.sessions) as session:
+        repo = ApiKeyRepository(session)
+        greedy = repo.create("greedy", rate_limit_per_minute=10_000)[1]
+    headers = {"X-API-Key": greedy}
+    huge = {"prompt": "x", "height": 4096, "width": 4096, "num_images": 16, "num_inference_steps": 500}
+    r = client.post(f"{API}/renders", json={"requests": [huge] * 64}, headers=headers)
+    assert "max_job_megapixel_steps" in api_error(r, 422, "over_budget")["message"]
+    # LORA_STUDIO_MAX_QUEUED_JOBS_PER_KEY=1: of three long jobs, one at most runs on the one worker, so at
+    # least one submit finds this key's share taken
+    slow = {"requests": [{"prompt": "x", "height": 64, "width": 64, "num_inference_steps": 500}]}
+    answers = [client.post(f"{API}/renders", json=slow, headers=headers) for _ in range(3)]
+    refused = [r for r in answers if r.status_code == 429]
+    assert refused and all(r.status_code in (202, 429) for r in answers)
+    assert "max_queued_jobs_per_key" in api_error(refused[0], 429, "queue_full")["message"]
+    for r in answers:
+        if r.status_code == 202:
+            client.delete(f"{API}/renders/{r.json()['id']}", headers=headers)
