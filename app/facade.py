@@ -101,6 +101,9 @@ class StudioFacade(Protocol):
     @property
     def renders_dir(self) -> Path: ...
 
+    @property
+    def thumbs_dir(self) -> Path: ...
+
     # --- rendering and training (each holds the Studio's pipeline lock) -------------------------------
     def render_image(
         self,

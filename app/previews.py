@@ -10,7 +10,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from app.facade import StudioFacade
 from composer.errors import StudioError
@@ -21,23 +21,38 @@ log = logging.getLogger(__name__)
 THUMB = 160  # pixels a side of a card thumbnail
 
 
-def thumbnail(preview: str | Path | None) -> Image.Image | None:
-    """A card-sized RGB copy of a preview image (made once, kept as `<preview>.thumb.png`), or None."""
+def thumbnail(preview: str | Path | None, folder: Path) -> Path | None:
+    """A card-sized PNG of a preview image, made once and kept in `folder` (the data dir's `thumbs`, which the
+    studio serves; the LoRA folder is not served), or None without a readable preview."""
     if not preview or not Path(preview).is_file():
         return None
     path = Path(preview)
-    thumb = path.with_name(f"{path.stem}.thumb.png")
+    thumb = folder / f"{path.stem}.png"
     try:
         if not thumb.is_file() or thumb.stat().st_mtime < path.stat().st_mtime:
+            folder.mkdir(parents=True, exist_ok=True)
             with Image.open(path) as im:
                 small = im.convert("RGB")
                 small.thumbnail((THUMB, THUMB))
                 small.save(thumb)
-        with Image.open(thumb) as im:
-            return im.convert("RGB")
+        return thumb
     except OSError as exc:
         log.warning("preview %s unreadable: %s", path, exc)
         return None
+
+
+def placeholder(name: str, folder: Path) -> Path:
+    """The card of a LoRA without a preview yet: its initials on grey (one file per pair of initials)."""
+    initials = "".join(c for c in name[:2].upper() if c.isalnum()) or "?"
+    path = folder / f"placeholder-{initials.encode().hex()}.png"
+    if not path.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        card = Image.new("RGB", (THUMB, THUMB), (60, 63, 70))
+        ImageDraw.Draw(card).text(
+            (THUMB // 2, THUMB // 2), initials, fill=(220, 220, 220), anchor="mm", font_size=48
+        )
+        card.save(path)
+    return path
 
 
 @dataclass
@@ -95,4 +110,4 @@ class PreviewFiller:
         log.info("%s", self.progress.line())
 
 
-__all__ = ["PreviewFiller", "PreviewProgress", "thumbnail"]
+__all__ = ["PreviewFiller", "PreviewProgress", "placeholder", "thumbnail"]

@@ -367,6 +367,11 @@ class Studio:
     def renders_dir(self) -> Path:
         return self.settings.root / "renders"
 
+    @property
+    def thumbs_dir(self) -> Path:
+        """Card thumbnails of the LoRAs' previews (`app.previews.thumbnail`), served by the studio."""
+        return self.settings.root / "thumbs"
+
     def render_image(
         self,
         *,

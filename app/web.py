@@ -36,6 +36,7 @@ def create_web_app(
     filler = PreviewFiller(studio, studio.served_family()) if previews else None
     app = create_app(studio, executor, services=[filler] if filler else [])
     studio.renders_dir.mkdir(parents=True, exist_ok=True)
+    studio.thumbs_dir.mkdir(parents=True, exist_ok=True)
     app.add_api_route("/admin", lambda: RedirectResponse("/admin/", status_code=302), include_in_schema=False)
     app.mount("/admin", create_admin_app(studio))
     app.mount(STATIC_PATH, StaticFiles(directory=STATIC_DIR), name="static")
@@ -43,7 +44,7 @@ def create_web_app(
         app,
         create_ui(studio, filler),
         path="/",
-        allowed_paths=[str(studio.renders_dir)],
+        allowed_paths=[str(studio.renders_dir), str(studio.thumbs_dir)],
         max_file_size=f"{studio.settings.max_upload_mb}mb",  # training images, like LoRA uploads
         css_paths=[STATIC_DIR / "studio.css"],
         footer_links=["api"],

@@ -57,7 +57,9 @@ def main() -> None:
         for n in sizes:
             studio = catalog_of(Path(tmp) / f"c{n}", n, pipe.unet, targets, preview)
             url = stack.enter_context(live_server(create_web_app(studio)))
-            clients[n] = Client(f"{url}/", verbose=False)
+            clients[n] = Client(
+                f"{url}/", verbose=False, download_files=False
+            )  # a browser fetches cards lazily
         times: dict[tuple[int, str], list[float]] = {(n, q): [] for n in sizes for q in queries}
         for n, q in times:  # warm: thumbnails made, Gradio's caches filled
             clients[n].predict(queries[q], [], api_name="/search_loras")

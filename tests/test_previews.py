@@ -24,13 +24,10 @@ def test_missing_previews_are_rendered_in_the_background_with_progress(tmp_path,
     assert filler.progress.line() == f"LoRA previews: rendered {len(LORAS)} of {len(LORAS)}"
     previews = {a.name: a.preview_path for a in studio.library.list()}
     assert all(previews.values()) and filler.missing() == []
-    card = thumbnail(previews["inkwell"])
-    with Image.open(previews["inkwell"]) as full:
-        assert (
-            card is not None
-            and max(card.size) <= 160
-            and card.size[0] / card.size[1] == full.size[0] / full.size[1]
-        )
+    card = thumbnail(previews["inkwell"], studio.thumbs_dir)
+    assert card is not None and card.parent == studio.thumbs_dir
+    with Image.open(previews["inkwell"]) as full, Image.open(card) as small:
+        assert max(small.size) <= 160 and small.size[0] / small.size[1] == full.size[0] / full.size[1]
     second = PreviewFiller(studio, studio.served_family())
     second.start()  # nothing left to do: no thread, no line
     assert second.progress.total == 0 and second.progress.line() == ""

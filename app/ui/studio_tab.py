@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
-from PIL import Image, ImageDraw
 
 from app.facade import StudioFacade
-from app.previews import THUMB, PreviewFiller, thumbnail
+from app.previews import PreviewFiller, placeholder, thumbnail
 from app.ui.common import count, optional, rows_of, user_errors
 from app.ui.methods import build_method_controls, colour_legend, has_canvas, params_from
 from composer.errors import StudioError
@@ -86,20 +86,14 @@ class StudioControls:
     height: gr.Number
 
 
-def placeholder(name: str) -> Image.Image:
-    """A card for a LoRA without a preview yet: its initials on grey."""
-    card = Image.new("RGB", (THUMB, THUMB), (60, 63, 70))
-    draw = ImageDraw.Draw(card)
-    draw.text((THUMB // 2, THUMB // 2), name[:2].upper(), fill=(220, 220, 220), anchor="mm", font_size=48)
-    return card
-
-
-def cards(found: list) -> list[tuple[Image.Image, str]]:
-    """(thumbnail, caption) for each LoRA found: its preview, or a placeholder until one is rendered."""
+def cards(found: list, folder: Path) -> list[tuple[str, str]]:
+    """(thumbnail file, caption) for each LoRA found: its preview, or a placeholder until one is rendered. Files,
+    not images: Gradio serves them as they are, where a PIL image would be encoded again on every search."""
     out = []
     for a in found:
         words = f" · {', '.join(a.trigger_words)}" if a.trigger_words else ""
-        out.append((thumbnail(a.preview_path) or placeholder(a.name), f"{a.name}{words}"))
+        card = thumbnail(a.preview_path, folder) or placeholder(a.name, folder)
+        out.append((str(card), f"{a.name}{words}"))
     return out
 
 
@@ -194,7 +188,7 @@ def build_studio_tab(
         ]
         # choices only: setting the value would fire `pick` with the prompt as it was when the search started,
         # wiping what was typed since (the page-load search)
-        return gr.Dropdown(choices=names), rows, cards(found), [a.name for a in found]
+        return gr.Dropdown(choices=names), rows, cards(found, studio.thumbs_dir), [a.name for a in found]
 
     def add_card(selected: list[str] | None, names: list[str], evt: gr.SelectData):
         name = names[evt.index]
