@@ -218,17 +218,15 @@ def test_a_full_queue_answers_429_with_retry_after(studio):
     assert c.get(f"{API}/renders").json()["total"] == 2
 
 
-def test_one_key_cannot_fill_the_queue_past_its_share(tmp_path):
-    studio = Studio.open(
-        Settings(
-            data_dir=tmp_path / "data",
-            bundled=False,
-            backbone="sdxl",
-            model="tiny",
-            max_queued_jobs=10,
-            max_queued_jobs_per_key=2,
-        )
+def tiny_studio(tmp_path, **settings) -> Studio:
+    """A Studio on the tiny SDXL with no LoRAs and these settings."""
+    return Studio.open(
+        Settings(data_dir=tmp_path / "data", bundled=False, backbone="sdxl", model="tiny", **settings)
     )
+
+
+def test_one_key_cannot_fill_the_queue_past_its_share(tmp_path):
+    studio = tiny_studio(tmp_path, max_queued_jobs=10, max_queued_jobs_per_key=2)
     app = create_app(studio, make_executor(studio))  # not started: jobs stay queued
     greedy = TestClient(app, headers={"X-API-Key": new_key(studio, "greedy")})
     other = TestClient(app, headers={"X-API-Key": new_key(studio, "other")})
@@ -242,15 +240,7 @@ def test_one_key_cannot_fill_the_queue_past_its_share(tmp_path):
 
 
 def test_a_job_over_the_cost_budget_is_refused_naming_the_limit(tmp_path):
-    studio = Studio.open(
-        Settings(
-            data_dir=tmp_path / "data",
-            bundled=False,
-            backbone="sdxl",
-            model="tiny",
-            max_job_megapixel_steps=1,
-        )
-    )
+    studio = tiny_studio(tmp_path, max_job_megapixel_steps=1)
     c = TestClient(create_app(studio, make_executor(studio)), headers={"X-API-Key": new_key(studio)})
     # 64 x 64 px x 100 steps x 2 images = 0.82 megapixel-steps: within 1
     small = {"prompt": "x", "height": 64, "width": 64, "num_inference_steps": 100, "num_images": 2}
