@@ -369,13 +369,12 @@ def serve(
         _fail(f"--executor {settings.executor!r}: choose local or ray")
     if settings.workers < 1:
         _fail(f"--workers {settings.workers}: at least 1")
+    users = studio.accounts.list_users()
     try:
-        access = decide_access(
-            host, "never" if no_login else settings.studio_login, len(studio.accounts.list_users())
-        )
+        access = decide_access(host, "never" if no_login else settings.studio_login, len(users))
     except ServeRefused as exc:
         _fail(str(exc))
-    for line in summary(studio, host, port, access, studio.imported_on_open):
+    for line in summary(studio, host, port, access, studio.imported_on_open, users):
         typer.secho(
             line, err=line.startswith("WARNING"), fg=typer.colors.RED if line.startswith("WARNING") else None
         )

@@ -9,6 +9,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from app.accounts import UserInfo
 from app.admin.throttle import LoginThrottle
 from app.facade import StudioFacade
 
@@ -81,12 +82,14 @@ def studio_login(studio: StudioFacade) -> Callable[[str, str], bool]:
     return check
 
 
-def summary(studio: StudioFacade, host: str, port: int, access: Access, imported: list[str]) -> list[str]:
-    """The lines `serve` prints before it listens: where, what data, what was imported, who can get in."""
+def summary(
+    studio: StudioFacade, host: str, port: int, access: Access, imported: list[str], users: list[UserInfo]
+) -> list[str]:
+    """The lines `serve` prints before it listens: where, what data, what was imported, who can get in
+    (`users`: the catalog's, as `Accounts.list_users` gives them)."""
     settings = studio.settings
     shown = f"[{host}]" if ":" in host else host
     base = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else shown}:{port}"
-    users = studio.accounts.list_users()
     lines = [
         f"LoRA Studio on {base}/  (admin {base}/admin/, REST API docs {base}/api/v1/docs)",
         f"data dir: {settings.root}  ({studio.library.count()} LoRAs in the catalog)",

@@ -111,21 +111,21 @@ FALLBACK_ROUTE = "api_fallback"  # the last /api/v1 route: what no other API rou
 HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
 
-def allowed_methods(request: Request) -> list[str]:
-    """Every method the request's path supports. Starlette's 405 names only the first route that matched the
-    path, but each method is its own route here (`/loras`: GET and POST), and RFC 9110 wants them all; so
-    each method is tried against the routes (included routers match as one route each; mounted apps, which
-    take any method, and the API's fallback route, which takes any path, are left out)."""
-    routes = [
-        route
+def route_takes(request: Request, method: str) -> bool:
+    """True when a real API route takes the request's path with `method` (mounted apps, which take any
+    method, and the API's fallback route, which takes any path, are left out)."""
+    scope = {**request.scope, "method": method}
+    return any(
+        route.matches(scope)[0] is Match.FULL
         for route in request.app.router.routes
         if not isinstance(route, Mount) and getattr(route, "name", None) != FALLBACK_ROUTE
-    ]
-    return [
-        method
-        for method in HTTP_METHODS
-        if any(route.matches({**request.scope, "method": method})[0] is Match.FULL for route in routes)
-    ]
+    )
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method the request's path supports. Starlette's 405 names only the first route that matched the
+    path, but each method is its own route here (`/loras`: GET and POST), and RFC 9110 wants them all."""
+    return [method for method in HTTP_METHODS if route_takes(request, method)]
 
 
 async def unmatched(request: Request) -> JSONResponse:
@@ -162,11 +162,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, HTTPException)
-        type = HTTP_TYPES.get(exc.status_code, "http_error")
-        headers = exc.headers
-        if exc.status_code == 405:
-            headers = {**(headers or {}), "Allow": ", ".join(allowed_methods(request))}
-        return error_response(exc.status_code, type, str(exc.detail), headers)
+        type = HTTP_TYPES.get(exc.status_code, "http_error")  # 405s come from `unmatched`, with Allow
+        return error_response(exc.status_code, type, str(exc.detail), exc.headers)
 
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("%s %s failed", request.method, request.url.path)

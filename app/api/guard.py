@@ -11,7 +11,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.auth import authenticate_request
-from app.api.errors import ApiError, allowed_methods, error_response
+from app.api.errors import ApiError, error_response, route_takes
 
 KIB = 1024
 MIB = 2**20
@@ -50,7 +50,7 @@ class RequestGuard:
             await self.app(scope, receive, send)
             return
         request = Request(scope)
-        if scope["method"] not in allowed_methods(request):
+        if not route_takes(request, scope["method"]):
             await self.app(scope, receive, send)  # the fallback route answers 404 or 405; it reads no body
             return
         try:

@@ -45,11 +45,15 @@ class Page:
 
 
 def history_page(studio: StudioFacade, number: int) -> Page:
-    """Page `number` (0: newest), clamped to the pages there are."""
-    total = studio.list_renders(1, 0).total
-    pages = max(1, math.ceil(total / PAGE_SIZE))
-    number = min(max(0, int(number or 0)), pages - 1)
-    shown = [r for r in studio.list_renders(PAGE_SIZE, number * PAGE_SIZE).items if r.image is not None]
+    """Page `number` (0: newest), clamped to the pages there are (read again only when it was past the end)."""
+    number = max(0, int(number or 0))
+    page = studio.list_renders(PAGE_SIZE, number * PAGE_SIZE)
+    pages = max(1, math.ceil(page.total / PAGE_SIZE))
+    if number >= pages:
+        number = pages - 1
+        page = studio.list_renders(PAGE_SIZE, number * PAGE_SIZE)
+    total = page.total
+    shown = [r for r in page.items if r.image is not None]
     items = [(str(r.image), caption(provenance_of(r))) for r in shown]
     where = f"page {number + 1} of {pages} ({total} render{'s' if total != 1 else ''})"
     return Page(items, where, number, [r.id for r in shown])
