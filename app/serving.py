@@ -8,10 +8,13 @@ import ipaddress
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from app.accounts import UserInfo
 from app.admin.throttle import LoginThrottle
 from app.facade import StudioFacade
+
+if TYPE_CHECKING:  # the type only: the front ends never import the catalog's sessions
+    from app.accounts import UserInfo
 
 log = logging.getLogger(__name__)
 
