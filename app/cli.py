@@ -10,7 +10,16 @@ from typing import Annotated
 import typer
 
 from app.cli_admin import admin_app, apikey_app
-from app.cli_common import DataDir, _fail, _guard, _studio, configure_logging, full_traces
+from app.cli_common import (
+    COMPILE_HELP,
+    DataDir,
+    _fail,
+    _guard,
+    _studio,
+    compile_mode,
+    configure_logging,
+    full_traces,
+)
 
 app = typer.Typer(
     add_completion=False,
@@ -141,6 +150,7 @@ def render_(
         typer.Option("--mask", help="regional: NAME=PICTURE, the LoRA's region (white = inside; repeatable)"),
     ] = None,
     out: Annotated[Path, typer.Option(help="PNG file to write")] = Path("render.png"),
+    compile: Annotated[bool, typer.Option("--compile", help=COMPILE_HELP)] = False,
     data_dir: DataDir = None,
 ):
     """Render a prompt with a stack of catalogued LoRAs, composed by a method (default: merge)."""
@@ -152,7 +162,7 @@ def render_(
     params = _method_params(param or [], mask or [])
 
     stack = [LoraWeight.parse(x) for x in lora or []]
-    studio = _studio(data_dir)
+    studio = _studio(data_dir, compile=compile_mode(compile))
     with Progress(
         "[progress.description]{task.description}",
         BarColumn(),
@@ -350,6 +360,7 @@ def serve(
             "train and change the catalog)",
         ),
     ] = False,
+    compile: Annotated[bool, typer.Option("--compile", help=COMPILE_HELP)] = False,
     data_dir: DataDir = None,
 ):
     """Serve the studio (/), the admin page (/admin) and the REST API (/api/v1, docs at /api/v1/docs) over one
@@ -362,7 +373,7 @@ def serve(
     from app.serving import ServeRefused, decide_access, summary
     from app.web import create_web_app
 
-    studio = _studio(data_dir)
+    studio = _studio(data_dir, compile=compile_mode(compile))
     given = {"executor": executor, "ray_address": ray_address, "workers": workers}
     settings = studio.settings.model_copy(update={k: v for k, v in given.items() if v is not None})
     if settings.executor not in ("local", "ray"):

@@ -16,7 +16,7 @@ DataDir = Annotated[
 ]
 
 
-def _studio(data_dir: Path | None):
+def _studio(data_dir: Path | None, **overrides):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # read when huggingface_hub is imported: set it first
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
@@ -27,7 +27,8 @@ def _studio(data_dir: Path | None):
     from app.settings import Settings
     from app.studio import Studio
 
-    settings = Settings(data_dir=data_dir) if data_dir else Settings()
+    given = {k: v for k, v in {"data_dir": data_dir, **overrides}.items() if v is not None}
+    settings = Settings(**given)
     return Studio.open(settings)
 
 
@@ -51,6 +52,22 @@ def full_traces() -> None:
     for handler in logging.getLogger().handlers:
         for f in [f for f in handler.filters if isinstance(f, OneLineErrors)]:
             handler.removeFilter(f)
+
+
+COMPILE_HELP = (
+    "compile the denoiser with torch.compile (the 'compile' setting's mode, else 'default'): the first render "
+    "at a size compiles, later ones run faster, switching LoRAs never recompiles"
+)
+
+
+def compile_mode(flag: bool) -> str | None:
+    """The compile setting --compile asks for (None: leave the setting as it is)."""
+    if not flag:
+        return None
+    from app.settings import Settings
+
+    configured = Settings().compile
+    return configured if configured != "off" else "default"
 
 
 def _fail(message: str, code: int = 1):

@@ -26,6 +26,15 @@ class Settings(BaseSettings):
     dtype: str = Field(
         default="auto", description="'auto' (fp16 on cuda, fp32 on cpu), 'float32', 'float16', 'bfloat16'"
     )
+    compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = Field(
+        default="off",
+        description="compile the denoiser with torch.compile in this mode ('reduce-overhead' adds CUDA graphs): "
+        "the first render of a size compiles (minutes on a CPU), later ones run faster, and switching LoRAs or "
+        "weights never recompiles; methods with per-sample weights (regional, clora) are refused while on",
+    )
+    compile_rank: int = Field(
+        default=64, ge=1, description="with compile: the most LoRA rank active at once on one layer"
+    )
     bundled: bool = Field(
         default=True, description="import the toy world's bundled concept adapters on first start"
     )

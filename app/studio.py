@@ -34,6 +34,7 @@ from app.training import TrainingRuns, TrainOutcome
 from composer.adapters import blora
 from composer.adapters.host import AdapterHost
 from composer.adapters.registry import trainable_kinds
+from composer.adapters.static import compile_denoiser
 from composer.backbones import TINY, load_pipeline
 from composer.errors import FamilyMismatchError, OverBudgetError, StudioError
 from composer.formats.readers import read_lora
@@ -117,7 +118,10 @@ class Studio:
                 pipe = load_pipeline(
                     bb, model, dtype=resolve_dtype(self.settings.dtype, device), device=device
                 )
-                self._pipelines[key] = _Loaded(pipe, AdapterHost.for_pipeline(pipe, bb))
+                host = AdapterHost.for_pipeline(pipe, bb)
+                if self.settings.compile != "off":
+                    compile_denoiser(pipe, bb, host, self.settings.compile_rank, self.settings.compile)
+                self._pipelines[key] = _Loaded(pipe, host)
             return self._pipelines[key]
 
     def resident_loras(self) -> set[str]:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
 import torch
@@ -121,31 +122,71 @@ def no_metadata(blocks: Mapping[str, str]) -> dict[str, str]:
     return {}
 
 
-@dataclass
 class MixingContext:
     """Which resident adapters are active, with what scale. Shared by every wrapped module of one host.
 
     Switching a LoRA set changes this object only: no weights move, nothing recompiles.
     A per-sample scale is a tensor of shape (B,) over the batch the denoiser sees (with classifier-free
     guidance that is 2 x images: unconditional half first).
+
+    `active` and `fused` are replaced, never edited in place: each assignment bumps `version` (which the
+    adapter layers key their per-set plans on), recomputes `effective()` once for every layer, and tells
+    the listeners (a host refreshing the fixed-shape slots of a compiled denoiser).
     """
 
-    active: dict[str, Scale] = field(default_factory=dict)
-    fused: dict[str, float] = field(
-        default_factory=dict
-    )  # adapters folded into base weights, and their scale
+    def __init__(self, active: Mapping[str, Scale] | None = None, fused: Mapping[str, float] | None = None):
+        self.version = 0
+        self.listeners: list[Callable[[], None]] = []
+        self._active: dict[str, Scale] = dict(active or {})
+        self._fused: dict[str, float] = dict(fused or {})
+        self._effective: tuple[tuple[str, Scale], ...] = ()
+        self._changed()
 
-    def effective(self) -> list[tuple[str, Scale]]:
-        """Scales still to apply in forward: active minus what is already fused into the weights."""
+    @property
+    def active(self) -> Mapping[str, Scale]:
+        return MappingProxyType(self._active)
+
+    @active.setter
+    def active(self, scales: Mapping[str, Scale]) -> None:
+        self._set(dict(scales), self._fused)
+
+    @property
+    def fused(self) -> Mapping[str, float]:  # adapters folded into base weights, and their scale
+        return MappingProxyType(self._fused)
+
+    @fused.setter
+    def fused(self, scales: Mapping[str, float]) -> None:
+        self._set(self._active, dict(scales))
+
+    def _set(self, active: dict[str, Scale], fused: dict[str, float]) -> None:
+        """Take a new state; when a listener refuses it (it checks before it writes anything), the previous
+        state comes back and the error propagates."""
+        previous = (self._active, self._fused, self._effective)
+        self._active, self._fused = active, fused
+        self._changed()
+        try:
+            for listener in self.listeners:
+                listener()
+        except BaseException:
+            self._active, self._fused, self._effective = previous
+            self.version += 1
+            raise
+
+    def _changed(self) -> None:
         out: list[tuple[str, Scale]] = []
-        for name in dict.fromkeys([*self.active, *self.fused]):
-            scale = self.active.get(name, 0.0)
-            fused = self.fused.get(name)
+        for name in dict.fromkeys([*self._active, *self._fused]):
+            scale = self._active.get(name, 0.0)
+            fused = self._fused.get(name)
             if fused is not None:
                 scale = scale - fused
             if isinstance(scale, torch.Tensor) or scale != 0.0:
                 out.append((name, scale))
-        return out
+        self._effective = tuple(out)
+        self.version += 1
+
+    def effective(self) -> tuple[tuple[str, Scale], ...]:
+        """Scales still to apply in forward: active minus what is already fused into the weights."""
+        return self._effective
 
 
 def broadcast_scale(scale: Scale, y: torch.Tensor) -> Scale:

@@ -7,6 +7,7 @@ from contextlib import contextmanager
 
 from torch import nn
 
+from composer.adapters import static
 from composer.adapters.base import MixingContext, Scale
 from composer.adapters.layer import AdaptedModule
 from composer.adapters.registry import build_adapter
@@ -27,6 +28,8 @@ class AdapterHost:
         self.context = MixingContext()
         self._wrapped: dict[str, AdaptedModule] = {}  # "component.path" -> wrapper
         self._resident: dict[str, list[AdaptedModule]] = {}  # adapter name -> the wrappers it lives on
+        self._static: dict[str, int] = {}  # component -> slot rank, for a compiled denoiser (`make_static`)
+        self.context.listeners.append(self._load_slots)
 
     @classmethod
     def for_pipeline(cls, pipe, backbone) -> AdapterHost:
@@ -122,7 +125,8 @@ class AdapterHost:
             raise AdapterError(f"adapter {name!r} is fused; unfuse first")
         for wrapper in self._resident.pop(name, []):
             wrapper.remove(name)
-        self.context.active.pop(name, None)
+        if name in self.context.active:
+            self.context.active = {n: s for n, s in self.context.active.items() if n != name}
 
     def _find(self, component: str, path: str) -> nn.Module | None:
         model = self.components.get(component)
@@ -143,6 +147,8 @@ class AdapterHost:
         parent_path, _, attr = path.rpartition(".")
         parent = model.get_submodule(parent_path) if parent_path else model
         wrapper = AdaptedModule(target, self.context, f"{component}.{path}")
+        if component in self._static:
+            static.make_static(wrapper, self._static[component])
         setattr(parent, attr, wrapper)
         self._wrapped[f"{component}.{path}"] = wrapper
         return wrapper
@@ -167,11 +173,39 @@ class AdapterHost:
         finally:
             self.context.active = previous
 
+    # --- a compiled denoiser -------------------------------------------------------------------------
+    def make_static(self, component: str, rank: int = static.DEFAULT_SLOT_RANK) -> None:
+        """Prepare `component` (the denoiser) for torch.compile: its wrapped layers get fixed-shape slots of
+        `rank` and every later switch writes the active set into them in place, so one compiled graph
+        serves every set and weight (composer.adapters.static). Layers wrapped later get slots too."""
+        if component not in self.components:
+            raise AdapterError(f"no component {component!r} (have: {', '.join(self.components)})")
+        if rank < 1:
+            raise AdapterError(f"slot rank must be >= 1, got {rank}")
+        if self.context.fused:
+            raise AdapterError("adapters are fused; unfuse before making the denoiser static")
+        for key, wrapper in self._wrapped.items():
+            if key.partition(".")[0] == component:
+                static.drop_static(wrapper)
+                static.make_static(wrapper, rank)
+        self._static[component] = rank
+
+    def _load_slots(self) -> None:
+        """The context changed: write the new set into every static layer (all checked before any write)."""
+        if not self._static:
+            return
+        layers = [w for w in self._wrapped.values() if w.slot_rank]
+        plans = [static.plan(w) for w in layers]
+        for layer, planned in zip(layers, plans, strict=True):
+            static.load(layer, planned)
+
     # --- fusing -------------------------------------------------------------------------------------
     def fuse(self, scales: Mapping[str, float]) -> None:
         """Fold adapters into the base weights (fast path for a static stack). Forward stays equivalent."""
         if self.context.fused:
             raise AdapterError("adapters are already fused; unfuse first")
+        if self._static:
+            raise AdapterError("a compiled denoiser applies its LoRAs on each switch; fusing is not needed")
         unknown = [n for n in scales if n not in self._resident]
         if unknown:
             raise AdapterError(f"not resident: {', '.join(unknown)}")
@@ -192,6 +226,10 @@ class AdapterHost:
     def detach(self) -> None:
         """Unfuse, drop every adapter and put the original modules back."""
         self.unfuse()
+        for wrapper in self._wrapped.values():
+            if wrapper.slot_rank:
+                static.drop_static(wrapper)
+        self._static.clear()
         for key, wrapper in self._wrapped.items():
             component, path = key.split(".", 1)
             parent_path, _, attr = path.rpartition(".")

@@ -8,6 +8,7 @@ from torch import nn
 
 from composer.adapters.base import MixingContext, broadcast_scale, is_trainable
 from composer.adapters.lora import LoraAdapter
+from composer.adapters.static import static_delta
 from composer.errors import AdapterError, AdapterRuntimeError
 
 _STACK_CACHE_SIZE = 4  # resident stacked LoRA sets kept per layer (switching back and forth costs nothing)
@@ -46,16 +47,31 @@ class AdaptedModule(nn.Module):
         self.context = context
         self._stacks: dict[tuple, tuple[torch.Tensor, torch.Tensor, list[int]]] = {}
         self._backup: torch.Tensor | None = None  # the exact base weight while something is fused
+        self._residency = 0  # bumped when an adapter is added or removed here
+        self._work_key: tuple[int, int] = (-1, -1)
+        self._work: list[tuple[str, object]] = []
+        self.slot_rank = 0  # > 0: fixed-shape slots for a compiled denoiser (`make_static`)
 
     # --- residency ----------------------------------------------------------------------------------
     def add(self, name: str, adapter: nn.Module) -> None:
         self.adapters[name] = adapter
         self._stacks.clear()
+        self._residency += 1
 
     def remove(self, name: str) -> None:
         if name in self.adapters:
             del self.adapters[name]
             self._stacks.clear()
+            self._residency += 1
+
+    def active_work(self) -> list[tuple[str, object]]:
+        """(name, scale) of the context's effective adapters that live on this layer; computed once per
+        switch (the context's version) and residency change, not per forward."""
+        key = (self.context.version, self._residency)
+        if self._work_key != key:
+            self._work = [(n, s) for n, s in self.context.effective() if n in self.adapters]
+            self._work_key = key
+        return self._work
 
     # --- fusing -------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -80,8 +96,10 @@ class AdaptedModule(nn.Module):
 
     # --- forward ------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.slot_rank:  # compiled denoiser: the same graph for every set (see `make_static`)
+            return self.base(x, *args, **kwargs) + static_delta(self, x)
         y = base_out = self.base(x, *args, **kwargs)
-        work = [(n, s) for n, s in self.context.effective() if n in self.adapters]
+        work = self.active_work()
         if not work:
             return y
         stackable = isinstance(self.base, nn.Linear) and len(work) > 1
@@ -113,33 +131,41 @@ class AdaptedModule(nn.Module):
         adapters = [self.adapters[n] for n, _ in work]
         # parameter versions in the key: an in-place update (an optimizer step) invalidates the stack
         names = tuple((n, a.down._version, a.up._version) for (n, _), a in zip(work, adapters, strict=True))
+        per_sample = any(isinstance(s, torch.Tensor) for _, s in work)
+        # numeric scales are folded into the stacked up matrix (part of the key): two matmuls per forward
+        scales = (
+            None
+            if per_sample
+            else tuple(float(s) * a.scale for (_, s), a in zip(work, adapters, strict=True))
+        )
         # inference-mode tensors cannot enter a graph: a stack built under inference_mode serves only there
-        names = (*names, x.dtype, torch.is_inference_mode_enabled())
-        stack = self._stacks.get(names)
+        key = (names, scales, x.dtype, torch.is_inference_mode_enabled())
+        stack = self._stacks.get(key)
         if stack is None:
             down = torch.cat([a.down for a in adapters], dim=0).to(x.dtype)  # (R, in)
-            up = torch.cat([a.up for a in adapters], dim=1).to(x.dtype)  # (out, R)
+            ups = (
+                [a.up for a in adapters]
+                if scales is None
+                else [a.up * s for a, s in zip(adapters, scales, strict=True)]
+            )
+            up = torch.cat(ups, dim=1).to(x.dtype)  # (out, R)
             stack = (down, up, [a.rank for a in adapters])
             if len(self._stacks) >= _STACK_CACHE_SIZE:
                 self._stacks.pop(next(iter(self._stacks)))
-            self._stacks[names] = stack
+            self._stacks[key] = stack
         down, up, ranks = stack
         h = F.linear(x, down)  # (..., R)
-        col = []
-        per_sample = False
-        for (name, scale), rank in zip(work, ranks, strict=True):
-            s = scale * self.adapters[name].scale
-            if isinstance(s, torch.Tensor):
-                per_sample = True
-                col.append(s.to(h).view(-1, 1).expand(-1, rank))  # (B, r)
-            else:
-                col.append(torch.full((1, rank), float(s), dtype=h.dtype, device=h.device))
         if per_sample:
             batch = h.shape[0]
+            col = []
+            for (name, scale), rank in zip(work, ranks, strict=True):
+                s = scale * self.adapters[name].scale
+                if isinstance(s, torch.Tensor):
+                    col.append(s.to(h).view(-1, 1).expand(-1, rank))  # (B, r)
+                else:
+                    col.append(torch.full((1, rank), float(s), dtype=h.dtype, device=h.device))
             cols = torch.cat([c.expand(batch, -1) for c in col], dim=1)  # (B, R)
             h = h * cols.view(batch, *([1] * (h.ndim - 2)), -1)
-        else:
-            h = h * torch.cat(col, dim=1).view(-1)
         return F.linear(h, up)
 
     # --- standing in for the wrapped module ---------------------------------------------------------
