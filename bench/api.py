@@ -2,7 +2,7 @@
 where a job's wall time goes, warm: the denoiser (UNet forward calls), the text encoders, the VAE decode,
 and everything else (HTTP, queue, database, PNG files, scheduler).
 
-python -m bench.api [--jobs 24] [--requests 4] [--steps 8] [--size 64] [--clients 4] [--workers 1]
+python -m bench.api [--jobs 24] [--requests 4] [--steps 8] [--size 64] [--clients 4] [--workers 1] [--rounds 3]
 
 Under load: `--clients 50 --jobs 200 --requests 1` (each client its own API key, so the per-key queue share
 applies; a 429 is retried after its Retry-After, as a client should). Reports the submit latency and each job's
@@ -13,7 +13,6 @@ lost or doubled: every job done once, one render record and one PNG per request.
 from __future__ import annotations
 
 import argparse
-import math
 import socket
 import tempfile
 import threading
@@ -30,7 +29,7 @@ from app.api import create_app
 from app.jobs.local import LocalExecutor
 from app.settings import Settings
 from app.studio import Studio
-from bench.common import emit
+from bench.common import emit, spread
 from db.repository import ApiKeyRepository
 from db.session import unit_of_work
 
@@ -103,24 +102,21 @@ class Load:
     ids: list[int] = field(default_factory=list)
 
 
-def spread(values: list[float], scale: float = 1.0, digits: int = 3) -> dict[str, float]:
-    """min / median / p95 / max of `values` (times `scale`), rounded."""
-    v = sorted(x * scale for x in values)
-    if not v:
-        return {}
-    at = lambda q: v[min(len(v) - 1, math.ceil(q * len(v)) - 1)]  # noqa: E731 (nearest-rank percentile)
-    return {
-        k: round(x, digits)
-        for k, x in (("min", v[0]), ("median", at(0.5)), ("p95", at(0.95)), ("max", v[-1]))
-    }
-
-
 def run_batch(
-    url: str, keys: list[str], jobs: int, clients: int, request: dict, requests: int
+    url: str,
+    keys: list[str],
+    jobs: int,
+    clients: int,
+    request: dict,
+    requests: int,
+    load: Load | None = None,
+    tag: str = "job",
 ) -> tuple[float, Load]:
     """Submit `jobs` jobs from `clients` threads (client n uses keys[n % len(keys)]), wait for all; wall seconds
-    from the first POST and what the clients saw."""
-    load = Load()
+    from the first POST and what the clients saw (added to `load`). `tag` keeps the idempotency keys of one
+    batch apart from another's."""
+    load = load or Load()
+    before = len(load.ids)
     lock = threading.Lock()
 
     def client(n: int) -> None:
@@ -134,7 +130,7 @@ def run_batch(
                 }
                 while True:
                     t = time.perf_counter()
-                    r = c.post(f"{API}/renders", json=body, headers={"Idempotency-Key": f"job-{j}"})
+                    r = c.post(f"{API}/renders", json=body, headers={"Idempotency-Key": f"{tag}-{j}"})
                     took = time.perf_counter() - t
                     if r.status_code != 429:
                         break
@@ -161,8 +157,9 @@ def run_batch(
     for th in threads:
         th.join()
     wall = time.perf_counter() - t
-    if len(load.ids) != jobs or len(set(load.ids)) != jobs:
-        raise RuntimeError(f"{jobs} jobs submitted, {len(set(load.ids))} distinct jobs finished")
+    finished = load.ids[before:]
+    if len(finished) != jobs or len(set(finished)) != jobs:
+        raise RuntimeError(f"{jobs} jobs submitted, {len(set(finished))} distinct jobs finished")
     return wall, load
 
 
@@ -191,6 +188,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=3, help="batches timed one after another (spread)")
     parser.add_argument(
         "--max-queued", type=int, default=100, help="the server's max_queued_jobs (default 100)"
     )
@@ -215,26 +213,32 @@ def main() -> None:
             ]
         executor = LocalExecutor(studio)
         with live_server(create_app(studio, executor)) as url:
-            run_batch(url, keys[:1], args.workers, 1, request, 1)  # warm: pipelines built and run once
+            run_batch(url, keys[:1], args.workers, 1, request, 1, tag="warm")  # pipelines built and run once
             with ExitStack() as stack:
                 parts = [
                     stack.enter_context(timed_parts(s.pipeline(args.backbone, args.model).pipe))
                     for s in executor.studios
                 ]
-                wall, load = run_batch(url, keys, args.jobs, args.clients, request, args.requests)
+                load, walls = Load(), []
+                for r in range(args.rounds):
+                    wall, _ = run_batch(
+                        url, keys, args.jobs, args.clients, request, args.requests, load, tag=f"round{r}"
+                    )
+                    walls.append(wall)
             spent = {name: sum(p[name].seconds for p in parts) for name in parts[0]}
             checked = check_exactly_once(studio, load, args.requests)
-    images = args.jobs * args.requests
-    busy = wall * args.workers  # worker-seconds available in the run
+    images = args.jobs * args.requests  # per round
+    busy = sum(walls) * args.workers  # worker-seconds available in the timed rounds
     figures = {
-        "images_per_s": round(images / wall, 2),
+        "images_per_s": round(images * len(walls) / sum(walls), 2),
+        "images_per_s_per_round": spread([images / w for w in walls], digits=2),
         "denoiser_share": round(spent["denoiser"] / busy, 3),
         "outside_denoiser_share": round(1 - spent["denoiser"] / busy, 3),
         "text_encoder_share": round(spent["text_encoders"] / busy, 3),
         "vae_decode_share": round(spent["vae_decode"] / busy, 3),
         "other_share": round(1 - sum(spent.values()) / busy, 3),
-        "submit_ms": spread(load.submit_s, 1000, 1),
-        "completion_s": spread(load.complete_s, 1, 2),
+        "submit_ms": spread(load.submit_s, 1000, 1, p95=True),
+        "completion_s": spread(load.complete_s, 1, 2, p95=True),
         "refused_429": load.refused,
         **checked,
     }
@@ -243,7 +247,14 @@ def main() -> None:
         "api",
         figures,
         goals,
-        {"images": images, "jobs": args.jobs, "clients": args.clients, "wall_s": round(wall, 2), **request},
+        {
+            "images_per_round": images,
+            "rounds": len(walls),
+            "jobs": args.jobs,
+            "clients": args.clients,
+            "wall_s": [round(w, 2) for w in walls],
+            **request,
+        },
     )
 
 

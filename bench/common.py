@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import statistics
@@ -80,36 +81,47 @@ def random_lora(unet, seed: int, rank: int, targets: list[str]) -> tuple[LoraFil
     return LoraFile(modules, "diffusers", "sdxl"), state
 
 
-def median_time(
-    fn: Callable[[], object], repeat: int, sync: Callable[[], None] = lambda: None, warmup: bool = True
-) -> float:
+def spread(values: list[float], scale: float = 1.0, digits: int = 3, p95: bool = False) -> dict[str, float]:
+    """min / median / (p95) / max of `values` (times `scale`), rounded, and how many there were."""
+    v = sorted(x * scale for x in values)
+    if not v:
+        return {}
+    at = lambda q: v[min(len(v) - 1, math.ceil(q * len(v)) - 1)]  # noqa: E731 (nearest-rank percentile)
+    out = {"min": v[0], "median": statistics.median(v)} | ({"p95": at(0.95)} if p95 else {})
+    return {k: round(x, digits) for k, x in (out | {"max": v[-1]}).items()} | {"n": len(v)}
+
+
+def round_robin(
+    fns: dict[str, Callable[[], object]],
+    repeat: int,
+    sync: Callable[[], None] = lambda: None,
+    warmup: bool = True,
+) -> dict[str, list[float]]:
+    """Seconds of each call of each function over `repeat` rounds, timed round-robin (one call of each per
+    round, in order) so that load from elsewhere and the machine's drift hit all of them alike."""
     if warmup:
-        fn()
+        for fn in fns.values():
+            fn()
         sync()
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
-def interleaved_medians(
-    fns: dict[str, Callable[[], object]], repeat: int, sync: Callable[[], None] = lambda: None
-) -> dict[str, float]:
-    """Median seconds of each function, timed round-robin so that load from elsewhere hits all of them alike."""
-    for fn in fns.values():
-        fn()  # warm-up
-    sync()
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeat):
         for name, fn in fns.items():
+            sync()
             t = time.perf_counter()
             fn()
             sync()
             times[name].append(time.perf_counter() - t)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return times
+
+
+def ratio(times: dict[str, list[float]], num: str, den: str, name: str, digits: int = 3) -> dict[str, float]:
+    """`num` over `den` as flat figures: `name` is the ratio of their medians; `name_min` and `name_max` the
+    extremes of the per-round ratios (rounds are paired, so a slow moment of the machine cancels out of each)."""
+    per_round = [a / b for a, b in zip(times[num], times[den], strict=True)]
+    median = statistics.median(times[num]) / statistics.median(times[den])
+    return {name: round(median, digits), f"{name}_min": round(min(per_round), digits)} | {
+        f"{name}_max": round(max(per_round), digits)
+    }
 
 
 def machine() -> str:

@@ -28,7 +28,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from bench.common import emit
+from bench.common import emit, spread
 from composer.adapters.host import AdapterHost
 from composer.backbones import get_backbone, load_pipeline
 from composer.formats import read_lora
@@ -173,7 +173,7 @@ def main() -> None:
     evaluator = Evaluator.load()
 
     images: dict[str, list] = {m: [] for m in methods}
-    seconds = dict.fromkeys(methods, 0.0)
+    seconds: dict[str, list[float]] = {m: [] for m in methods}
     for i, prompt in enumerate(plan):
         loras = tuple(LoraWeight(name) for name in prompt.loras)
         for j in range(args.seeds):
@@ -192,14 +192,15 @@ def main() -> None:
                 )
                 start = time.perf_counter()
                 images[m] += render_batch(pipe, backbone, host, [request], triggers=triggers)
-                seconds[m] += time.perf_counter() - start
+                seconds[m].append(time.perf_counter() - start)
 
     chance = [im for i, p in enumerate(plan) for im in chance_images(p, args.seeds, args.seed * 7919 + i)]
     figures = {"chance (random blobs)": rates(evaluator.evaluate(np.stack(chance)), plan, args.seeds)}
     for m in methods:
         figures[m] = {
             **rates(evaluator.evaluate(images[m]), plan, args.seeds),
-            "time_vs_merge": round(seconds[m] / seconds[methods[0]], 2),
+            "time_vs_merge": round(sum(seconds[m]) / sum(seconds[methods[0]]), 2),
+            "seconds_per_render": spread(seconds[m], digits=3),
         }
     emit(
         "composition",

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 
 import torch
 
-from bench.common import build_unet, emit, interleaved_medians, unet_inputs
+from bench.common import build_unet, emit, ratio, round_robin, spread, unet_inputs
 from composer.adapters.host import AdapterHost
 from composer.backbones import get_backbone
 from composer.train import TrainConfig, targets
@@ -82,10 +82,13 @@ def main() -> None:
         return run
 
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    times = interleaved_medians({k: step(k) for k in optimizers}, args.repeat, sync)
-    figures = {f"{k}_ms_per_step": round(t * 1000, 1) for k, t in times.items()}
-    if "lora" in times:
-        figures.update({f"{k}_vs_lora": round(t / times["lora"], 3) for k, t in times.items() if k != "lora"})
+    times = round_robin({k: step(k) for k in optimizers}, args.repeat, sync)
+    figures: dict[str, float] = {"rounds": args.repeat}
+    for k, ts in times.items():
+        ms = spread(ts, 1e3, 1)
+        figures.update({f"{k}_ms_per_step_{q}": ms[q] for q in ("min", "median", "max")})
+        if k != "lora" and "lora" in times:
+            figures.update(ratio(times, k, "lora", f"{k}_vs_lora"))
     emit(
         "train_speed",
         figures,
