@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -15,11 +16,14 @@ from app.cli_common import (
     DataDir,
     _fail,
     _guard,
+    _settings,
     _studio,
     compile_mode,
     configure_logging,
     full_traces,
 )
+from app.handoff import render_via_server
+from composer.prompt_tags import parse_lora_weight
 
 app = typer.Typer(
     add_completion=False,
@@ -150,31 +154,62 @@ def render_(
         typer.Option("--mask", help="regional: NAME=PICTURE, the LoRA's region (white = inside; repeatable)"),
     ] = None,
     out: Annotated[Path, typer.Option(help="PNG file to write")] = Path("render.png"),
-    compile: Annotated[bool, typer.Option("--compile", help=COMPILE_HELP)] = False,
+    compile: Annotated[
+        bool, typer.Option("--compile", help=COMPILE_HELP + " (renders in this process)")
+    ] = False,
+    in_process: Annotated[
+        bool,
+        typer.Option(
+            "--in-process",
+            help="render in this process even when a `lora-studio serve` runs on the data dir (by default the "
+            "render is handed to it: no imports or model load here; the method's pictures, such as its masks, "
+            "are written by in-process renders only)",
+        ),
+    ] = False,
     data_dir: DataDir = None,
 ):
-    """Render a prompt with a stack of catalogued LoRAs, composed by a method (default: merge)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
-
-    from composer.methods import params_from_json
-    from composer.render import LoraWeight
-
+    """Render a prompt with a stack of catalogued LoRAs, composed by a method (default: merge). When a `lora-studio
+    serve` runs on the same data dir, the render is handed to it (warm: seconds faster); else it runs here."""
     params = _method_params(param or [], mask or [])
+    stack = [parse_lora_weight(x) for x in lora or []]
+    if not (in_process or compile):
+        request = {
+            "prompt": prompt,
+            "negative_prompt": negative_prompt,
+            "num_inference_steps": steps,
+            "guidance_scale": guidance,
+            "height": height,
+            "width": width,
+            "seed": seed,
+            "num_images": num_images,
+            "loras": [{"name": n, "weight": w} for n, w in stack],
+            "method": method,
+            "method_params": params,
+        }
+        request = {k: v for k, v in request.items() if v is not None}
+        with _progress_bar() as (bar, task):
+            handed = render_via_server(
+                _settings(data_dir).root,
+                request,
+                out,
+                backbone=backbone,
+                model=model,
+                progress=lambda fraction: bar.update(task, completed=fraction * 100, total=100),
+            )
+        if handed is not None:
+            paths, url = handed
+            for p in paths:
+                typer.echo(str(p))
+            typer.secho(f"rendered by the server at {url} (--in-process to render here)", err=True, dim=True)
+            return
+    from composer.methods import params_from_json
 
-    stack = [LoraWeight.parse(x) for x in lora or []]
     studio = _studio(data_dir, compile=compile_mode(compile))
-    with Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        transient=not sys.stderr.isatty(),
-    ) as bar:
-        task = bar.add_task("denoising", total=None)
+    with _progress_bar() as (bar, task):
         result = studio.render_image(
             prompt=prompt,
             negative_prompt=negative_prompt,
-            loras=[(w.name, w.weight) for w in stack],
+            loras=stack,
             method=method,
             params=params_from_json(method, params),
             seed=seed,
@@ -194,6 +229,20 @@ def render_(
         path = out.with_name(f"{out.stem}.{method}{i}.png")
         picture.save(path)
         typer.echo(f"{path}  ({caption})")
+
+
+@contextmanager
+def _progress_bar():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        transient=not sys.stderr.isatty(),
+    ) as bar:
+        yield bar, bar.add_task("denoising", total=None)
 
 
 def _method_params(pairs: list[str], masks: list[str]) -> dict:
@@ -369,6 +418,7 @@ def serve(
     import uvicorn
 
     full_traces()
+    from app.handoff import loopback_url
     from app.jobs import make_executor
     from app.serving import ServeRefused, decide_access, summary
     from app.web import create_web_app
@@ -390,7 +440,11 @@ def serve(
             line, err=line.startswith("WARNING"), fg=typer.colors.RED if line.startswith("WARNING") else None
         )
     app_ = create_web_app(
-        studio, make_executor(studio, settings), login=access.login, previews=settings.previews_on_start
+        studio,
+        make_executor(studio, settings),
+        login=access.login,
+        previews=settings.previews_on_start,
+        handoff_url=loopback_url(host, port),
     )
     uvicorn.run(app_, host=host, port=port, log_level="info")
 

@@ -24,12 +24,16 @@ def _studio(data_dir: Path | None, **overrides):
     for lib in (diffusers_logging, transformers_logging):  # our own progress bar is the only one shown
         lib.disable_progress_bar()
         lib.set_verbosity_error()
-    from app.settings import Settings
     from app.studio import Studio
 
-    given = {k: v for k, v in {"data_dir": data_dir, **overrides}.items() if v is not None}
-    settings = Settings(**given)
-    return Studio.open(settings)
+    return Studio.open(_settings(data_dir, **overrides))
+
+
+def _settings(data_dir: Path | None, **overrides):
+    """The settings for a data dir (environment and settings file as usual; None overrides nothing)."""
+    from app.settings import Settings
+
+    return Settings(**{k: v for k, v in {"data_dir": data_dir, **overrides}.items() if v is not None})
 
 
 class OneLineErrors(logging.Filter):

@@ -19,22 +19,32 @@ STATIC_PATH = "/studio-static"
 
 
 def create_web_app(
-    studio: StudioFacade, executor: Executor | None = None, *, login: bool = False, previews: bool = False
+    studio: StudioFacade,
+    executor: Executor | None = None,
+    *,
+    login: bool = False,
+    previews: bool = False,
+    handoff_url: str | None = None,
 ) -> FastAPI:
     """REST API (/api/v1) + admin (/admin) + static files (/studio-static) + Gradio studio (/); with `login`
     the studio asks for a catalog user's name and password (`app.serving.studio_login`); with `previews` the
     LoRAs of the served family that have no preview get one rendered in the background once the app starts
-    (`app.previews.PreviewFiller`, its progress shown in the studio)."""
+    (`app.previews.PreviewFiller`, its progress shown in the studio); with `handoff_url` (where this machine
+    reaches the server) `lora-studio render` on the same data dir hands its renders to it while it runs
+    (`app.handoff`)."""
     import gradio as gr
 
     from app.admin import create_admin_app
     from app.api import create_app
+    from app.handoff import HandoffOffer
     from app.previews import PreviewFiller
     from app.serving import studio_login
     from app.ui import create_ui
 
     filler = PreviewFiller(studio, studio.served_family()) if previews else None
-    app = create_app(studio, executor, services=[filler] if filler else [])
+    offer = HandoffOffer(studio, handoff_url) if handoff_url and executor is not None else None
+    app = create_app(studio, executor, services=[s for s in (offer, filler) if s is not None])
+    app.state.handoff = offer
     studio.renders_dir.mkdir(parents=True, exist_ok=True)
     studio.thumbs_dir.mkdir(parents=True, exist_ok=True)
     app.add_api_route("/admin", lambda: RedirectResponse("/admin/", status_code=302), include_in_schema=False)

@@ -56,6 +56,21 @@ def _tag(text: str) -> PromptTag:
     return PromptTag(name, weight, text)
 
 
+def parse_lora_weight(text: str) -> tuple[str, float]:
+    """'NAME' or 'NAME:WEIGHT' (the weight is the text after the last colon), as `--lora` writes a stack entry.
+
+    Raises:
+        StudioError: the weight is not a number.
+    """
+    name, sep, weight = text.rpartition(":")
+    if not sep:
+        return text.strip(), 1.0
+    try:
+        return name.strip(), float(weight)
+    except ValueError:
+        raise StudioError(f"LoRA weight in {text!r} is not a number") from None
+
+
 def parse_prompt_tags(prompt: str) -> TaggedPrompt:
     """Split a prompt into its text and its `<lora:NAME[:WEIGHT]>` tags (the "lora" word in any case).
 

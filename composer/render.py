@@ -21,7 +21,7 @@ from composer.methods import (
     params_from_json,
     params_to_json,
 )
-from composer.prompt_tags import has_prompt_tag, parse_prompt_tags
+from composer.prompt_tags import has_prompt_tag, parse_lora_weight, parse_prompt_tags
 
 Progress = Callable[[int, int], None]  # (step done, total steps)
 
@@ -36,13 +36,7 @@ class LoraWeight:
     @classmethod
     def parse(cls, text: str) -> LoraWeight:
         """'NAME' or 'NAME:WEIGHT' (the weight is the text after the last colon)."""
-        name, sep, weight = text.rpartition(":")
-        if not sep:
-            return cls(text.strip())
-        try:
-            return cls(name.strip(), float(weight))
-        except ValueError:
-            raise StudioError(f"LoRA weight in {text!r} is not a number") from None
+        return cls(*parse_lora_weight(text))
 
 
 MAX_LORA_WEIGHT = 20.0  # |weight| above this only burns the image (A1111 and ComfyUI users stay within +-5)

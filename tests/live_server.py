@@ -34,10 +34,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def run_serve(tmp_path: Path, *args: str, bundled: bool = False) -> tuple:
+    """`lora-studio serve --data-dir tmp_path/data ARGS` up to the point where it would run uvicorn: the CLI's
+    result and uvicorn.run's arguments (`app`, `host`, `port`, ...), the app exactly as `serve` builds it."""
+    import pytest
+    from typer.testing import CliRunner
+
+    from app.cli import app as cli
+
+    served: dict = {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(uvicorn, "run", lambda app, **kw: served.update(app=app, **kw))
+        mp.setenv("LORA_STUDIO_BUNDLED", str(bundled).lower())
+        result = CliRunner().invoke(cli, ["serve", "--data-dir", str(tmp_path / "data"), *args])
+    return result, served
+
+
 @contextmanager
-def serve(app, timeout: float = 60.0) -> Iterator[str]:
-    """Run `app` on a free port in a thread; yields its base URL; stops it afterwards."""
-    port = free_port()
+def serve(app, timeout: float = 60.0, port: int | None = None) -> Iterator[str]:
+    """Run `app` on `port` (default: a free one) in a thread; yields its base URL; stops it afterwards."""
+    port = port or free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

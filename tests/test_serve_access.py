@@ -7,16 +7,13 @@ from __future__ import annotations
 import time
 
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
-from typer.testing import CliRunner
 
-from app.cli import app as cli
 from app.serving import ServeRefused, decide_access, is_loopback
 from app.settings import Settings
 from app.studio import Studio
 from app.web import create_web_app
-from tests.live_server import serve
+from tests.live_server import run_serve, serve
 
 PASSWORD = "correct horse battery"
 
@@ -48,15 +45,6 @@ def test_access_decisions():
         decide_access("127.0.0.1", "always", 0)
     open_ = decide_access("0.0.0.0", "never", 0)
     assert (open_.login, open_.open_to_network) == (False, True)
-
-
-def run_serve(tmp_path, *args: str, bundled: bool = False):
-    served: dict = {}
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(uvicorn, "run", lambda app, **kw: served.update(app=app, **kw))
-        mp.setenv("LORA_STUDIO_BUNDLED", str(bundled).lower())
-        result = CliRunner().invoke(cli, ["serve", "--data-dir", str(tmp_path / "data"), *args])
-    return result, served
 
 
 def test_serve_beyond_loopback_without_a_user_refuses_to_start(tmp_path):

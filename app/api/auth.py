@@ -76,8 +76,14 @@ def authenticate(
             "an API key is required: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
             {"WWW-Authenticate": "Bearer"},
         )
+    offer = getattr(request.app.state, "handoff", None)  # `lora-studio render` on this machine (app.handoff)
+    key = offer.principal_key(secret) if offer is not None else None
+    if key is not None and key.revoked:
+        raise ApiError(
+            401, "unauthorized", f"API key {key.name!r} is revoked", {"WWW-Authenticate": "Bearer"}
+        )
     try:
-        key = studio.accounts.verify_api_key(secret)
+        key = key or studio.accounts.verify_api_key(secret)
     except ApiKeyRefusedError as exc:
         raise ApiError(401, "unauthorized", str(exc), {"WWW-Authenticate": "Bearer"}) from None
     principal = Principal(key.id, key.name, key.rate_limit_per_minute)

@@ -1,0 +1,107 @@
+"""`lora-studio render` hands its render to a running `lora-studio serve` on the same data dir: same pixels as
+in-process, bad input answered with the server's message, and back to in-process when no server (or a stale
+record, a foreign one, a revoked hand-off key) is there. The server is the app exactly as `serve` builds it."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+import app.cli as cli_module
+from app.cli import app as cli
+from app.handoff import HANDOFF_KEY, RECORD, HandoffOffer, numbered, read_record, render_via_server
+from tests.live_server import free_port, run_serve, serve
+
+STEPS = ["--steps", "2"]
+
+
+def render(data, out, *extra: str):
+    return CliRunner().invoke(
+        cli,
+        [
+            "render",
+            "--prompt",
+            "a red star on the left",
+            "--out",
+            str(out),
+            "--data-dir",
+            str(data),
+            *STEPS,
+            *extra,
+        ],
+    )
+
+
+def pixels(path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
+
+
+def test_render_goes_to_the_running_server_and_equals_in_process(tmp_path, monkeypatch):
+    port = free_port()
+    result, served = run_serve(tmp_path, "--port", str(port))
+    assert result.exit_code == 0, result.output
+    data, record = tmp_path / "data", tmp_path / "data" / RECORD
+    assert not record.exists()  # offered once the app runs, not when it is built
+    with serve(served["app"], port=port):
+        assert stat.S_IMODE(record.stat().st_mode) == 0o600 and read_record(data)["pid"] == os.getpid()
+        with monkeypatch.context() as mp:  # the command must not open a Studio (no torch, no pipeline load)
+            mp.setattr(cli_module, "_studio", lambda *a, **k: pytest.fail("rendered in-process"))
+            handed = render(data, tmp_path / "served.png", "--num-images", "2")
+            assert handed.exit_code == 0, handed.output
+            assert f"rendered by the server at http://127.0.0.1:{port}" in handed.output
+            refused = render(data, tmp_path / "bad.png", "--lora", "nosuch")
+            assert refused.exit_code == 1 and "no adapter named 'nosuch'" in refused.output
+        here = render(data, tmp_path / "here.png", "--num-images", "2", "--in-process")
+        assert here.exit_code == 0 and "rendered by the server" not in here.output, here.output
+        for i in range(2):
+            served_png, here_png = (
+                numbered(tmp_path / "served.png", i, 2),
+                numbered(tmp_path / "here.png", i, 2),
+            )
+            assert np.abs(pixels(served_png) - pixels(here_png)).max() == 0
+            assert "lora_studio" in Image.open(served_png).text  # the provenance came with it
+        studio = served["app"].state.studio
+        key = studio.accounts.get_api_key(HANDOFF_KEY)
+        jobs = studio.list_jobs(None, key.id, 10, 0)  # the job is that key's, listed like any key's
+        assert jobs.total == 1 and jobs.items[0].status == "done"
+    assert not record.exists()  # the server took its record away when it stopped
+    after = render(data, tmp_path / "after.png")
+    assert after.exit_code == 0 and "rendered by the server" not in after.output, after.output
+
+
+def test_stale_foreign_or_revoked_records_fall_back_to_in_process(tmp_path):
+    port = free_port()
+    result, served = run_serve(tmp_path, "--port", str(port))
+    assert result.exit_code == 0, result.output
+    data = tmp_path / "data"
+    request = {"prompt": "a red star", "num_inference_steps": 1}
+    (data / RECORD).write_text(
+        json.dumps({"pid": 2**22 + 12345, "url": f"http://127.0.0.1:{port}", "secret": "s"})
+    )
+    assert render_via_server(data, request, tmp_path / "x.png") is None  # no such process
+    (data / RECORD).write_text(
+        json.dumps({"pid": os.getpid(), "url": f"http://127.0.0.1:{port}", "secret": "s"})
+    )
+    assert render_via_server(data, request, tmp_path / "x.png") is None  # nothing listening there
+    (data / RECORD).write_text("{not json")
+    assert render_via_server(data, request, tmp_path / "x.png") is None
+    with serve(served["app"], port=port):
+        live = read_record(data)
+        (data / RECORD).write_text(json.dumps({**live, "secret": "another run's"}))
+        assert render_via_server(data, request, tmp_path / "x.png") is None  # 401: not this run's secret
+        (data / RECORD).write_text(json.dumps(live))
+        paths, _ = render_via_server(data, request, tmp_path / "x.png")
+        assert paths == [tmp_path / "x.png"] and (tmp_path / "x.png").is_file()
+        studio = served["app"].state.studio
+        studio.accounts.revoke_api_key(HANDOFF_KEY)
+        assert render_via_server(data, request, tmp_path / "y.png") is None  # revoked: 401, render here
+        again = HandoffOffer(studio, "http://127.0.0.1:1")
+        (data / RECORD).unlink()
+        again.start()  # a server started now does not offer hand-off with a revoked key
+        assert not again.offered and not (data / RECORD).exists()
