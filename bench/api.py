@@ -13,7 +13,6 @@ lost or doubled: every job done once, one render record and one PNG per request.
 from __future__ import annotations
 
 import argparse
-import socket
 import tempfile
 import threading
 import time
@@ -29,7 +28,7 @@ from app.api import create_app
 from app.jobs.local import LocalExecutor
 from app.settings import Settings
 from app.studio import Studio
-from bench.common import emit, spread
+from bench.common import emit, free_port, spread
 from db.repository import ApiKeyRepository
 from db.session import unit_of_work
 
@@ -40,9 +39,7 @@ POLL_S = 0.5  # a client polling its job twice a second
 @contextmanager
 def live_server(app) -> Iterator[str]:
     """`app` served by uvicorn in a thread on a free loopback port; its URL."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     config = uvicorn.Config(
         app, host="127.0.0.1", port=port, log_level="warning", timeout_graceful_shutdown=2
     )

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import platform
+import socket
 import statistics
 import sys
 import time
@@ -35,19 +36,68 @@ CONFIGS = {"tiny": sdxl.TINY_UNET, "mid": MID_UNET}  # "real": SDXL base's shipp
 
 
 def build_unet(config: str, device: str, dtype: torch.dtype):
-    from diffusers import UNet2DConditionModel
+    return build_denoiser("sdxl", config, device, dtype)
 
-    if config == "toy":  # the toy world's UNet architecture (random weights, like the others)
+
+def build_denoiser(family: str, config: str, device: str, dtype: torch.dtype):
+    """A denoiser with random weights (they cost the same time as trained ones), in eval mode, no grads.
+
+    sdxl: "tiny", "toy" (the toy world's UNet), "mid" (SDXL widths, two levels) or "real" (SDXL base's config).
+    flux: "tiny" or "real" (FLUX.1-dev's transformer config: 12 B parameters, built on `device` in `dtype`).
+    """
+    from diffusers import FluxTransformer2DModel, UNet2DConditionModel
+
+    if family == "flux":
+        from composer.backbones import flux
+
+        if config == "real":
+            kwargs = FluxTransformer2DModel.load_config(shipped_configs("flux") / "transformer")
+        else:
+            kwargs = flux.TINY_TRANSFORMER
+        cls = FluxTransformer2DModel
+    elif config == "toy":  # the toy world's UNet architecture (random weights, like the others)
         from toyworld import model_dir
 
-        kwargs = UNet2DConditionModel.load_config(model_dir() / "unet")
+        kwargs, cls = UNet2DConditionModel.load_config(model_dir() / "unet"), UNet2DConditionModel
     elif config == "real":
-        kwargs = UNet2DConditionModel.load_config(shipped_configs("sdxl") / "unet")
+        kwargs, cls = UNet2DConditionModel.load_config(shipped_configs("sdxl") / "unet"), UNet2DConditionModel
     else:
-        kwargs = CONFIGS[config]
+        kwargs, cls = CONFIGS[config], UNet2DConditionModel
     torch.manual_seed(0)
-    unet = UNet2DConditionModel.from_config(kwargs)
-    return unet.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built in its dtype on its device: no fp32 copy of a 12 B model first
+    try:
+        with torch.device(device):
+            model = cls.from_config(kwargs)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def denoiser_inputs(
+    model, batch: int, latent: int, device: str, dtype: torch.dtype, tokens: int = 77
+) -> dict:
+    """Keyword arguments of one denoiser call at latent side `latent` (a UNet's or FLUX's, by the model)."""
+    if not hasattr(model.config, "joint_attention_dim"):
+        return unet_inputs(model, batch, latent, device, dtype, tokens)
+    cfg = model.config
+    g = torch.Generator().manual_seed(0)
+    side = latent // 2  # 2x2 latent patches packed into one token
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
+
+    rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    img_ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3)
+    return dict(
+        hidden_states=r(batch, side * side, cfg.in_channels),
+        encoder_hidden_states=r(batch, tokens, cfg.joint_attention_dim),
+        pooled_projections=r(batch, cfg.pooled_projection_dim),
+        timestep=torch.full((batch,), 0.5, device=device, dtype=dtype),
+        img_ids=img_ids.to(device=device, dtype=dtype),
+        txt_ids=torch.zeros(tokens, 3, device=device, dtype=dtype),
+        guidance=torch.full((batch,), 3.5, device=device, dtype=dtype) if cfg.guidance_embeds else None,
+    )
 
 
 def unet_inputs(unet, batch: int, latent: int, device: str, dtype: torch.dtype, tokens: int = 77):
@@ -66,19 +116,23 @@ def unet_inputs(unet, batch: int, latent: int, device: str, dtype: torch.dtype, 
     )
 
 
-def random_lora(unet, seed: int, rank: int, targets: list[str]) -> tuple[LoraFile, dict[str, torch.Tensor]]:
+def random_lora(
+    model, seed: int, rank: int, targets: list[str], component: str = "unet", family: str = "sdxl"
+) -> tuple[LoraFile, dict[str, torch.Tensor]]:
     """One LoRA as our LoraFile and as a diffusers/peft state dict (same tensors)."""
     g = torch.Generator().manual_seed(seed)
     modules, state = {}, {}
     for name in targets:
-        m = unet.get_submodule(name)
+        m = model.get_submodule(name)
         m = getattr(m, "base", m)
         down = (torch.randn(rank, m.in_features, generator=g) * 0.01).to(m.weight)
         up = (torch.randn(m.out_features, rank, generator=g) * 0.01).to(m.weight)
-        modules[f"unet.{name}"] = ModuleDelta("unet", name, "lora", {"down": down, "up": up}, float(rank))
+        modules[f"{component}.{name}"] = ModuleDelta(
+            component, name, "lora", {"down": down, "up": up}, float(rank)
+        )
         state[f"{name}.lora_A.weight"] = down
         state[f"{name}.lora_B.weight"] = up
-    return LoraFile(modules, "diffusers", "sdxl"), state
+    return LoraFile(modules, "diffusers", family), state
 
 
 def spread(values: list[float], scale: float = 1.0, digits: int = 3, p95: bool = False) -> dict[str, float]:
@@ -122,6 +176,13 @@ def ratio(times: dict[str, list[float]], num: str, den: str, name: str, digits: 
     return {name: round(median, digits), f"{name}_min": round(min(per_round), digits)} | {
         f"{name}_max": round(max(per_round), digits)
     }
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def machine() -> str:

@@ -1,9 +1,56 @@
 #!/usr/bin/env bash
-# The GPU figures of docs/BENCHMARKS.md in one command, on the real SDXL architecture with random fp16 weights
-# at 1024x1024 (latent 128, batch 2 = classifier-free guidance):   bash bench/gpu.sh
+# The GPU figures of docs/BENCHMARKS.md in one command, on the real SDXL and FLUX.1-dev architectures with
+# random weights (they cost the same time as trained ones) at 1024x1024: SDXL in fp16 (latent 128, batch 2 =
+# classifier-free guidance), FLUX in bf16 (4096 image tokens, 512 text tokens, batch 1, guidance embedded).
+#
+#   bash bench/gpu.sh [LOG_DIR]        # each benchmark's JSON also goes to LOG_DIR (default bench-gpu-logs)
+#   ONLY=sdxl bash bench/gpu.sh        # or ONLY=flux
+#
+# The FLUX lines hold two or three copies of the 12 B transformer (ours, diffusers', a fresh one): about 72 GB
+# in bf16, so they want an 80 GB card with little else on it, or an H200.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-.venv/bin/python}"
-"$PY" -m bench.switch --config real --device cuda --dtype float16 --repeat 51
-"$PY" -m bench.overhead --configs real --device cuda --dtype float16 --repeat 20
-"$PY" -m bench.train_speed --config real --device cuda --latent 128 --repeat 20
+LOGS="${1:-bench-gpu-logs}"
+mkdir -p "$LOGS"
+export HF_HUB_OFFLINE=1
+
+run() {  # run NAME ARGS...: the benchmark's output to the terminal, its JSON line to LOGS/NAME.json
+    local name="$1"
+    shift
+    echo "== $name: python -m $*"
+    "$PY" -m "$@" | tee "$LOGS/$name.out"
+    tail -n 1 "$LOGS/$name.out" >"$LOGS/$name.json"
+}
+
+if [ "${ONLY:-sdxl}" = sdxl ]; then
+    run sdxl_overhead bench.overhead --family sdxl --configs real --device cuda --dtype float16 --repeat 20
+    run sdxl_switch bench.switch --family sdxl --config real --device cuda --dtype float16 --repeat 21
+    run sdxl_compile bench.compile --family sdxl --config real --device cuda --dtype float16 \
+        --mode reduce-overhead --k 2 --repeat 20
+    run sdxl_train bench.train_speed --config real --device cuda --latent 128 --repeat 20
+fi
+if [ "${ONLY:-flux}" = flux ]; then
+    run flux_overhead bench.overhead --family flux --configs real --device cuda --dtype bfloat16 --repeat 10 \
+        --ks 1,2,4,8
+    run flux_switch bench.switch --family flux --config real --device cuda --dtype bfloat16 --repeat 11
+    run flux_compile bench.compile --family flux --config real --device cuda --dtype bfloat16 \
+        --mode reduce-overhead --k 2 --repeat 10
+fi
+
+# ms/step of the base denoiser beside the floor this studio is measured against (docs/BENCHMARKS.md).
+"$PY" - "$LOGS" <<'EOF'
+import json, pathlib, sys
+
+logs = pathlib.Path(sys.argv[1])
+floors = {"sdxl": ("real_r16_k1_base_ms_per_step_median", 13.7), "flux": ("flux_real_r16_k1_base_ms_per_step_median", None)}
+for family, (key, floor) in floors.items():
+    path = logs / f"{family}_overhead.json"
+    if not path.exists():
+        continue
+    figures = json.loads(path.read_text())["figures"]
+    base = figures.get(key)
+    against = f"(floor {floor} ms/step)" if floor else "(no floor recorded yet: this run sets it)"
+    print(f"{family}: base denoiser {base} ms/step {against}; k=4 ours/base "
+          f"{figures.get(key.replace('k1_base_ms_per_step_median', 'k4_ours_over_base'))}")
+EOF

@@ -1,6 +1,6 @@
 """Denoiser step time with k = 1, 2, 4, 8 unfused LoRAs over base step time: ours and diffusers/peft.
 
-python -m bench.overhead [--configs toy,mid] [--rank 16] [--repeat 7] [--device cpu|cuda] [--dtype float16]
+python -m bench.overhead [--family sdxl|flux] [--configs toy,mid] [--rank 16] [--repeat 7] [--device cpu|cuda] [--dtype float16]
 """
 
 from __future__ import annotations
@@ -10,24 +10,35 @@ import copy
 
 import torch
 
-from bench.common import build_unet, emit, random_lora, ratio, round_robin, spread, unet_inputs
+from bench.common import build_denoiser, denoiser_inputs, emit, random_lora, ratio, round_robin, spread
 from composer.adapters.host import AdapterHost
-from composer.backbones import sdxl
+from composer.backbones import BACKBONES
 
 
-def measure(config: str, rank: int, ks: list[int], repeat: int, device: str, dtype, batch: int, latent: int):
-    unet = build_unet(config, device, dtype)
+def measure(
+    family: str,
+    config: str,
+    rank: int,
+    ks: list[int],
+    repeat: int,
+    device: str,
+    dtype,
+    batch: int,
+    latent: int,
+):
+    backbone = BACKBONES[family]
+    unet = build_denoiser(family, config, device, dtype)
     theirs = copy.deepcopy(unet)
     plain = copy.deepcopy(unet)  # the base: no wrappers, no peft layers
-    targets = sdxl.BACKBONE.target_modules(unet)
-    inputs = unet_inputs(unet, batch, latent, device, dtype)
+    targets = backbone.target_modules(unet)
+    inputs = denoiser_inputs(unet, batch, latent, device, dtype)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
     def step(model):
         return lambda: model(**inputs)
 
-    host = AdapterHost({"unet": unet}, "sdxl")
-    loras = [random_lora(unet, seed, rank, targets) for seed in range(max(ks))]
+    host = AdapterHost({backbone.denoiser: unet}, family)
+    loras = [random_lora(unet, seed, rank, targets, backbone.denoiser, family) for seed in range(max(ks))]
     for i, (lora, state) in enumerate(loras):
         host.add(f"l{i}", lora)
         theirs.load_lora_adapter(state, adapter_name=f"l{i}", prefix=None)
@@ -40,7 +51,7 @@ def measure(config: str, rank: int, ks: list[int], repeat: int, device: str, dty
             times = round_robin(
                 {"base": step(plain), "ours": step(unet), "theirs": step(theirs)}, repeat, sync
             )
-            name = f"{config}_r{rank}_k{k}"
+            name = f"{config}_r{rank}_k{k}" if family == "sdxl" else f"{family}_{config}_r{rank}_k{k}"
             out.update(ratio(times, "ours", "base", f"{name}_ours_over_base"))
             out.update(ratio(times, "theirs", "base", f"{name}_diffusers_over_base"))
             out.update(ratio(times, "theirs", "ours", f"{name}_diffusers_over_ours"))
@@ -53,8 +64,11 @@ def measure(config: str, rank: int, ks: list[int], repeat: int, device: str, dty
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--family", default="sdxl", choices=["sdxl", "flux"])
     parser.add_argument(
-        "--configs", default="toy,mid", help="tiny, toy (the toy world's widths), mid (SDXL widths), real"
+        "--configs",
+        default="toy,mid",
+        help="sdxl: tiny, toy (the toy world's widths), mid (SDXL widths), real; flux: tiny, real",
     )
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--ks", default="1,2,4,8")
@@ -69,31 +83,34 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     latent = args.latent or (128 if args.device.startswith("cuda") else 16)
     figures: dict[str, float] = {"rounds": args.repeat}
+    batch = 2 if args.family == "sdxl" else 1  # SDXL: classifier-free guidance; FLUX-dev: guidance embedded
     for config in args.configs.split(","):
         figures.update(
             measure(
+                args.family,
                 config,
                 args.rank,
                 [int(k) for k in args.ks.split(",")],
                 args.repeat,
                 args.device,
                 dtype,
-                2,
+                batch,
                 latent,
             )
         )
     goals = {
         k: "<= 1.3"
         for k in figures
-        if k.endswith("_k4_ours_over_base") and not k.startswith(("tiny_", "toy_"))
+        if k.endswith("_k4_ours_over_base") and not k.startswith(("tiny_", "toy_", "flux_tiny_"))
     }
     emit(
         "overhead",
         figures,
         goals,
         {
+            "family": args.family,
             "latent": latent,
-            "batch": 2,
+            "batch": batch,
             "dtype": args.dtype,
             "rounds": args.repeat,
             "threads": torch.get_num_threads(),

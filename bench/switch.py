@@ -1,6 +1,6 @@
 """Switching LoRA sets, timed with the forward that pays for it: ours vs diffusers `set_adapters` vs a fresh load.
 
-python -m bench.switch [--config mid] [--rank 16] [--repeat 15] [--sets 2,6] [--device cpu|cuda] [--dtype float16]
+python -m bench.switch [--family sdxl|flux] [--config mid] [--rank 16] [--repeat 15] [--sets 2,6] [--device cpu|cuda] [--dtype float16]
 
 A switch is not done when the call returns: our layer builds the new set's stacked matrices in the next
 forward, while diffusers' `set_adapters` walks every peft layer up front. So the figure that counts is a switch
@@ -19,9 +19,9 @@ import itertools
 
 import torch
 
-from bench.common import build_unet, emit, random_lora, ratio, round_robin, spread, unet_inputs
+from bench.common import build_denoiser, denoiser_inputs, emit, random_lora, ratio, round_robin, spread
 from composer.adapters.host import AdapterHost
-from composer.backbones import sdxl
+from composer.backbones import BACKBONES
 
 LORAS_PER_SET = 2
 
@@ -62,7 +62,12 @@ def time_switches(host, unet, theirs, fresh, loras, sets, inputs, repeat, sync) 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--config", default="mid", help="tiny, toy, mid (SDXL widths) or real (SDXL base)")
+    parser.add_argument("--family", default="sdxl", choices=["sdxl", "flux"])
+    parser.add_argument(
+        "--config",
+        default="mid",
+        help="sdxl: tiny, toy, mid (SDXL widths) or real (SDXL base); flux: tiny or real",
+    )
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--repeat", type=int, default=15, help="rounds per number of sets")
     parser.add_argument("--sets", default="2,6", help="numbers of sets to cycle through")
@@ -74,16 +79,22 @@ def main() -> None:
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     set_counts = [int(n) for n in args.sets.split(",")]
 
-    unet = build_unet(args.config, device, dtype)
+    backbone = BACKBONES[args.family]
+    unet = build_denoiser(args.family, args.config, device, dtype)
     theirs = copy.deepcopy(unet)
     fresh = copy.deepcopy(unet)
-    targets = sdxl.BACKBONE.target_modules(unet)
-    loras = [random_lora(unet, seed, args.rank, targets) for seed in range(LORAS_PER_SET * max(set_counts))]
-    host = AdapterHost({"unet": unet}, "sdxl")
+    targets = backbone.target_modules(unet)
+    loras = [
+        random_lora(unet, seed, args.rank, targets, backbone.denoiser, args.family)
+        for seed in range(LORAS_PER_SET * max(set_counts))
+    ]
+    host = AdapterHost({backbone.denoiser: unet}, args.family)
     for i, (lora, state) in enumerate(loras):
         host.add(f"l{i}", lora)
         theirs.load_lora_adapter(state, adapter_name=f"l{i}", prefix=None)
-    inputs = unet_inputs(unet, 2, args.latent or (128 if device.startswith("cuda") else 16), device, dtype)
+    batch = 2 if args.family == "sdxl" else 1  # SDXL: classifier-free guidance; FLUX-dev: guidance embedded
+    latent = args.latent or (128 if device.startswith("cuda") else 16)
+    inputs = denoiser_inputs(unet, batch, latent, device, dtype)
 
     figures: dict[str, object] = {"rounds": args.repeat}
     with torch.inference_mode():
@@ -150,7 +161,10 @@ def main() -> None:
         figures,
         goals,
         {
+            "family": args.family,
             "config": args.config,
+            "batch": batch,
+            "latent": latent,
             "rank": args.rank,
             "loras_per_set": LORAS_PER_SET,
             "adapted_layers": len(targets),
