@@ -3,7 +3,6 @@ a tmp data dir with the tiny SDXL and two random LoRAs imported; shared by the U
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -16,6 +15,7 @@ import uvicorn
 from app.settings import Settings
 from app.studio import Studio
 from app.web import create_web_app
+from bench.common import free_port
 from composer.formats import write_kohya
 from tests.helpers import random_lora
 
@@ -26,12 +26,6 @@ LORAS = {"inkwell": "inkwellstyle", "pastel": "pastelstyle"}  # name -> trigger 
 class Live:
     url: str
     studio: Studio
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_serve(tmp_path: Path, *args: str, bundled: bool = False) -> tuple:

@@ -247,7 +247,8 @@ def main() -> None:
         "--vae-minutes",
         type=float,
         default=None,
-        help="train a fresh VAE for this long (default 12; 0 with --resume keeps the saved VAE)",
+        help="train a fresh VAE for this long (default 12; 0 with --resume keeps the saved VAE); with --vae-from, "
+        "train that VAE on (encoder too) for this long",
     )
     parser.add_argument("--vae-from", type=Path, default=None, help="take the VAE of this saved model")
     parser.add_argument(
@@ -308,6 +309,16 @@ def main() -> None:
         from diffusers import AutoencoderKL
 
         pipe.vae = AutoencoderKL.from_pretrained(args.vae_from, subfolder="vae", local_files_only=True)
+        if args.vae_minutes:  # continue it, encoder and decoder
+            recon = train_vae(
+                pipe.vae,
+                args.vae_minutes,
+                args.batch,
+                rng,
+                split=args.vae_scenes,
+                edge_weight=args.vae_edge_weight,
+            )
+            vae_s = time.monotonic() - start
     else:
         vae_minutes = args.vae_minutes if args.vae_minutes is not None else (0.0 if args.resume else 12.0)
         if vae_minutes > 0:
