@@ -1,6 +1,6 @@
 """Switching LoRA sets, timed with the forward that pays for it: ours vs diffusers `set_adapters` vs a fresh load.
 
-python -m bench.switch [--family sdxl|flux] [--config mid] [--rank 16] [--repeat 15] [--sets 2,6] [--device cpu|cuda] [--dtype float16]
+python -m bench.switch [--family sdxl|flux] [--config mid] [--rank 16] [--repeat 15] [--sets 2,6] [--ks 2] [--device cpu|cuda] [--dtype float16]
 
 A switch is not done when the call returns: our layer builds the new set's stacked matrices in the next
 forward, while diffusers' `set_adapters` walks every peft layer up front. So the figure that counts is a switch
@@ -22,8 +22,6 @@ import torch
 from bench.common import build_denoiser, denoiser_inputs, emit, random_lora, ratio, round_robin, spread
 from composer.adapters.host import AdapterHost
 from composer.backbones import BACKBONES
-
-LORAS_PER_SET = 2
 
 
 def time_switches(host, unet, theirs, fresh, loras, sets, inputs, repeat, sync) -> dict[str, list[float]]:
@@ -71,6 +69,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--repeat", type=int, default=15, help="rounds per number of sets")
     parser.add_argument("--sets", default="2,6", help="numbers of sets to cycle through")
+    parser.add_argument("--ks", default="2", help="LoRAs per set (e.g. 1,2,4,8)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--latent", type=int, default=0, help="0 = 16 on CPU, 128 (1024 px) on GPU")
@@ -78,6 +77,7 @@ def main() -> None:
     device, dtype = args.device, getattr(torch, args.dtype)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     set_counts = [int(n) for n in args.sets.split(",")]
+    ks = [int(k) for k in args.ks.split(",")]
 
     backbone = BACKBONES[args.family]
     unet = build_denoiser(args.family, args.config, device, dtype)
@@ -86,7 +86,7 @@ def main() -> None:
     targets = backbone.target_modules(unet)
     loras = [
         random_lora(unet, seed, args.rank, targets, backbone.denoiser, args.family)
-        for seed in range(LORAS_PER_SET * max(set_counts))
+        for seed in range(max(ks) * max(set_counts))
     ]
     host = AdapterHost({backbone.denoiser: unet}, args.family)
     for i, (lora, state) in enumerate(loras):
@@ -98,37 +98,21 @@ def main() -> None:
 
     figures: dict[str, object] = {"rounds": args.repeat}
     with torch.inference_mode():
-        for n_sets in set_counts:
-            sets = [
-                {f"l{LORAS_PER_SET * s + j}": 0.5 + 0.1 * j for j in range(LORAS_PER_SET)}
-                for s in range(n_sets)
-            ]
+        for k, n_sets in itertools.product(ks, set_counts):
+            sets = [{f"l{k * s + j}": 0.5 + 0.1 * j for j in range(k)} for s in range(n_sets)]
             times = time_switches(host, unet, theirs, fresh, loras, sets, inputs, args.repeat, sync)
-            key = f"{n_sets}_sets"
-            figures.update(
-                ratio(times, "diffusers_switch_forward", "ours_switch_forward", f"{key}_diffusers_over_ours")
-            )
-            figures.update(
-                ratio(times, "fresh_load_forward", "ours_switch_forward", f"{key}_fresh_load_over_ours")
-            )
-            figures.update(
-                ratio(
-                    times, "ours_switch_forward", "ours_warm_forward", f"{key}_ours_switch_forward_over_warm"
-                )
-            )
-            figures.update(
-                ratio(
-                    times,
-                    "diffusers_switch_forward",
-                    "diffusers_warm_forward",
-                    f"{key}_diffusers_switch_forward_over_warm",
-                )
-            )
+            key = f"k{k}_{n_sets}_sets"
+            for num, den, name in (
+                ("diffusers_switch_forward", "ours_switch_forward", "diffusers_over_ours"),
+                ("fresh_load_forward", "ours_switch_forward", "fresh_load_over_ours"),
+                ("ours_switch_forward", "ours_warm_forward", "ours_switch_forward_over_warm"),
+                ("diffusers_switch_forward", "diffusers_warm_forward", "diffusers_switch_forward_over_warm"),
+            ):
+                figures.update(ratio(times, num, den, f"{key}_{name}"))
             if device.startswith("cuda"):
                 for name, ts in times.items():
-                    figures.update(
-                        {f"{key}_{name}_ms_{k}": v for k, v in spread(ts, 1e3, 2).items() if k != "n"}
-                    )
+                    ms = spread(ts, 1e3, 2)
+                    figures.update({f"{key}_{name}_ms_{q}": ms[q] for q in ("min", "median", "max")})
 
         # The calls alone: ours is a dict copy (the per-layer work comes in the next forward), labelled as such.
         pair = itertools.cycle(sets[:2])
@@ -155,7 +139,7 @@ def main() -> None:
                 1,
             )
         )
-    goals = {f"{n}_sets_diffusers_over_ours": ">= 1.0" for n in set_counts}
+    goals = {f"k{k}_{n}_sets_diffusers_over_ours": ">= 1.0" for k, n in itertools.product(ks, set_counts)}
     emit(
         "switch",
         figures,
@@ -166,7 +150,7 @@ def main() -> None:
             "batch": batch,
             "latent": latent,
             "rank": args.rank,
-            "loras_per_set": LORAS_PER_SET,
+            "loras_per_set": ks,
             "adapted_layers": len(targets),
             "rounds": args.repeat,
             "threads": torch.get_num_threads(),

@@ -39,14 +39,15 @@ def test_ratio_is_of_medians_with_the_extremes_of_the_paired_rounds():
 def test_bench_switch_prints_spread_for_a_switch_with_its_forward(monkeypatch, capsys):
     from bench import switch
 
-    monkeypatch.setattr(sys, "argv", ["switch", "--config", "tiny", "--repeat", "2", "--sets", "2,3"])
+    argv = ["switch", "--config", "tiny", "--repeat", "2", "--sets", "2,3", "--ks", "1,2"]
+    monkeypatch.setattr(sys, "argv", argv)
     switch.main()
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     figures = out["figures"]
     assert out["benchmark"] == "switch" and figures["rounds"] == 2 == out["rounds"]
-    for n in (2, 3):
+    for key in ("k1_2_sets", "k1_3_sets", "k2_2_sets", "k2_3_sets"):
         for name in ("diffusers_over_ours", "fresh_load_over_ours", "ours_switch_forward_over_warm"):
-            lo, mid, hi = (figures[f"{n}_sets_{name}{q}"] for q in ("_min", "", "_max"))
+            lo, mid, hi = (figures[f"{key}_{name}{q}"] for q in ("_min", "", "_max"))
             assert 0 < lo <= hi and mid > 0
-        assert figures[f"{n}_sets_fresh_load_over_ours"] > 1  # reloading files costs more than switching
+        assert figures[f"{key}_fresh_load_over_ours"] > 1  # reloading files costs more than switching
     assert set(out["goals"]) <= set(figures)

@@ -105,3 +105,28 @@ def test_stale_foreign_or_revoked_records_fall_back_to_in_process(tmp_path):
         (data / RECORD).unlink()
         again.start()  # a server started now does not offer hand-off with a revoked key
         assert not again.offered and not (data / RECORD).exists()
+
+
+def test_the_command_line_imports_only_what_a_render_needs(tmp_path):
+    """The CLI module and the hand-off client import no torch; an in-process render imports no web stack."""
+    import subprocess
+    import sys
+
+    light = (
+        "import sys; import app.cli, app.handoff; "
+        "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'gradio', 'fastapi', 'uvicorn') "
+        "if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", light], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+    render_here = (
+        "import sys; from app.cli import main; "
+        f"sys.argv = ['lora-studio', 'render', '--prompt', 'a red star', '--steps', '1', '--out', "
+        f"{str(tmp_path / 'r.png')!r}, '--data-dir', {str(tmp_path / 'data')!r}]\n"
+        "try:\n    main()\nexcept SystemExit as exc:\n    assert not exc.code, exc.code\n"
+        "print(sorted(m for m in ('torch', 'gradio', 'fastapi', 'uvicorn', 'starlette') if m in sys.modules))"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "LORA_STUDIO_BUNDLED": "false"}
+    done = subprocess.run([sys.executable, "-c", render_here], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "['torch']" and (tmp_path / "r.png").is_file()
