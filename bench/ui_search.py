@@ -9,7 +9,6 @@ python -m bench.ui_search [--sizes 30,300] [--repeat 9]
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 import time
 from contextlib import ExitStack
@@ -21,7 +20,7 @@ from app.settings import Settings
 from app.studio import Studio
 from app.web import create_web_app
 from bench.api import live_server
-from bench.common import emit, random_lora
+from bench.common import emit, random_lora, spread
 from composer.backbones import get_backbone
 from composer.formats import write_kohya
 
@@ -70,14 +69,7 @@ def main() -> None:
                 out.append(time.perf_counter() - t)
                 expected = min(n, 50) if q == "all" else 1
                 assert len(cards) == expected, (n, q, len(cards))
-    figures = {
-        f"{n} LoRAs, {q}: ms": {
-            "min": round(min(v) * 1000, 1),
-            "median": round(statistics.median(v) * 1000, 1),
-            "max": round(max(v) * 1000, 1),
-        }
-        for (n, q), v in times.items()
-    }
+    figures = {f"{n} LoRAs, {q}: ms": spread(v, 1000, 1) for (n, q), v in times.items()}
     emit("ui_search", figures, {}, {"repeat": args.repeat, "cards_at_most": 50})
 
 
