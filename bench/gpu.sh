@@ -5,6 +5,7 @@
 #
 #   bash bench/gpu.sh [LOG_DIR]        # each benchmark's JSON also goes to LOG_DIR (default bench-gpu-logs)
 #   ONLY=sdxl bash bench/gpu.sh        # or ONLY=flux
+#   DEVICE=cpu CONFIG=tiny bash bench/gpu.sh /tmp/logs   # the same script on tiny models: a smoke test (minutes)
 #
 # The FLUX lines hold two or three copies of the 12 B transformer (ours, diffusers', a fresh one): about 72 GB
 # in bf16, so they want an 80 GB card with little else on it, or an H200.
@@ -14,6 +15,9 @@ PY="${PYTHON:-.venv/bin/python}"
 LOGS="${1:-bench-gpu-logs}"
 mkdir -p "$LOGS"
 export HF_HUB_OFFLINE=1
+DEVICE="${DEVICE:-cuda}"
+CONFIG="${CONFIG:-real}"
+if [ "$DEVICE" = cuda ]; then HALF=float16 BF=bfloat16 LATENT=128; else HALF=float32 BF=float32 LATENT=16; fi
 
 run() {  # run NAME ARGS...: the benchmark's output to the terminal, its JSON line to LOGS/NAME.json
     local name="$1"
@@ -24,26 +28,30 @@ run() {  # run NAME ARGS...: the benchmark's output to the terminal, its JSON li
 }
 
 if [ "${ONLY:-sdxl}" = sdxl ]; then
-    run sdxl_overhead bench.overhead --family sdxl --configs real --device cuda --dtype float16 --repeat 20
-    run sdxl_switch bench.switch --family sdxl --config real --device cuda --dtype float16 --repeat 21
-    run sdxl_compile bench.compile --family sdxl --config real --device cuda --dtype float16 \
-        --mode reduce-overhead --k 2 --repeat 20
-    run sdxl_train bench.train_speed --config real --device cuda --latent 128 --repeat 20
+    run sdxl_overhead bench.overhead --family sdxl --configs "$CONFIG" --device "$DEVICE" --dtype $HALF --repeat 20
+    run sdxl_switch bench.switch --family sdxl --config "$CONFIG" --device "$DEVICE" --dtype $HALF --repeat 21 \
+        --ks 1,2,4,8 --sets 2,6
+    run sdxl_compile bench.compile --family sdxl --config "$CONFIG" --device "$DEVICE" --dtype $HALF \
+        --mode "$([ "$DEVICE" = cuda ] && echo reduce-overhead || echo default)" --k 2 --repeat 20
+    run sdxl_train bench.train_speed --config "$CONFIG" --device "$DEVICE" --latent $LATENT --repeat 20
 fi
 if [ "${ONLY:-flux}" = flux ]; then
-    run flux_overhead bench.overhead --family flux --configs real --device cuda --dtype bfloat16 --repeat 10 \
+    run flux_overhead bench.overhead --family flux --configs "$CONFIG" --device "$DEVICE" --dtype $BF --repeat 10 \
         --ks 1,2,4,8
-    run flux_switch bench.switch --family flux --config real --device cuda --dtype bfloat16 --repeat 11
-    run flux_compile bench.compile --family flux --config real --device cuda --dtype bfloat16 \
-        --mode reduce-overhead --k 2 --repeat 10
+    run flux_switch bench.switch --family flux --config "$CONFIG" --device "$DEVICE" --dtype $BF --repeat 11
+    run flux_compile bench.compile --family flux --config "$CONFIG" --device "$DEVICE" --dtype $BF \
+        --mode "$([ "$DEVICE" = cuda ] && echo reduce-overhead || echo default)" --k 2 --repeat 10
 fi
 
 # ms/step of the base denoiser beside the floor this studio is measured against (docs/BENCHMARKS.md).
-"$PY" - "$LOGS" <<'EOF'
+"$PY" - "$LOGS" "$CONFIG" <<'EOF'
 import json, pathlib, sys
 
-logs = pathlib.Path(sys.argv[1])
-floors = {"sdxl": ("real_r16_k1_base_ms_per_step_median", 13.7), "flux": ("flux_real_r16_k1_base_ms_per_step_median", None)}
+logs, config = pathlib.Path(sys.argv[1]), sys.argv[2]
+floors = {
+    "sdxl": (f"{config}_r16_k1_base_ms_per_step_median", 13.7 if config == "real" else None),
+    "flux": (f"flux_{config}_r16_k1_base_ms_per_step_median", None),
+}
 for family, (key, floor) in floors.items():
     path = logs / f"{family}_overhead.json"
     if not path.exists():
