@@ -58,7 +58,10 @@ for family, (key, floor) in floors.items():
         continue
     figures = json.loads(path.read_text())["figures"]
     base = figures.get(key)
-    against = f"(floor {floor} ms/step)" if floor else "(no floor recorded yet: this run sets it)"
+    if base is None:
+        against = "(absolute times are printed on a GPU only)"
+    else:
+        against = f"(floor {floor} ms/step)" if floor else "(no floor recorded yet: this run sets it)"
     print(f"{family}: base denoiser {base} ms/step {against}; k=4 ours/base "
           f"{figures.get(key.replace('k1_base_ms_per_step_median', 'k4_ours_over_base'))}")
 EOF
