@@ -178,6 +178,25 @@ def ratio(times: dict[str, list[float]], num: str, den: str, name: str, digits: 
     }
 
 
+def add_device_args(parser) -> None:
+    """--family, --rank, --device, --dtype and --latent, as every denoiser benchmark takes them (see
+    `device_setup`)."""
+    parser.add_argument("--family", default="sdxl", choices=["sdxl", "flux"])
+    parser.add_argument("--rank", type=int, default=16, help="rank of each random LoRA")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument(
+        "--latent", type=int, default=0, help="latent side; 0 = 16 on CPU, 128 (1024 px) on GPU"
+    )
+
+
+def device_setup(args) -> tuple[str, torch.dtype, Callable[[], None], int]:
+    """(device, dtype, sync, latent side) from `add_device_args`' options."""
+    cuda = args.device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    return args.device, getattr(torch, args.dtype), sync, args.latent or (128 if cuda else 16)
+
+
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 now."""
     with socket.socket() as s:

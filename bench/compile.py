@@ -19,28 +19,33 @@ import time
 
 import torch
 
-from bench.common import build_denoiser, denoiser_inputs, emit, random_lora, ratio, round_robin, spread
+from bench.common import (
+    add_device_args,
+    build_denoiser,
+    denoiser_inputs,
+    device_setup,
+    emit,
+    random_lora,
+    ratio,
+    round_robin,
+    spread,
+)
 from composer.adapters.host import AdapterHost
 from composer.backbones import BACKBONES
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--family", default="sdxl", choices=["sdxl", "flux"])
     parser.add_argument("--config", default="toy")
     parser.add_argument("--k", type=int, default=2, help="LoRAs active per set")
-    parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--sets", type=int, default=4, help="sets cycled through")
     parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--mode", default="default")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--latent", type=int, default=0, help="0 = 16 on CPU, 128 (1024 px) on GPU")
+    add_device_args(parser)
     args = parser.parse_args()
     from torch._dynamo.utils import counters
 
-    device, dtype = args.device, getattr(torch, args.dtype)
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    device, dtype, sync, latent = device_setup(args)
     backbone = BACKBONES[args.family]
     eager = build_denoiser(args.family, args.config, device, dtype)
     compiled = copy.deepcopy(eager)
@@ -52,7 +57,6 @@ def main() -> None:
             host.add(f"l{i}", lora)
     sets = [{f"l{args.k * s + j}": 0.6 + 0.1 * j for j in range(args.k)} for s in range(args.sets)]
     batch = 2 if args.family == "sdxl" else 1
-    latent = args.latent or (128 if device.startswith("cuda") else 16)
     inputs = denoiser_inputs(eager, batch, latent, device, dtype)
 
     hosts[1].make_static(backbone.denoiser, args.rank * args.k)

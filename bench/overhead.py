@@ -10,7 +10,17 @@ import copy
 
 import torch
 
-from bench.common import build_denoiser, denoiser_inputs, emit, random_lora, ratio, round_robin, spread
+from bench.common import (
+    add_device_args,
+    build_denoiser,
+    denoiser_inputs,
+    device_setup,
+    emit,
+    random_lora,
+    ratio,
+    round_robin,
+    spread,
+)
 from composer.adapters.host import AdapterHost
 from composer.backbones import BACKBONES
 
@@ -64,24 +74,17 @@ def measure(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--family", default="sdxl", choices=["sdxl", "flux"])
     parser.add_argument(
         "--configs",
         default="toy,mid",
         help="sdxl: tiny, toy (the toy world's widths), mid (SDXL widths), real; flux: tiny, real",
     )
-    parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--ks", default="1,2,4,8")
     parser.add_argument("--repeat", type=int, default=7)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument(
-        "--latent", type=int, default=0, help="latent side; 0 = 16 on CPU, 128 (1024 px) on GPU"
-    )
+    add_device_args(parser)
     args = parser.parse_args()
     torch.manual_seed(0)
-    dtype = getattr(torch, args.dtype)
-    latent = args.latent or (128 if args.device.startswith("cuda") else 16)
+    _, dtype, _, latent = device_setup(args)
     figures: dict[str, float] = {"rounds": args.repeat}
     batch = 2 if args.family == "sdxl" else 1  # SDXL: classifier-free guidance; FLUX-dev: guidance embedded
     for config in args.configs.split(","):

@@ -19,7 +19,17 @@ import itertools
 
 import torch
 
-from bench.common import build_denoiser, denoiser_inputs, emit, random_lora, ratio, round_robin, spread
+from bench.common import (
+    add_device_args,
+    build_denoiser,
+    denoiser_inputs,
+    device_setup,
+    emit,
+    random_lora,
+    ratio,
+    round_robin,
+    spread,
+)
 from composer.adapters.host import AdapterHost
 from composer.backbones import BACKBONES
 
@@ -60,22 +70,17 @@ def time_switches(host, unet, theirs, fresh, loras, sets, inputs, repeat, sync) 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--family", default="sdxl", choices=["sdxl", "flux"])
     parser.add_argument(
         "--config",
         default="mid",
         help="sdxl: tiny, toy, mid (SDXL widths) or real (SDXL base); flux: tiny or real",
     )
-    parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--repeat", type=int, default=15, help="rounds per number of sets")
     parser.add_argument("--sets", default="2,6", help="numbers of sets to cycle through")
     parser.add_argument("--ks", default="2", help="LoRAs per set (e.g. 1,2,4,8)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--latent", type=int, default=0, help="0 = 16 on CPU, 128 (1024 px) on GPU")
+    add_device_args(parser)
     args = parser.parse_args()
-    device, dtype = args.device, getattr(torch, args.dtype)
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    device, dtype, sync, latent = device_setup(args)
     set_counts = [int(n) for n in args.sets.split(",")]
     ks = [int(k) for k in args.ks.split(",")]
 
@@ -93,7 +98,6 @@ def main() -> None:
         host.add(f"l{i}", lora)
         theirs.load_lora_adapter(state, adapter_name=f"l{i}", prefix=None)
     batch = 2 if args.family == "sdxl" else 1  # SDXL: classifier-free guidance; FLUX-dev: guidance embedded
-    latent = args.latent or (128 if device.startswith("cuda") else 16)
     inputs = denoiser_inputs(unet, batch, latent, device, dtype)
 
     figures: dict[str, object] = {"rounds": args.repeat}
