@@ -49,5 +49,4 @@ def test_bench_switch_prints_spread_for_a_switch_with_its_forward(monkeypatch, c
         for name in ("diffusers_over_ours", "fresh_load_over_ours", "ours_switch_forward_over_warm"):
             lo, mid, hi = (figures[f"{key}_{name}{q}"] for q in ("_min", "", "_max"))
             assert 0 < lo <= hi and mid > 0
-        assert figures[f"{key}_fresh_load_over_ours"] > 1  # reloading files costs more than switching
     assert set(out["goals"]) <= set(figures)
