@@ -37,7 +37,8 @@ RECORD = "serve.json"
 HANDOFF_KEY = "lora-studio render hand-off"
 HANDOFF_RATE_LIMIT = 600  # requests per minute: a render's submit plus its polls
 API = "/api/v1"
-POLL_S = 0.05
+POLL_S = 0.05  # first poll interval; it grows to MAX_POLL_S
+MAX_POLL_S = 0.5
 
 
 class HandoffError(StudioError):
@@ -166,6 +167,23 @@ def _answer(status: int, raw: bytes, what: str) -> dict:
     return answer
 
 
+def _follow(client: _Client, job: dict, progress: Callable[[float], None] | None) -> dict:
+    """Poll the job until it ends: every 50 ms at first, backing off to 0.5 s (a long render's polls stay
+    well within the key's rate limit); a 429 waits its Retry-After."""
+    wait = POLL_S
+    while job["status"] in ("queued", "running"):
+        if progress is not None:
+            progress(float(job["progress"]))
+        time.sleep(wait)
+        wait = min(MAX_POLL_S, wait * 1.5)
+        status, raw = client.call("GET", f"{API}/renders/{job['id']}")
+        if status == 429:
+            time.sleep(float(json.loads(raw or b"{}").get("error", {}).get("retry_after", 1)))
+            continue
+        job = _answer(status, raw, f"job {job['id']}")
+    return job
+
+
 def render_via_server(
     root: Path,
     request: dict,
@@ -199,11 +217,11 @@ def render_via_server(
         return None
     job = _answer(status, raw, "the render")
     client.timeout = 60.0
-    while job["status"] in ("queued", "running"):
-        if progress is not None:
-            progress(float(job["progress"]))
-        time.sleep(POLL_S)
-        job = client.json("GET", f"{API}/renders/{job['id']}")
+    try:
+        job = _follow(client, job, progress)
+    except KeyboardInterrupt:  # Ctrl-C stops the render on the server too, as it would in-process
+        client.call("DELETE", f"{API}/renders/{job['id']}")
+        raise
     if job["status"] != "done":
         raise HandoffError(job.get("error") or f"the server's job {job['id']} ended {job['status']}")
     urls = [url for result in job["results"] for url in result["images"]]

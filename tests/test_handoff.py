@@ -130,3 +130,48 @@ def test_the_command_line_imports_only_what_a_render_needs(tmp_path):
     done = subprocess.run([sys.executable, "-c", render_here], capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "['torch']" and (tmp_path / "r.png").is_file()
+
+
+def test_polling_backs_off_waits_out_a_429_and_ctrl_c_cancels_the_job(tmp_path, monkeypatch):
+    import app.handoff as handoff
+
+    slept: list[float] = []
+    monkeypatch.setattr(handoff.time, "sleep", slept.append)
+    running = {"id": 7, "status": "running", "progress": 0.5}
+    answers = [(200, running)] * 8 + [(429, {"error": {"type": "rate_limited", "retry_after": 3}})]
+    answers += [(200, {**running, "status": "done", "progress": 1.0})]
+    calls: list[tuple[str, str]] = []
+
+    class Fake:
+        def call(self, method, path, body=None):
+            calls.append((method, path))
+            status, body = answers.pop(0)
+            return status, json.dumps(body).encode()
+
+    seen: list[float] = []
+    assert handoff._follow(Fake(), running, seen.append)["status"] == "done"
+    assert slept[:3] == pytest.approx([0.05, 0.075, 0.1125]) and max(slept[:9]) == handoff.MAX_POLL_S
+    assert 3.0 in slept and seen and all(p == 0.5 for p in seen)
+    assert calls == [("GET", "/api/v1/renders/7")] * 10
+
+    def interrupted(*_a, **_k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(handoff, "_follow", interrupted)
+    deleted: list[tuple[str, str]] = []
+
+    class Server:
+        def __init__(self, *a, **k):
+            self.timeout = 2.0
+
+        def call(self, method, path, body=None):
+            deleted.append((method, path))
+            return (202, json.dumps(running).encode()) if method == "POST" else (202, b"{}")
+
+    monkeypatch.setattr(handoff, "_Client", Server)
+    (tmp_path / RECORD).write_text(
+        json.dumps({"pid": os.getpid(), "url": "http://127.0.0.1:1", "secret": "s"})
+    )
+    with pytest.raises(KeyboardInterrupt):
+        render_via_server(tmp_path, {"prompt": "x"}, tmp_path / "x.png")
+    assert deleted == [("POST", "/api/v1/renders"), ("DELETE", "/api/v1/renders/7")]
