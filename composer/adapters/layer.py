@@ -8,7 +8,6 @@ from torch import nn
 
 from composer.adapters.base import MixingContext, broadcast_scale, is_trainable
 from composer.adapters.lora import LoraAdapter
-from composer.adapters.static import static_delta
 from composer.errors import AdapterError, AdapterRuntimeError
 
 _STACK_CACHE_SIZE = 4  # resident stacked LoRA sets kept per layer (switching back and forth costs nothing)
@@ -97,7 +96,7 @@ class AdaptedModule(nn.Module):
     # --- forward ------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.slot_rank:  # compiled denoiser: the same graph for every set (see `make_static`)
-            return self.base(x, *args, **kwargs) + static_delta(self, x)
+            return self.base(x, *args, **kwargs) + self._static_delta(x)
         y = base_out = self.base(x, *args, **kwargs)
         work = self.active_work()
         if not work:
@@ -124,6 +123,13 @@ class AdaptedModule(nn.Module):
             except Exception as exc:
                 raise AdapterRuntimeError((name,), self.key, exc) from exc
         return y
+
+    def _static_delta(self, x: torch.Tensor) -> torch.Tensor:
+        """The slots' contribution: the same two ops whatever the set (zeros when nothing is active)."""
+        down, up = self.slot_down, self.slot_up
+        if self._conv_args is None:
+            return F.linear(F.linear(x, down), up)
+        return F.conv2d(F.conv2d(x, down, **self._conv_args), up)
 
     def _stacked_delta(
         self, x: torch.Tensor, y: torch.Tensor, work: list[tuple[str, object]]

@@ -22,7 +22,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 
 from composer.adapters.lora import LoraAdapter
 from composer.errors import AdapterError
@@ -31,14 +30,6 @@ if TYPE_CHECKING:
     from composer.adapters.layer import AdaptedModule
 
 DEFAULT_SLOT_RANK = 64
-
-
-def static_delta(layer: AdaptedModule, x: torch.Tensor) -> torch.Tensor:
-    """The slots' contribution: the same two ops whatever the set (zeros when nothing is active)."""
-    down, up = layer.slot_down, layer.slot_up
-    if layer._conv_args is None:
-        return F.linear(F.linear(x, down), up)
-    return F.conv2d(F.conv2d(x, down, **layer._conv_args), up)
 
 
 def slottable(adapter: torch.nn.Module) -> bool:
