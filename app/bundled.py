@@ -1,7 +1,10 @@
 """The toy world's concept adapters, imported into a new catalog on first start.
 
 Each bundled adapter is imported once: its SHA-256 goes into <data dir>/bundled.json, so a user who deletes
-one does not see it come back, and a newer studio version with new adapters adds only those.
+one does not see it come back, and a newer studio version with new adapters adds only those. A newer version
+of a bundled adapter (same name, new file: retrained for a new toy model) takes the name; the catalog entry of
+the version it replaces is kept under "<name>-previous", tagged "superseded" (adapters trained for an earlier
+toy model may not fit the current one), so nothing the user had is lost.
 """
 
 from __future__ import annotations
@@ -34,6 +37,25 @@ def _training_record(entry: dict) -> dict | None:
     return {**(training or {}), "success": entry["success"]}
 
 
+def _retire_previous_version(library: Library, name: str, bundled: set[str]) -> None:
+    """Rename the catalog's `name` out of the way if an earlier bundle put it there (its hash is in `bundled`);
+    an entry of the user's own under that name stays, and the new version gets a numbered name."""
+    if name not in library.names():
+        return
+    old = library.get(name)
+    if old.sha256 not in bundled:
+        return
+    taken = set(library.names())
+    new_name = f"{name}-previous"
+    i = 2
+    while new_name in taken:
+        new_name = f"{name}-previous-{i}"
+        i += 1
+    tags = [*old.tags, "superseded"] if "superseded" not in old.tags else old.tags
+    library.update(old.name, name=new_name, tags=tags)
+    log.info("bundled adapter %r has a new version; the previous one is kept as %r", name, new_name)
+
+
 def import_bundled(library: Library, folder: Path, record: Path) -> list[str]:
     """Import the bundled adapters not imported before; the names imported now."""
     from composer.formats.safetensors_io import file_hashes
@@ -62,6 +84,7 @@ def import_bundled(library: Library, folder: Path, record: Path) -> list[str]:
         if sha in done:
             continue
         try:
+            _retire_previous_version(library, entry["name"], done)
             info = library.import_file(
                 path,
                 name=entry["name"],

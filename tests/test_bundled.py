@@ -44,6 +44,42 @@ def test_bundled_adapters_are_imported_once(tmp_path, tiny_sdxl_factory):
     assert [a.name for a in studio.library.list()] == ["zigzag"]
 
 
+def test_a_new_version_of_a_bundled_adapter_takes_its_name_and_keeps_the_old_one(tmp_path, tiny_sdxl_factory):
+    backbone, make = tiny_sdxl_factory
+    pipe = make()
+    folder = tmp_path / "bundle"
+    folder.mkdir()
+
+    def bundle(seed: int) -> None:
+        for name in ("star", "ring"):
+            write_kohya(
+                random_lora(pipe, backbone, seed=seed + (name == "ring")), folder / f"{name}.safetensors"
+            )
+        entries = [
+            {"name": n, "file": f"{n}.safetensors", "kind": "lora", "tags": ["toyworld"], "description": n}
+            for n in ("star", "ring")
+        ]
+        (folder / "manifest.json").write_text(json.dumps({"adapters": entries}))
+
+    studio = Studio.open(Settings(data_dir=tmp_path / "data", bundled=False))
+    record = tmp_path / "data" / "bundled.json"
+    bundle(0)
+    assert import_bundled(studio.library, folder, record) == ["star", "ring"]
+    old_star = studio.library.get("star").sha256
+    # the user renames the bundled ring, and catalogs an unrelated adapter of their own as "ring"
+    studio.library.update("ring", name="my-ring")
+    write_kohya(random_lora(pipe, backbone, seed=99), tmp_path / "mine.safetensors")
+    studio.library.import_file(tmp_path / "mine.safetensors", name="ring")
+    bundle(10)  # the next studio version ships retrained files under the same names
+    assert import_bundled(studio.library, folder, record) == ["star", "ring-2"]
+    star = studio.library.get("star")
+    assert star.sha256 != old_star and star.sha256 in json.loads(record.read_text())["sha256"]
+    previous = studio.library.get("star-previous")
+    assert previous.sha256 == old_star and "superseded" in previous.tags
+    assert {"my-ring", "ring", "ring-2"} <= set(studio.library.names())  # the user's own "ring" is untouched
+    assert import_bundled(studio.library, folder, record) == []
+
+
 def test_the_shipped_bundle_imports_on_first_start(tmp_path):
     entries = manifest(toyworld.loras_dir())
     kinds = {e["tags"][1] for e in entries}
