@@ -1,8 +1,9 @@
 """Train the bundled concept adapters of the toy world with our own trainer, on the shipped toy model.
 
-python -m toyworld.train_concepts --out toyworld/loras [--steps 800] [--only star,zigzag] [--n 48] [--measure-only]
+python -m toyworld.train_concepts --out toyworld/loras [--steps 1600] [--images 192] [--only star,zigzag] [--n 48]
+    [--measure-only]
 
-One LoRA per held-out concept (6 subjects, 4 styles, 2 backgrounds) from 32 generated scenes each with
+One LoRA per held-out concept (6 subjects, 4 styles, 2 backgrounds) from 192 generated scenes each with
 trigger-word captions, half of them with the concept beside a base object in either half (so that it composes),
 and B-LoRAs from single images (subjects for content, textured squares for style), all written as kohya
 safetensors with trigger words, plus manifest.json (name, kind, trigger, tags, description, training settings
@@ -98,9 +99,14 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=Path("toyworld/loras"))
     parser.add_argument("--model", default=str(model_dir()))
-    parser.add_argument("--steps", type=int, default=800)
+    # 192 scenes and 1600 steps: a ring LoRA on the toy model drew small rings in 0.38 / 0.57 / 0.67 of prompts
+    # from 32 / 96 / 192 scenes at 1600 steps (docs/BENCHMARKS.md, "How many scenes")
+    parser.add_argument("--steps", type=int, default=1600)
     parser.add_argument("--blora-steps", type=int, default=400)
-    parser.add_argument("--images", type=int, default=32)
+    parser.add_argument("--images", type=int, default=192)
+    parser.add_argument(
+        "--rank", type=int, default=CONCEPT_RECIPE["rank"], help="LoRA rank of concept adapters"
+    )
     parser.add_argument("--pairs", type=float, default=PAIRS, help="share of two-object training scenes")
     parser.add_argument(
         "--measure-only", action="store_true", help="re-measure the adapters in --out without training them"
@@ -125,7 +131,10 @@ def main() -> None:
         data = concepts.training_images(concept.name, args.images, pairs=args.pairs)
         captions = [d.caption for d in data]
         config = TrainConfig(
-            prompt=captions[0], steps=args.steps, checkpoint_every=args.steps, **CONCEPT_RECIPE
+            prompt=captions[0],
+            steps=args.steps,
+            checkpoint_every=args.steps,
+            **{**CONCEPT_RECIPE, "rank": args.rank},
         )
         what = {"subject": "the shape", "style": "the texture", "background": "the background"}[concept.kind]
         jobs.append(
