@@ -9,6 +9,10 @@ Sets (each prompt writes its concepts with their trigger words; the stack holds 
   (the background LoRA is global in the oracle).
 - subject-style: a held-out subject on one side, a base shape in a held-out style on the other.
 
+`--methods ...,alone` (subjects sets) adds a diagnostic, not a method: each LoRA of the pair alone (merged) on the
+same two-subject prompt, and where it draws its subject: on its own side (where the prompt puts it) and on the
+other side (where the other subject belongs: the LoRA ignoring which phrase its trigger word is in).
+
 The toy-world evaluator reads every image; each check (the subject seen at its position, the style seen on its
 object, the background) and "both" are success rates **per prompt** (each prompt's rate over its seeds, then
 the mean over prompts: seeds of one prompt are nearly the same picture, so the sample is the prompts), with the
@@ -104,6 +108,34 @@ def prompts(which: str, n: int, seed: int) -> list[Prompt]:
     return out
 
 
+OTHER_SIDE = {"left": "right", "right": "left"}
+
+
+def alone_rates(reports: list[SceneReport], plan: list[Prompt], seeds: int) -> dict[str, dict[str, float]]:
+    """Each LoRA of a two-subject prompt rendered alone: how often its subject is on its own side and on the
+    other side, per prompt (over both LoRAs and the seeds), then the mean over prompts. `reports` run prompt by
+    prompt, LoRA by LoRA (the stack's order), seed by seed."""
+    unplaced = sorted({name for p in plan for name, side in p.regions.items() if side is None})
+    if unplaced:
+        raise ValueError(f"alone: {', '.join(unplaced)} has no side in this set (subjects sets only)")
+    own, other = [], []
+    for i, prompt in enumerate(plan):
+        rs = iter(reports[i * 2 * seeds : (i + 1) * 2 * seeds])
+        hits_own, hits_other = [], []
+        for name in prompt.loras:
+            side = prompt.regions[name]
+            for _ in range(seeds):
+                r = next(rs)
+                hits_own.append(shape_at(side, name)(r))
+                hits_other.append(shape_at(OTHER_SIDE[side], name)(r))
+        own.append(float(np.mean(hits_own)))
+        other.append(float(np.mean(hits_other)))
+    return {
+        k: {"rate": round(float(np.mean(v)), 3), "se": round(float(np.std(v, ddof=1) / np.sqrt(len(v))), 3)}
+        for k, v in (("own side", own), ("other side", other))
+    }
+
+
 def half(side: str) -> Mask:
     values = np.zeros((SIZE, SIZE), np.uint8)
     values[:, : SIZE // 2] = 255
@@ -158,7 +190,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--methods", default="merge,regional,clora-masks,clora")
     args = parser.parse_args()
-    methods = args.methods.split(",")
+    methods = [m for m in args.methods.split(",") if m != "alone"]
+    alone = "alone" in args.methods.split(",")
+    if alone and not args.set.startswith("subjects"):
+        parser.error("alone is a diagnostic for the subjects sets (each LoRA of a pair has a side)")
     if args.prompts < 2:
         parser.error("--prompts must be at least 2 (the standard error is over prompts)")
 
@@ -194,6 +229,21 @@ def main() -> None:
                 images[m] += render_batch(pipe, backbone, host, [request], triggers=triggers)
                 seconds[m].append(time.perf_counter() - start)
 
+    alone_images = []
+    for i, prompt in enumerate(plan) if alone else ():
+        for name in prompt.loras:
+            for j in range(args.seeds):
+                request = RenderRequest(
+                    prompt.spec.caption(use_triggers=True),
+                    num_inference_steps=args.steps,
+                    guidance_scale=args.guidance,
+                    height=SIZE,
+                    width=SIZE,
+                    seed=args.seed * 1_000_003 + i * 101 + j,
+                    loras=(LoraWeight(name),),
+                )
+                alone_images += render_batch(pipe, backbone, host, [request], triggers=triggers)
+
     chance = [im for i, p in enumerate(plan) for im in chance_images(p, args.seeds, args.seed * 7919 + i)]
     figures = {"chance (random blobs)": rates(evaluator.evaluate(np.stack(chance)), plan, args.seeds)}
     for m in methods:
@@ -202,6 +252,10 @@ def main() -> None:
             "time_vs_merge": round(sum(seconds[m]) / sum(seconds[methods[0]]), 2),
             "seconds_per_render": spread(seconds[m], digits=3),
         }
+    if alone:
+        figures["each LoRA alone (diagnostic)"] = alone_rates(
+            evaluator.evaluate(alone_images), plan, args.seeds
+        )
     emit(
         "composition",
         figures,

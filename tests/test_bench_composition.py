@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -55,3 +57,30 @@ def test_rates_are_means_over_prompts_of_each_prompts_seeds():
     got = composition.rates([R(True), R(False), R(True), R(True)], plan, seeds=2)
     assert got["both"]["rate"] == 0.75  # prompt 1: 1/2, prompt 2: 2/2
     assert got["both"]["se"] == round(float(np.std([0.5, 1.0], ddof=1) / np.sqrt(2)), 3)
+
+
+def test_alone_counts_a_lora_drawing_its_subject_on_the_wrong_side(evaluator):
+    plan = composition.prompts("subjects-large", 4, seed=2)
+    clean = [scenes.render(p.spec, composition.SIZE, seed=i) for i, p in enumerate(plan)]
+    swapped = [
+        scenes.render(
+            scenes.SceneSpec(
+                tuple(replace(o, position=composition.OTHER_SIDE[o.position]) for o in p.spec.objects),
+                p.spec.background,
+            ),
+            composition.SIZE,
+            seed=i,
+        )
+        for i, p in enumerate(plan)
+    ]
+    # per prompt: LoRA 1 seed 1, LoRA 1 seed 2, LoRA 2 seed 1, LoRA 2 seed 2
+    right = composition.alone_rates(
+        evaluator.evaluate(np.stack([im for im in clean for _ in range(4)])), plan, 2
+    )
+    assert right["own side"]["rate"] >= 0.75 and right["other side"]["rate"] == 0.0, right
+    wrong = composition.alone_rates(
+        evaluator.evaluate(np.stack([im for im in swapped for _ in range(4)])), plan, 2
+    )
+    assert wrong["other side"]["rate"] >= 0.75 and wrong["own side"]["rate"] == 0.0, wrong
+    with pytest.raises(ValueError, match="subjects sets only"):
+        composition.alone_rates([], composition.prompts("subject-background", 2, 0), 1)
