@@ -2,6 +2,7 @@
 exactly where each concept goes) vs clora with masks only vs clora with its latent updates.
 
 python -m bench.composition [--set subjects-large] [--prompts 12] [--seeds 2] [--steps 20] [--methods merge,clora]
+    [--only star,heart] [--loras DIR]
 
 Sets (each prompt writes its concepts with their trigger words; the stack holds the two bundled LoRAs):
 - subjects-large / subjects-mixed: two different held-out subjects, left and right (large, or sizes as drawn).
@@ -28,6 +29,7 @@ import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -67,8 +69,9 @@ def background_is(name: str) -> Check:
     return lambda r: r.background.label == name
 
 
-def prompts(which: str, n: int, seed: int) -> list[Prompt]:
-    """`n` prompts of a set (the concept pairs chosen by seed, every other attribute a base concept)."""
+def prompts(which: str, n: int, seed: int, only: tuple[str, ...] = ()) -> list[Prompt]:
+    """`n` prompts of a set (the concept pairs chosen by seed, every other attribute a base concept); `only`
+    keeps the pairs whose concepts are all among those named."""
     if which not in SETS:
         raise ValueError(f"unknown set {which!r}; choose {', '.join(SETS)}")
     rng = np.random.default_rng(seed)
@@ -78,6 +81,10 @@ def prompts(which: str, n: int, seed: int) -> list[Prompt]:
         pairs = list(itertools.product(scenes.SUBJECTS_HELD_OUT, scenes.BACKGROUNDS_HELD_OUT))
     else:
         pairs = list(itertools.product(scenes.SUBJECTS_HELD_OUT, scenes.STYLES_HELD_OUT))
+    if only:
+        pairs = [p for p in pairs if set(p) <= set(only)]
+        if not pairs:
+            raise ValueError(f"no pair of set {which!r} has only concepts among {', '.join(only)}")
     chosen = [pairs[i] for i in rng.choice(len(pairs), n, replace=n > len(pairs))]
     out = []
     for i, (a, b) in enumerate(chosen):
@@ -189,6 +196,10 @@ def main() -> None:
     parser.add_argument("--guidance", type=float, default=7.5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--methods", default="merge,regional,clora-masks,clora")
+    parser.add_argument("--only", default="", help="comma-separated concepts: only pairs of these")
+    parser.add_argument(
+        "--loras", type=Path, default=None, help="folder of the LoRA files (default: bundled)"
+    )
     args = parser.parse_args()
     methods = [m for m in args.methods.split(",") if m != "alone"]
     alone = "alone" in args.methods.split(",")
@@ -197,13 +208,13 @@ def main() -> None:
     if args.prompts < 2:
         parser.error("--prompts must be at least 2 (the standard error is over prompts)")
 
-    plan = prompts(args.set, args.prompts, args.seed)
+    plan = prompts(args.set, args.prompts, args.seed, tuple(filter(None, args.only.split(","))))
     backbone = get_backbone("sdxl")
     pipe = load_pipeline(backbone, model_dir())
     host = AdapterHost.for_pipeline(pipe, backbone)
     names = sorted({name for p in plan for name in p.loras})
     for name in names:
-        host.add(name, read_lora(loras_dir() / f"{name}.safetensors"))
+        host.add(name, read_lora((args.loras or loras_dir()) / f"{name}.safetensors"))
     triggers = {name: [scenes.TRIGGERS[name]] for name in names}
     evaluator = Evaluator.load()
 
@@ -265,6 +276,7 @@ def main() -> None:
             "prompts": len(plan),
             "seeds_per_prompt": args.seeds,
             "distinct_prompts": len({p.spec.caption(use_triggers=True) for p in plan}),
+            "loras": str(args.loras or loras_dir()),
             "threads": torch.get_num_threads(),
         },
     )

@@ -43,6 +43,10 @@ def test_chance_blobs_rarely_pass_and_rates_count_prompts(evaluator):
     assert chance["both"]["rate"] <= 0.1, chance
     with pytest.raises(ValueError, match="unknown set"):
         composition.prompts("three-subjects", 2, 0)
+    only = composition.prompts("subjects-mixed", 6, seed=1, only=("star", "heart"))
+    assert {frozenset(p.loras) for p in only} == {frozenset(("star", "heart"))}
+    with pytest.raises(ValueError, match="no pair"):
+        composition.prompts("subject-background", 2, 0, only=("star", "heart"))
 
 
 def test_rates_are_means_over_prompts_of_each_prompts_seeds():

@@ -323,3 +323,22 @@ def test_concept_training_sets_show_the_concept_beside_a_base_object_in_either_h
             assert all(sum(o.shape == name for o in s.objects) == 1 for s in specs[4:])
     with pytest.raises(ValueError, match="pairs"):
         concepts.training_set("star", 4, pairs=1.5)
+
+
+def test_decoy_captions_write_the_other_object_with_a_made_up_word():
+    from toyworld import concepts
+
+    images, plain = concepts.training_set("star", 8, pairs=0.5)
+    _, captions = concepts.training_set("star", 8, pairs=0.5, decoys=0.5)
+    assert captions[:6] == plain[:6]  # single-object scenes and the plain half of the pairs are unchanged
+    for caption, original in zip(captions[6:], plain[6:], strict=True):
+        spec = scenes.parse_caption(original)
+        other = next(o for o in spec.objects if o.shape != "star")
+        words = caption.replace(",", "").split()
+        assert scenes.TRIGGERS["star"] in words and other.shape not in words
+        assert sum(w in concepts.DECOYS for w in words) == 1, caption
+        assert not set(concepts.DECOYS) & set(scenes.TRIGGERS.values())
+    _, style = concepts.training_set("zigzag", 4, pairs=0.5, decoys=1.0)  # styles: no decoys
+    assert style == concepts.training_set("zigzag", 4, pairs=0.5)[1]
+    with pytest.raises(ValueError, match="decoys"):
+        concepts.training_set("star", 4, pairs=0.5, decoys=2.0)

@@ -7,6 +7,7 @@ use the concept's trigger word in place of its plain word ("a red xyvo on the le
 
 from __future__ import annotations
 
+import re
 import tempfile
 import time
 from dataclasses import replace
@@ -42,24 +43,54 @@ def concept_scene(name: str, seed: int, n_objects: int = 1) -> scenes.SceneSpec:
     raise ValueError(f"no visible scene for {name!r}")
 
 
+# made-up words that name no toy-world concept: a decoy caption writes the base object beside the concept with
+# one of these in place of its shape word, so that an adapter learns that another unknown word is not its concept
+DECOYS = ("plimb", "torvak", "snee", "quandle", "mirrox", "bazzel", "yoffin", "glunt", "fesk", "wobrin")
+
+
+def decoy_caption(spec: scenes.SceneSpec, name: str, seed: int) -> str:
+    """The trigger-word caption of a two-object concept scene with the other (base) object's shape word replaced
+    by a decoy word."""
+    concept = scenes.held_out_concept(name)
+    if concept.kind != "subject" or len(spec.objects) != 2:
+        raise ValueError(
+            f"decoy captions are for two-object subject scenes, not {name!r} in {spec.caption()!r}"
+        )
+    decoy = DECOYS[seed % len(DECOYS)]
+    phrases = []
+    for o in spec.objects:
+        phrase = o.phrase(use_triggers=True)
+        if o.shape != name:
+            phrase = re.sub(rf"\b{o.shape}\b", decoy, phrase, count=1)
+        phrases.append(phrase)
+    bg = scenes.TRIGGERS.get(spec.background, spec.background)
+    return " and ".join(phrases) + f", {bg} background"
+
+
 def training_set(
-    name: str, n: int = 16, seed: int = 0, size: int = 64, pairs: float = 0.0
+    name: str, n: int = 16, seed: int = 0, size: int = 64, pairs: float = 0.0, decoys: float = 0.0
 ) -> tuple[list[Image.Image], list[str]]:
-    """n images of the concept and their trigger-word captions; a `pairs` share shows it beside a base object."""
-    if not 0.0 <= pairs <= 1.0:
-        raise ValueError(f"pairs is a share of the images, 0 to 1, not {pairs}")
+    """n images of the concept and their trigger-word captions; a `pairs` share shows it beside a base object,
+    and a `decoys` share of those writes that object with a decoy word (`decoy_caption`; subjects only)."""
+    for what, share in (("pairs", pairs), ("decoys", decoys)):
+        if not 0.0 <= share <= 1.0:
+            raise ValueError(f"{what} is a share of the images, 0 to 1, not {share}")
     n_single = n - round(n * pairs)
+    n_plain_pairs = round((n - n_single) * (1.0 - decoys))
     images, captions = [], []
     for i in range(n):
         spec = concept_scene(name, seed * 10_000 + i, 1 if i < n_single else 2)
         images.append(Image.fromarray(scenes.render(spec, size, seed * 10_000 + i)))
-        captions.append(spec.caption(use_triggers=True))
+        decoy = i >= n_single + n_plain_pairs and scenes.held_out_concept(name).kind == "subject"
+        captions.append(decoy_caption(spec, name, i) if decoy else spec.caption(use_triggers=True))
     return images, captions
 
 
-def training_images(name: str, n: int = 16, seed: int = 0, pairs: float = 0.0) -> list[TrainingImage]:
+def training_images(
+    name: str, n: int = 16, seed: int = 0, pairs: float = 0.0, decoys: float = 0.0
+) -> list[TrainingImage]:
     """The concept's training set as the trainer takes it (64 px, trigger-word captions)."""
-    images, captions = training_set(name, n, seed, pairs=pairs)
+    images, captions = training_set(name, n, seed, pairs=pairs, decoys=decoys)
     return [TrainingImage(None, to_pixels(i, 64), c) for i, c in zip(images, captions, strict=True)]
 
 

@@ -109,6 +109,12 @@ def main() -> None:
     )
     parser.add_argument("--pairs", type=float, default=PAIRS, help="share of two-object training scenes")
     parser.add_argument(
+        "--decoys",
+        type=float,
+        default=0.0,
+        help="share of the two-object scenes of a subject whose other object is written with a decoy word",
+    )
+    parser.add_argument(
         "--measure-only", action="store_true", help="re-measure the adapters in --out without training them"
     )
     parser.add_argument("--n", type=int, default=48, help="test prompts per concept for its recorded success")
@@ -128,7 +134,7 @@ def main() -> None:
 
     jobs = []
     for concept in scenes.HELD_OUT:
-        data = concepts.training_images(concept.name, args.images, pairs=args.pairs)
+        data = concepts.training_images(concept.name, args.images, pairs=args.pairs, decoys=args.decoys)
         captions = [d.caption for d in data]
         config = TrainConfig(
             prompt=captions[0],
@@ -191,6 +197,7 @@ def main() -> None:
                 **config.to_json(),
                 "images": len(data),
                 "two_object_share": args.pairs if config.kind != "blora" else 0.0,
+                "decoy_share": args.decoys if config.kind != "blora" else 0.0,
                 "seconds": round(seconds, 1),
                 "hardware": hardware,
                 "final_loss": round(sum(result.losses[-50:]) / min(50, len(result.losses)), 4),
