@@ -187,6 +187,23 @@ def rates(reports: list[SceneReport], plan: list[Prompt], seeds: int) -> dict[st
     }
 
 
+def render_request(
+    prompt: Prompt, args, i: int, j: int, loras: tuple, method: str = "merge", params=None
+) -> RenderRequest:
+    """Prompt i's render with seed j (the same seed for every method and diagnostic)."""
+    return RenderRequest(
+        prompt.spec.caption(use_triggers=True),
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        height=SIZE,
+        width=SIZE,
+        seed=args.seed * 1_000_003 + i * 101 + j,
+        loras=loras,
+        method=method,
+        method_params=params,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--set", default="subjects-large", choices=SETS)
@@ -225,17 +242,7 @@ def main() -> None:
         for j in range(args.seeds):
             for m in methods:  # interleaved, so the machine's drift hits every method alike
                 name, params = method_params(m, prompt)
-                request = RenderRequest(
-                    prompt.spec.caption(use_triggers=True),
-                    num_inference_steps=args.steps,
-                    guidance_scale=args.guidance,
-                    height=SIZE,
-                    width=SIZE,
-                    seed=args.seed * 1_000_003 + i * 101 + j,
-                    loras=loras,
-                    method=name,
-                    method_params=params,
-                )
+                request = render_request(prompt, args, i, j, loras, name, params)
                 start = time.perf_counter()
                 images[m] += render_batch(pipe, backbone, host, [request], triggers=triggers)
                 seconds[m].append(time.perf_counter() - start)
@@ -244,15 +251,7 @@ def main() -> None:
     for i, prompt in enumerate(plan) if alone else ():
         for name in prompt.loras:
             for j in range(args.seeds):
-                request = RenderRequest(
-                    prompt.spec.caption(use_triggers=True),
-                    num_inference_steps=args.steps,
-                    guidance_scale=args.guidance,
-                    height=SIZE,
-                    width=SIZE,
-                    seed=args.seed * 1_000_003 + i * 101 + j,
-                    loras=(LoraWeight(name),),
-                )
+                request = render_request(prompt, args, i, j, (LoraWeight(name),))
                 alone_images += render_batch(pipe, backbone, host, [request], triggers=triggers)
 
     chance = [im for i, p in enumerate(plan) for im in chance_images(p, args.seeds, args.seed * 7919 + i)]
