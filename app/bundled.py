@@ -45,12 +45,7 @@ def _retire_previous_version(library: Library, name: str, bundled: set[str]) -> 
     old = library.get(name)
     if old.sha256 not in bundled:
         return
-    taken = set(library.names())
-    new_name = f"{name}-previous"
-    i = 2
-    while new_name in taken:
-        new_name = f"{name}-previous-{i}"
-        i += 1
+    new_name = library.free_name(f"{name}-previous")
     tags = [*old.tags, "superseded"] if "superseded" not in old.tags else old.tags
     library.update(old.name, name=new_name, tags=tags)
     log.info("bundled adapter %r has a new version; the previous one is kept as %r", name, new_name)

@@ -181,6 +181,11 @@ class Library:
         with unit_of_work(self.sessions) as session:
             return AdapterInfo.of(AdapterRepository(session).update(info.name, preview_path=str(target)))
 
+    def free_name(self, name: str) -> str:
+        """`name` if no entry has it, else the first free `name-2`, `name-3`, ... (as imports name them)."""
+        with self.sessions() as session:
+            return _unique_name(AdapterRepository(session), name)
+
     def names(self) -> list[str]:
         """Every catalog name, sorted."""
         with self.sessions() as session:

@@ -137,10 +137,7 @@ def alone_rates(reports: list[SceneReport], plan: list[Prompt], seeds: int) -> d
                 hits_other.append(shape_at(OTHER_SIDE[side], name)(r))
         own.append(float(np.mean(hits_own)))
         other.append(float(np.mean(hits_other)))
-    return {
-        k: {"rate": round(float(np.mean(v)), 3), "se": round(float(np.std(v, ddof=1) / np.sqrt(len(v))), 3)}
-        for k, v in (("own side", own), ("other side", other))
-    }
+    return {"own side": over_prompts(own), "other side": over_prompts(other)}
 
 
 def half(side: str) -> Mask:
@@ -181,10 +178,13 @@ def rates(reports: list[SceneReport], plan: list[Prompt], seeds: int) -> dict[st
         per_prompt["both"].append(float(np.mean([all(h[j] for h in hits.values()) for j in range(seeds)])))
         for k in names:
             per_prompt[k].append(float(np.mean(hits[k])))
-    return {
-        k: {"rate": round(float(np.mean(v)), 3), "se": round(float(np.std(v, ddof=1) / np.sqrt(len(v))), 3)}
-        for k, v in per_prompt.items()
-    }
+    return {k: over_prompts(v) for k, v in per_prompt.items()}
+
+
+def over_prompts(per_prompt: list[float]) -> dict[str, float]:
+    """The mean of per-prompt rates and its standard error over prompts."""
+    v = np.asarray(per_prompt, dtype=float)
+    return {"rate": round(float(v.mean()), 3), "se": round(float(v.std(ddof=1) / np.sqrt(len(v))), 3)}
 
 
 def render_request(
@@ -218,20 +218,21 @@ def main() -> None:
         "--loras", type=Path, default=None, help="folder of the LoRA files (default: bundled)"
     )
     args = parser.parse_args()
-    methods = [m for m in args.methods.split(",") if m != "alone"]
-    alone = "alone" in args.methods.split(",")
+    asked = args.methods.split(",")
+    methods, alone = [m for m in asked if m != "alone"], "alone" in asked
     if alone and not args.set.startswith("subjects"):
         parser.error("alone is a diagnostic for the subjects sets (each LoRA of a pair has a side)")
     if args.prompts < 2:
         parser.error("--prompts must be at least 2 (the standard error is over prompts)")
 
+    args.loras = args.loras or loras_dir()
     plan = prompts(args.set, args.prompts, args.seed, tuple(filter(None, args.only.split(","))))
     backbone = get_backbone("sdxl")
     pipe = load_pipeline(backbone, model_dir())
     host = AdapterHost.for_pipeline(pipe, backbone)
     names = sorted({name for p in plan for name in p.loras})
     for name in names:
-        host.add(name, read_lora((args.loras or loras_dir()) / f"{name}.safetensors"))
+        host.add(name, read_lora(args.loras / f"{name}.safetensors"))
     triggers = {name: [scenes.TRIGGERS[name]] for name in names}
     evaluator = Evaluator.load()
 
@@ -275,7 +276,7 @@ def main() -> None:
             "prompts": len(plan),
             "seeds_per_prompt": args.seeds,
             "distinct_prompts": len({p.spec.caption(use_triggers=True) for p in plan}),
-            "loras": str(args.loras or loras_dir()),
+            "loras": str(args.loras),
             "threads": torch.get_num_threads(),
         },
     )

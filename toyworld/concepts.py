@@ -56,15 +56,10 @@ def decoy_caption(spec: scenes.SceneSpec, name: str, seed: int) -> str:
         raise ValueError(
             f"decoy captions are for two-object subject scenes, not {name!r} in {spec.caption()!r}"
         )
-    decoy = DECOYS[seed % len(DECOYS)]
-    phrases = []
-    for o in spec.objects:
-        phrase = o.phrase(use_triggers=True)
-        if o.shape != name:
-            phrase = re.sub(rf"\b{o.shape}\b", decoy, phrase, count=1)
-        phrases.append(phrase)
-    bg = scenes.TRIGGERS.get(spec.background, spec.background)
-    return " and ".join(phrases) + f", {bg} background"
+    other = next(o for o in spec.objects if o.shape != name)
+    phrase = other.phrase(use_triggers=True)
+    decoyed = re.sub(rf"\b{other.shape}\b", DECOYS[seed % len(DECOYS)], phrase, count=1)
+    return spec.caption(use_triggers=True).replace(phrase, decoyed, 1)
 
 
 def training_set(
@@ -76,13 +71,14 @@ def training_set(
         if not 0.0 <= share <= 1.0:
             raise ValueError(f"{what} is a share of the images, 0 to 1, not {share}")
     n_single = n - round(n * pairs)
-    n_plain_pairs = round((n - n_single) * (1.0 - decoys))
+    first_decoy = n_single + round((n - n_single) * (1.0 - decoys))
+    if scenes.held_out_concept(name).kind != "subject":
+        first_decoy = n  # decoys name a neighbouring shape: subjects only
     images, captions = [], []
     for i in range(n):
         spec = concept_scene(name, seed * 10_000 + i, 1 if i < n_single else 2)
         images.append(Image.fromarray(scenes.render(spec, size, seed * 10_000 + i)))
-        decoy = i >= n_single + n_plain_pairs and scenes.held_out_concept(name).kind == "subject"
-        captions.append(decoy_caption(spec, name, i) if decoy else spec.caption(use_triggers=True))
+        captions.append(decoy_caption(spec, name, i) if i >= first_decoy else spec.caption(use_triggers=True))
     return images, captions
 
 
