@@ -1,5 +1,6 @@
 """Two LoRAs in one image on the toy model: merge vs regional with the true halves (an oracle: the user painted
-exactly where each concept goes) vs clora with masks only vs clora with its latent updates.
+exactly where each concept goes), alone or with each half's own prompt (regional-prompts: the caption of that
+half's object), vs clora with masks only vs clora with its latent updates.
 
 python -m bench.composition [--set subjects-large] [--prompts 12] [--seeds 2] [--steps 20] [--methods merge,clora]
     [--only star,heart] [--loras DIR]
@@ -146,11 +147,31 @@ def half(side: str) -> Mask:
     return Mask(SIZE, SIZE, (values if side == "left" else 255 - values).tobytes())
 
 
+def region_prompts(prompt: Prompt) -> str:
+    """Each painted LoRA's region prompt: the caption of its own object alone (with the scene's background)."""
+    lines = []
+    for name, side in prompt.regions.items():
+        if side is not None:
+            own = next(o for o in prompt.spec.objects if o.position == side)
+            lines.append(
+                f"{name}: {scenes.SceneSpec((own,), prompt.spec.background).caption(use_triggers=True)}"
+            )
+    return "\n".join(lines)
+
+
 def method_params(method: str, prompt: Prompt):
     painted = {name: half(side) for name, side in prompt.regions.items() if side is not None}
     return {
         "merge": ("merge", None),
         "regional": ("regional", RegionalParams(RegionMasks.of(painted))),
+        "regional-prompts": (
+            "regional",
+            RegionalParams(RegionMasks.of(painted), prompts=region_prompts(prompt)),
+        ),
+        "regional-prompts-streams": (
+            "regional",
+            RegionalParams(RegionMasks.of(painted), prompts=region_prompts(prompt), prompt_mode="streams"),
+        ),
         "clora-masks": ("clora", CLoRAParams(step_size=0.0)),
         "clora": ("clora", CLoRAParams()),
     }[method]
@@ -212,7 +233,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--guidance", type=float, default=7.5)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--methods", default="merge,regional,clora-masks,clora")
+    parser.add_argument("--methods", default="merge,regional,regional-prompts,clora-masks,clora")
     parser.add_argument("--only", default="", help="comma-separated concepts: only pairs of these")
     parser.add_argument(
         "--loras", type=Path, default=None, help="folder of the LoRA files (default: bundled)"

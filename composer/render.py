@@ -236,7 +236,9 @@ def render_batch(
     if first.negative_prompt and "negative_prompt" in accepted:
         kwargs["negative_prompt"] = first.negative_prompt if single else [r.negative_prompt for r in requests]
     if "max_sequence_length" in accepted and getattr(pipe, "tokenizer_2", None) is not None:
-        kwargs["max_sequence_length"] = min(512, pipe.tokenizer_2.model_max_length)
+        kwargs["max_sequence_length"] = backbone.prompt_length(
+            pipe
+        )  # as training and regional prompts encode
     run = MethodRun(
         pipe,
         backbone,

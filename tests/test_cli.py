@@ -69,12 +69,13 @@ def test_cli_end_to_end(tmp_path, tiny_sdxl_factory):
     result = runner.invoke(
         app,
         [*args, "--method", "regional", "--mask", f"alpha={tmp_path / 'left.png'}", "--param", "feather=2"]
-        + ["--out", str(regional), *data],
+        + ["--param", "prompts=alpha: a red circle, white background", "--out", str(regional), *data],
     )
     assert result.exit_code == 0, result.output
     meta = json.loads(Image.open(regional).text["lora_studio"])
     assert meta["method"] == "regional" and list(meta["method_params"]["regions"]) == ["alpha"]
     assert meta["method_params"]["feather"] == 2
+    assert meta["method_params"]["prompts"] == "alpha: a red circle, white background"
     masks = sorted(tmp_path.glob("regional.regional*.png"))  # the masks used, beside the render
     assert [m.name for m in masks] == ["regional.regional0.png", "regional.regional1.png"]
     assert "region: alpha (50%)" in result.output
@@ -83,6 +84,7 @@ def test_cli_end_to_end(tmp_path, tiny_sdxl_factory):
         (["--mask", f"alpha={tmp_path / 'missing.png'}"], "no file"),
         (["--mask", f"gamma={tmp_path / 'left.png'}"], "masks for LoRAs not in the stack: gamma"),
         (["--param", "blur=1"], "regional has no parameter blur"),
+        (["--param", "prompts=beta: x"], "a region prompt for beta, which has no painted region"),
     ]:
         result = runner.invoke(app, [*args, "--method", "regional", *bad, "--out", str(regional), *data])
         assert result.exit_code == 1 and message in result.output, result.output

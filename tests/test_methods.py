@@ -103,6 +103,95 @@ def test_regional_without_masks_is_a_merge_and_one_full_mask_is_that_lora_alone(
     assert np.abs(run(rig, "regional", everywhere, loras=(("a", 1.0),)) - alone).max() < 2 / 255
 
 
+def run_prompt(rig, prompt, method="merge", params=None, loras=(("a", 1.0),)):
+    backbone, pipe, host = rig
+    request = RenderRequest(
+        prompt,
+        num_inference_steps=3,
+        height=SIZE,
+        width=SIZE,
+        loras=tuple(LoraWeight(n, w) for n, w in loras),
+        method=method,
+        method_params=params,
+    )
+    image = render_batch(pipe, backbone, host, [request], triggers=TRIGGERS)[0]
+    return np.asarray(image, dtype=np.float32) / 255.0
+
+
+def test_a_region_prompt_denoises_its_region_with_that_prompt(rig):
+    """Streams mode: a region covering everything with its own prompt is a plain render of that prompt (the
+    unconditional half keeps the request's negative). Either mode: a region prompt equal to the request's
+    changes nothing, another one changes the render."""
+    backbone = rig[0]
+    loras = (("a", 1.0), ("b", 0.7))
+    whole = RegionMasks.of({"a": full_mask()})
+    request_prompt = "a red circle on the left"
+    other = run_prompt(rig, "a blue square at the top", loras=loras)
+    swapped = RegionalParams(whole, prompts="a: a blue square at the top", prompt_mode="streams")
+    got = run_prompt(rig, request_prompt, "regional", swapped, loras)
+    assert np.abs(got - other).max() < 2 / 255
+    assert np.abs(got - run_prompt(rig, request_prompt, loras=loras)).max() > 0.01
+    left = RegionMasks.of({"a": half_mask("left")})
+    plain = run_prompt(rig, request_prompt, "regional", RegionalParams(left), loras)
+    for mode in ("streams", "attention"):
+        same = RegionalParams(left, prompts=f"a: {request_prompt}", prompt_mode=mode)
+        changed = RegionalParams(left, prompts="a: a blue square at the top", prompt_mode=mode)
+        if mode == "attention" and backbone.family == "flux":
+            with pytest.raises(StudioError, match="need cross-attention layers; this flux denoiser has none"):
+                run_prompt(rig, request_prompt, "regional", changed, loras)
+            continue
+        assert np.abs(run_prompt(rig, request_prompt, "regional", same, loras) - plain).max() < 2 / 255, mode
+        assert np.abs(run_prompt(rig, request_prompt, "regional", changed, loras) - plain).max() > 0.01, mode
+
+
+def test_a_region_reads_its_own_prompt_in_cross_attention(tiny_sdxl_factory):
+    """One cross-attention layer given two prompts side by side: each pixel's output is the plain layer's
+    output on the prompt its region picks, bit for bit."""
+    from composer.seams.attention import RegionText
+
+    backbone, make = tiny_sdxl_factory
+    unet = make().unet
+    name = next(n for n in unet.attn_processors if backbone.cross_attention(n))
+    attn = unet.get_submodule(name.removesuffix(".processor"))
+    processor = unet.attn_processors[name]
+    rows = cols = 4
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.randn(2, rows * cols, attn.to_q.in_features, generator=g)
+    first, second = (torch.randn(2, 7, attn.to_k.in_features, generator=g) for _ in range(2))
+    left = torch.zeros(rows, cols)
+    left[:, : cols // 2] = 1
+    weights = torch.stack([1 - left, left]).reshape(2, rows * cols, 1)
+    with torch.no_grad():
+        out = RegionText(processor, lambda q: weights, 2)(attn, pixels, torch.cat([first, second], dim=1))
+        on_first, on_second = processor(attn, pixels, first), processor(attn, pixels, second)
+    by_pixel = left.flatten().bool()
+    assert torch.allclose(out[:, by_pixel], on_second[:, by_pixel], atol=1e-6)
+    assert torch.allclose(out[:, ~by_pixel], on_first[:, ~by_pixel], atol=1e-6)
+    assert not torch.allclose(on_first, on_second, atol=1e-3)
+
+
+def test_region_prompts_are_read_strictly():
+    painted = RegionMasks.of({"a": half_mask("left"), "b": half_mask("right")})
+    params = RegionalParams(
+        painted, prompts="a: a red star on the left\nb: a blue heart; ", prompt_mode="streams"
+    )
+    assert params_from_json("regional", params_to_json(params)) == params
+    params.check(["a", "b"])
+    cases = [
+        ("a red star", "region prompt 'a red star': write `name: its prompt`"),
+        ("a:", "region prompt 'a:': write `name: its prompt`"),
+        ("a: one\na: two", "'a' is given twice"),
+        ("a: " + "x" * 2001, "has 2001 characters; at most 2000"),
+    ]
+    for text, message in cases:
+        with pytest.raises(StudioError, match=message):
+            RegionalParams(painted, prompts=text)
+    with pytest.raises(StudioError, match="regional.prompts must be str"):
+        params_from_json("regional", {"prompts": 3})
+    with pytest.raises(StudioError, match="a region prompt for b, which has no painted region"):
+        RegionalParams(RegionMasks.of({"a": half_mask("left")}), prompts="b: x").check(["a", "b"])
+
+
 def test_each_stream_owns_its_pixels_in_one_batched_pass(rig):
     """Left half from LoRA a's prediction, right half from b's, bit for bit, in a single denoiser call."""
     backbone, pipe, host = rig

@@ -50,8 +50,8 @@ def stack(*rows):
 
 
 def render(client, prompt="a red circle on the left", rows=(), seed=0, method="merge", canvas=None, **kw):
-    """The /render endpoint: the fixed inputs, then every method's controls (regional: canvas, feather;
-    clora: threshold, temperature, step size, update until)."""
+    """The /render endpoint: the fixed inputs, then every method's controls (regional: canvas, feather, region
+    prompts, prompt mode; clora: threshold, temperature, step size, update until)."""
     s = {**SMALL, **kw}
     return client.predict(
         prompt,
@@ -65,6 +65,8 @@ def render(client, prompt="a red circle on the left", rows=(), seed=0, method="m
         s["height"],
         canvas,
         s.get("feather", 0),
+        s.get("prompts", ""),
+        s.get("prompt_mode", "attention"),
         *s.get("clora", (0.3, 0.5, 0.02, 0.5)),
         api_name="/render",
     )
@@ -193,6 +195,13 @@ def test_regional_render_from_a_painted_canvas_shows_its_masks(client, tmp_path)
     shown = np.asarray(Image.open(masks[0]["image"]).convert("L"))
     assert shown[:, :32].min() == 255 and shown[:, 32:].max() == 0
     assert np.abs(pixels(image["image"]) - pixels(merged[0]["image"])).mean() > 0.005
+    # the painted region with a prompt of its own
+    prompted, provenance = render(
+        client, rows=rows, method="regional", canvas=canvas, prompts="inkwell: a blue square on the left"
+    )
+    assert provenance["method_params"]["prompts"] == "inkwell: a blue square on the left"
+    assert provenance["method_params"]["prompt_mode"] == "attention"
+    assert np.abs(pixels(prompted[0]["image"]) - pixels(image["image"])).mean() > 0.005
 
 
 def test_clora_render_shows_the_masks_it_found(client):
@@ -358,18 +367,22 @@ def test_method_controls_are_built_from_the_dataclass_fields():
         ("note", "Textbox"),
     ]
     assert not by_name["knobs"].group.visible
-    assert [type(c).__name__ for _, c in by_name["regional"].controls] == ["ImageEditor", "Number"]
+    regional_kinds = [type(c).__name__ for _, c in by_name["regional"].controls]
+    assert regional_kinds == ["ImageEditor", "Number", "Textbox", "Dropdown"]
     clora = [0.25, 0.5, 0.0, 0.5]
-    values = [None, 0, *clora, "hard", 0.9, 4.0, True, "x"]  # regional's canvas and feather, clora's, knobs'
+    regional_values = [None, 0, "", "attention"]  # canvas, feather, region prompts, prompt mode
+    values = [*regional_values, *clora, "hard", 0.9, 4.0, True, "x"]  # regional's, clora's, knobs'
     assert params_from(groups, "merge", values) == METHODS["merge"]()
     assert params_from(groups, "clora", values) == METHODS["clora"](0.25, 0.5, 0.0, 0.5)
     assert params_from(groups, "knobs", values) == _Knobs("hard", 0.9, 4, True, "x")
     with pytest.raises(StudioError, match="knobs: strength needs a value"):
-        params_from(groups, "knobs", [None, 0, *clora, "hard", None, 4, True, "x"])
+        params_from(groups, "knobs", [*regional_values, *clora, "hard", None, 4, True, "x"])
     painting = Image.new("RGBA", (4, 4), (255, 255, 255, 255))
     painting.putpixel((0, 0), PALETTE[1] + (255,))  # the second LoRA's colour
-    regional = params_from(groups, "regional", [{"composite": painting}, 2, *values[2:]], ["a", "b"])
+    painted = [{"composite": painting}, 2, "b: a blue square", "streams"]
+    regional = params_from(groups, "regional", [*painted, *values[4:]], ["a", "b"])
     assert regional.regions.names() == ["b"] and regional.feather == 2
+    assert regional.prompts == "b: a blue square" and regional.prompt_mode == "streams"
     assert regional.regions.get("b").coverage() == pytest.approx(1 / 16)
 
 

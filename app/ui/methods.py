@@ -78,7 +78,7 @@ def control_for(field: dataclasses.Field, hint: Any) -> gr.components.Component:
     if hint in (int, float):
         return gr.Number(value=default, label=label, info=info, precision=0 if hint is int else None)
     if hint is str:
-        return gr.Textbox(value=default or "", label=label, info=info)
+        return gr.Textbox(value=default or "", label=label, info=info, lines=field.metadata.get("lines", 1))
     if hint is RegionMasks:
         return region_canvas(label, info)
     raise TypeError(

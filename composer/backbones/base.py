@@ -142,11 +142,29 @@ class Backbone:
         """
         raise StudioError(f"cannot read cross-attention maps of a {self.family} denoiser")
 
+    def cross_attention(self, name: str) -> bool:
+        """Whether the denoiser's `name` attention processor is a cross-attention layer that reads the prompt
+        tokens as keys, apart from the image (SDXL's `attn2`; FLUX's joint attention mixes them: none)."""
+        return False
+
     # --- replaying a denoiser call -------------------------------------------------------------------
     def replay_inputs(self, pipe, args: tuple, kwargs: dict, latents: torch.Tensor, timestep) -> tuple:
         """(args, kwargs) of a recorded denoiser call, at new `latents` (as the scheduler holds them) and
         `timestep` (a value of `pipe.scheduler.timesteps`), scaled as the pipeline would pass them."""
         raise self._unsupported("replaying a denoiser call")
+
+    # --- a denoiser call's text conditioning ----------------------------------------------------------
+    def call_text(self, kwargs: dict) -> torch.Tensor:
+        """The (B, seq, dim) prompt embeddings a denoiser call was given (both families pass them by name)."""
+        text = kwargs.get("encoder_hidden_states")
+        if not isinstance(text, torch.Tensor):
+            raise StudioError(f"this {self.family} denoiser call carries no encoder_hidden_states")
+        return text
+
+    def with_text(self, kwargs: dict, rows: torch.Tensor, cond: Conditioning) -> dict:
+        """A denoiser call's kwargs with the text conditioning of `rows` (indices into its batch) replaced by
+        `cond` (prompt embeddings and the pooled embedding); the call's own tensors are left as they were."""
+        raise self._unsupported("replacing a denoiser call's text conditioning")
 
     # --- training ------------------------------------------------------------------------------------
     def training_noise(self, pipe, snr_gamma: float | None):
@@ -259,6 +277,16 @@ def _load_pipeline(backbone: Backbone, model, *, dtype, device, seed):
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def replace_rows(tensor: torch.Tensor, rows: torch.Tensor, value: torch.Tensor, what: str) -> torch.Tensor:
+    """A copy of `tensor` whose `rows` (batch indices) hold `value` (shaped as one row, or with a leading 1)."""
+    one = value[0] if value.ndim == tensor.ndim and value.shape[0] == 1 else value
+    if tuple(one.shape) != tuple(tensor.shape[1:]):
+        raise StudioError(f"{what} {tuple(value.shape)} do not fit the call's rows {tuple(tensor.shape[1:])}")
+    out = tensor.clone()
+    out[rows] = one.to(device=tensor.device, dtype=tensor.dtype)
+    return out
 
 
 def on_meta(family: str, component: str) -> nn.Module:

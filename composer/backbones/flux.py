@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from composer.backbones.base import SEMANTIC_SIDE, Backbone, Conditioning, on_meta
+from composer.backbones.base import SEMANTIC_SIDE, Backbone, Conditioning, on_meta, replace_rows
 from composer.backbones.sdxl import TINY_MERGES, clip_text_config
 from composer.backbones.tokenizers import clip_tokenizer, t5_tokenizer
 from composer.errors import BackboneError, StudioError
@@ -208,6 +208,20 @@ class FluxBackbone(Backbone):
         timestep = (timestep / 1000).expand(latents.shape[0]).to(latents.dtype)
         return args, {**kwargs, "hidden_states": latents, "timestep": timestep}
 
+    def with_text(self, kwargs: dict, rows: torch.Tensor, cond: Conditioning) -> dict:
+        """The T5 prompt embeddings and CLIP's pooled projection (`txt_ids` depend on the length only)."""
+        if not isinstance(kwargs.get("pooled_projections"), torch.Tensor):
+            raise StudioError("this FLUX denoiser call carries no pooled_projections")
+        return {
+            **kwargs,
+            "encoder_hidden_states": replace_rows(
+                self.call_text(kwargs), rows, cond.embeds, "prompt embeddings"
+            ),
+            "pooled_projections": replace_rows(
+                kwargs["pooled_projections"], rows, cond.pooled, "pooled embedding"
+            ),
+        }
+
     def training_noise(self, pipe, snr_gamma: float | None):
         if snr_gamma is not None:
             raise StudioError(
@@ -217,7 +231,7 @@ class FluxBackbone(Backbone):
 
     def encode_caption(self, pipe, caption: str, device) -> Conditioning:
         embeds, pooled, text_ids = pipe.encode_prompt(
-            caption, prompt_2=None, device=device, max_sequence_length=T5_LENGTH
+            caption, prompt_2=None, device=device, max_sequence_length=self.prompt_length(pipe)
         )
         return Conditioning(embeds.float(), pooled.float(), text_ids)
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from composer.backbones.base import SEMANTIC_SIDE, Backbone, Conditioning, on_meta
+from composer.backbones.base import SEMANTIC_SIDE, Backbone, Conditioning, on_meta, replace_rows
 from composer.backbones.tokenizers import clip_tokenizer
 from composer.errors import StudioError
 
@@ -186,13 +186,25 @@ class SDXLBackbone(Backbone):
         return max(fitting) if fitting else min(levels)
 
     def attention_capture(self, name: str, processor, store, latent: tuple[int, int]):
-        return UNetCrossAttention(processor, store) if name.endswith("attn2.processor") else None
+        return UNetCrossAttention(processor, store) if self.cross_attention(name) else None
+
+    def cross_attention(self, name: str) -> bool:
+        return name.endswith("attn2.processor")
 
     def replay_inputs(self, pipe, args: tuple, kwargs: dict, latents: torch.Tensor, timestep) -> tuple:
         sample = pipe.scheduler.scale_model_input(latents, timestep)
         if args:
             return (sample, timestep, *args[2:]), kwargs
         return args, {**kwargs, "sample": sample, "timestep": timestep}
+
+    def with_text(self, kwargs: dict, rows: torch.Tensor, cond: Conditioning) -> dict:
+        """The prompt embeddings and the pooled embedding SDXL adds to the time embedding (`text_embeds`)."""
+        added = dict(kwargs.get("added_cond_kwargs") or {})
+        if "text_embeds" not in added:
+            raise StudioError("this SDXL denoiser call carries no pooled text embedding (added_cond_kwargs)")
+        added["text_embeds"] = replace_rows(added["text_embeds"], rows, cond.pooled, "pooled embedding")
+        text = replace_rows(self.call_text(kwargs), rows, cond.embeds, "prompt embeddings")
+        return {**kwargs, "encoder_hidden_states": text, "added_cond_kwargs": added}
 
     def training_noise(self, pipe, snr_gamma: float | None):
         from diffusers import DDPMScheduler

@@ -5,6 +5,11 @@ covers get a stream of the unmasked LoRAs alone (the base model when every LoRA 
 one batched denoiser call per step and their noise predictions are blended by the masks (`streams`), the
 multi-stream masked fusion of MultiDiffusion (Bar-Tal et al., 2023) and CLoRA, here with masks the user draws.
 Cost: one denoiser pass per stream that covers some pixel. The text encoders see the whole stack (merge).
+
+Regional prompts (`prompts`, one line `name: text` per painted LoRA): that LoRA's stream is denoised with its own
+prompt instead of the whole one, encoded with the stream's LoRAs on the text encoders, as if the region were a
+render of its own (the Regional Prompter / ComfyUI "conditioning set mask" practice). The unconditional half of
+classifier-free guidance and unpainted pixels keep the request's prompts.
 """
 
 from __future__ import annotations
@@ -12,17 +17,43 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
+from composer.backbones.base import Conditioning
 from composer.errors import StudioError
 from composer.masks import RegionMasks
 from composer.methods.base import CompositionParams, MethodRun
+from composer.seams.attention import cross_attention_by_region
 from composer.seams.streams import denoise_in_streams
 
 MAX_FEATHER = 256
+MAX_PROMPT = 2000  # characters of one region prompt
+
+
+def parse_region_prompts(text: str) -> dict[str, str]:
+    """`name: prompt` per line (or separated by ";"), blank lines ignored -> {name: prompt}.
+
+    Raises:
+        StudioError: a line with no name or no prompt, a name given twice, or an overlong prompt (named).
+    """
+    out: dict[str, str] = {}
+    for line in text.replace(";", "\n").splitlines():
+        if not line.strip():
+            continue
+        name, colon, prompt = line.partition(":")
+        name, prompt = name.strip(), prompt.strip()
+        if not colon or not name or not prompt:
+            raise StudioError(f"region prompt {line.strip()!r}: write `name: its prompt`, one LoRA per line")
+        if name in out:
+            raise StudioError(f"region prompts: {name!r} is given twice")
+        if len(prompt) > MAX_PROMPT:
+            raise StudioError(f"region prompt of {name!r} has {len(prompt)} characters; at most {MAX_PROMPT}")
+        out[name] = prompt
+    return out
 
 
 @dataclass(frozen=True)
@@ -36,10 +67,28 @@ class RegionalParams(CompositionParams):
     feather: int = field(
         default=0, metadata={"help": "blur the mask edges by this many pixels (0: hard edges)"}
     )
+    prompts: str = field(
+        default="",
+        metadata={
+            "help": "optional, one line per painted LoRA: `name: the prompt of its region` (empty: every "
+            "region uses the whole prompt)",
+            "lines": 3,
+        },
+    )
+    prompt_mode: Literal["attention", "streams"] = field(
+        default="attention",
+        metadata={
+            "help": "attention: each region's pixels read its prompt in every cross-attention layer (SDXL); "
+            "streams: each painted LoRA's denoising stream runs on its region's prompt (any family)"
+        },
+    )
 
     def __post_init__(self):
         if not isinstance(self.feather, int) or not 0 <= self.feather <= MAX_FEATHER:
             raise StudioError(f"feather must be an integer in 0..{MAX_FEATHER}, got {self.feather!r}")
+        if not isinstance(self.prompts, str):
+            raise StudioError(f"prompts must be text (`name: prompt` per line), got {self.prompts!r}")
+        parse_region_prompts(self.prompts)
 
     def check(self, stack: list[str]) -> None:
         unknown = [n for n in self.regions.names() if n not in stack]
@@ -47,6 +96,12 @@ class RegionalParams(CompositionParams):
             raise StudioError(
                 f"regional: masks for LoRAs not in the stack: {', '.join(unknown)} "
                 f"(stack: {', '.join(stack) or 'empty'})"
+            )
+        unpainted = [n for n in parse_region_prompts(self.prompts) if n not in self.regions.names()]
+        if unpainted:
+            raise StudioError(
+                f"regional: a region prompt for {', '.join(unpainted)}, which has no painted region "
+                f"(painted: {', '.join(self.regions.names()) or 'none'})"
             )
 
     def stream_masks(self, stack: list[str], height: int, width: int) -> list[tuple[str | None, np.ndarray]]:
@@ -94,5 +149,81 @@ class RegionalParams(CompositionParams):
                 masks = torch.from_numpy(np.stack([values for _, values in streams]))  # (S, H, W)
                 grid = run.backbone.patch_grid(run.pipe, run.height, run.width)
                 denoiser = getattr(run.pipe, run.backbone.denoiser)
-                stack.enter_context(denoise_in_streams(denoiser, run.host, scales, masks, grid))
+                inputs = None
+                texts = parse_region_prompts(self.prompts)
+                if texts:
+                    inputs = self.region_prompt_inputs(run, streams, scales, texts, stack)
+                stack.enter_context(
+                    denoise_in_streams(denoiser, run.host, scales, masks, grid, inputs=inputs)
+                )
             yield
+
+    def region_prompt_inputs(self, run: MethodRun, streams: list, scales: list[dict], texts: dict, stack):
+        """The streams' `inputs` hook that gives painted regions their prompts (entering, in attention mode, the
+        cross-attention swap on `stack`). Each region prompt is encoded once, with its stream's LoRAs on the
+        text encoders; the request's prompts are encoded too, to tell the conditional rows of a call."""
+        device = getattr(run.pipe, "_execution_device", None) or torch.device("cpu")
+        prompted = [j for j, (name, _) in enumerate(streams) if name in texts]
+        with torch.no_grad():
+            requested = [run.backbone.encode_caption(run.pipe, p, device).embeds for p in run.prompts]
+            encoded = []
+            for j in prompted:
+                with run.host.activate(scales[j]):
+                    encoded.append(run.backbone.encode_caption(run.pipe, texts[streams[j][0]], device))
+        if self.prompt_mode == "streams":
+            own: list[Conditioning | None] = [None] * len(streams)
+            for j, cond in zip(prompted, encoded, strict=True):
+                own[j] = cond
+            return swap_texts(run.backbone, requested, own)
+        painted = torch.from_numpy(np.stack([streams[j][1] for j in prompted]))
+        rest = (1.0 - painted.sum(dim=0)).clamp(min=0.0)
+        latent = run.backbone.latent_size(run.pipe, run.height, run.width)
+        denoiser = getattr(run.pipe, run.backbone.denoiser)
+        stack.enter_context(
+            cross_attention_by_region(run.backbone, denoiser, torch.cat([rest[None], painted]), latent)
+        )
+        return texts_side_by_side(run.backbone, requested, [cond.embeds for cond in encoded])
+
+
+def conditional_rows(backbone, kwargs: dict, batch: int, requested: list[torch.Tensor]) -> torch.Tensor:
+    """(batch,) bool: the rows of a denoiser call whose prompt embeddings are one of the request's prompts (the
+    conditional rows; classifier-free guidance's unconditional rows carry the negative prompt)."""
+    call = backbone.call_text(kwargs)[:batch].float()
+    rows = torch.tensor(
+        [any(torch.allclose(row, r[0].to(row), rtol=1e-3, atol=1e-3) for r in requested) for row in call]
+    )
+    if not bool(rows.any()):
+        raise StudioError("region prompts: no row of the denoiser call carries the request's prompt")
+    return rows
+
+
+def swap_texts(backbone, requested: list[torch.Tensor], own: list[Conditioning | None]):
+    """Streams mode: in stream j, the conditional rows get stream j's own text (None: the request's)."""
+
+    def inputs(kwargs: dict, batch: int) -> dict:
+        rows = torch.nonzero(conditional_rows(backbone, kwargs, batch, requested)).flatten()
+        for j, cond in enumerate(own):
+            if cond is not None:
+                kwargs = backbone.with_text(kwargs, rows + j * batch, cond)
+        return kwargs
+
+    return inputs
+
+
+def texts_side_by_side(backbone, requested: list[torch.Tensor], region_embeds: list[torch.Tensor]):
+    """Attention mode: every row's text becomes [its own | region 1 | ...] along the tokens; a conditional row
+    gets the region prompts, any other row its own text again (so its attention is unchanged)."""
+
+    def inputs(kwargs: dict, batch: int) -> dict:
+        text = backbone.call_text(kwargs)  # (streams * batch, tokens, dim)
+        conditional = conditional_rows(backbone, kwargs, batch, requested).repeat(text.shape[0] // batch)
+        chunks = [text]
+        for embeds in region_embeds:
+            if tuple(embeds.shape[1:]) != tuple(text.shape[1:]):
+                raise StudioError(
+                    f"a region prompt's {tuple(embeds.shape[1:])} do not fit {tuple(text.shape[1:])}"
+                )
+            chunks.append(torch.where(conditional[:, None, None].to(text.device), embeds.to(text), text))
+        return {**kwargs, "encoder_hidden_states": torch.cat(chunks, dim=1)}
+
+    return inputs

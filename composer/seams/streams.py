@@ -84,6 +84,7 @@ def denoise_in_streams(
     masks: torch.Tensor | Callable[[int], torch.Tensor],
     grid: tuple[int, int] | None = None,
     on_call: Callable[[tuple, dict], None] | None = None,
+    inputs: Callable[[dict, int], dict] | None = None,
 ) -> Iterator[None]:
     """While the block runs, every `denoiser(...)` call returns the mask-weighted blend of its streams.
 
@@ -96,6 +97,8 @@ def denoise_in_streams(
             regions for this call: (S, H, W) or (S, batch, H, W) (CLoRA's masks change every step).
         grid: (rows, cols) of FLUX's packed latent patches.
         on_call: called after each blended call with the call's own (args, kwargs), before any repeat.
+        inputs: (kwargs repeated per stream, the call's batch) -> the kwargs the streams run with: rows
+            j * batch ... (j + 1) * batch are stream j's (regional prompts give a stream its own text).
     """
     fixed = isinstance(masks, torch.Tensor)
     if not streams or (fixed and masks.shape[0] != len(streams)):
@@ -133,6 +136,8 @@ def denoise_in_streams(
         batch, count = hidden.shape[0], len(streams)
         args = tuple(_repeat(a, batch, count) for a in call_args)
         kwargs = {k: (v if k in _UNBATCHED else _repeat(v, batch, count)) for k, v in call_kwargs.items()}
+        if inputs is not None:
+            kwargs = inputs(kwargs, batch)
         previous = host.context.active
         host.context.active = scales_for(batch, hidden.device)
         try:
