@@ -1,4 +1,4 @@
-"""Two LoRAs in one image on the toy model: merge vs regional with the true halves (an oracle: the user painted
+"""Two LoRAs in one image on the toy model: merge, switch (every 5 steps) and composite vs regional with the true halves (an oracle: the user painted
 exactly where each concept goes), alone or with each half's own prompt (regional-prompts: the caption of that
 half's object), vs clora with masks only vs clora with its latent updates.
 
@@ -40,7 +40,7 @@ from composer.adapters.host import AdapterHost
 from composer.backbones import get_backbone, load_pipeline
 from composer.formats import read_lora
 from composer.masks import Mask, RegionMasks
-from composer.methods import CLoRAParams, RegionalParams
+from composer.methods import CLoRAParams, CompositeParams, RegionalParams, SwitchParams
 from composer.render import LoraWeight, RenderRequest, render_batch
 from toyworld import loras_dir, model_dir, negatives, scenes
 from toyworld.evaluator import Evaluator, SceneReport
@@ -163,6 +163,8 @@ def method_params(method: str, prompt: Prompt):
     painted = {name: half(side) for name, side in prompt.regions.items() if side is not None}
     return {
         "merge": ("merge", None),
+        "switch": ("switch", SwitchParams()),
+        "composite": ("composite", CompositeParams()),
         "regional": ("regional", RegionalParams(RegionMasks.of(painted))),
         "regional-prompts": (
             "regional",
@@ -233,7 +235,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--guidance", type=float, default=7.5)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--methods", default="merge,regional,regional-prompts,clora-masks,clora")
+    parser.add_argument(
+        "--methods",
+        default="merge,switch,composite,regional,regional-prompts,regional-prompts-streams,clora-masks,clora",
+    )
     parser.add_argument("--only", default="", help="comma-separated concepts: only pairs of these")
     parser.add_argument(
         "--loras", type=Path, default=None, help="folder of the LoRA files (default: bundled)"

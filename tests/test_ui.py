@@ -50,8 +50,9 @@ def stack(*rows):
 
 
 def render(client, prompt="a red circle on the left", rows=(), seed=0, method="merge", canvas=None, **kw):
-    """The /render endpoint: the fixed inputs, then every method's controls (regional: canvas, feather, region
-    prompts, prompt mode; clora: threshold, temperature, step size, update until)."""
+    """The /render endpoint: the fixed inputs, then every method's controls in the registry's order (switch:
+    every; regional: canvas, feather, region prompts, prompt mode; clora: threshold, temperature, step size,
+    update until)."""
     s = {**SMALL, **kw}
     return client.predict(
         prompt,
@@ -63,6 +64,7 @@ def render(client, prompt="a red circle on the left", rows=(), seed=0, method="m
         s["guidance"],
         s["width"],
         s["height"],
+        s.get("every", 5),
         canvas,
         s.get("feather", 0),
         s.get("prompts", ""),
@@ -202,6 +204,11 @@ def test_regional_render_from_a_painted_canvas_shows_its_masks(client, tmp_path)
     assert provenance["method_params"]["prompts"] == "inkwell: a blue square on the left"
     assert provenance["method_params"]["prompt_mode"] == "attention"
     assert np.abs(pixels(prompted[0]["image"]) - pixels(image["image"])).mean() > 0.005
+    # the other methods of the menu, from the same controls
+    for method, params in (("switch", {"every": 1}), ("composite", {})):
+        gallery, provenance = render(client, rows=rows, method=method, every=1)
+        assert provenance["method"] == method and provenance["method_params"] == params
+        assert np.abs(pixels(gallery[0]["image"]) - pixels(merged[0]["image"])).mean() > 0.005
 
 
 def test_clora_render_shows_the_masks_it_found(client):
@@ -244,7 +251,7 @@ def test_a_prompt_tag_renders_as_the_stack_row_and_is_in_the_provenance(client):
         ([], {"width": 60}, "multiples of 8"),
         ([], {"prompt": "x <lora:inkwel:0.5>"}, "prompt tag <lora:inkwel:0.5>: no adapter named 'inkwel'"),
         ([], {"prompt": "x <lora:inkwell:big>"}, "weight 'big' is not a number"),
-        ([], {"method": "blend"}, "blend is not in the list of choices: \\['merge', 'regional', 'clora'\\]"),
+        ([], {"method": "blend"}, "blend is not in the list of choices: \\['merge', 'switch', 'composite', 'regional', 'clora'\\]"),
     ],
 )
 def test_bad_render_input_is_a_clear_error(client, rows, kw, message):
@@ -370,9 +377,10 @@ def test_method_controls_are_built_from_the_dataclass_fields():
     regional_kinds = [type(c).__name__ for _, c in by_name["regional"].controls]
     assert regional_kinds == ["ImageEditor", "Number", "Textbox", "Dropdown"]
     clora = [0.25, 0.5, 0.0, 0.5]
-    regional_values = [None, 0, "", "attention"]  # canvas, feather, region prompts, prompt mode
-    values = [*regional_values, *clora, "hard", 0.9, 4.0, True, "x"]  # regional's, clora's, knobs'
+    regional_values = [3, None, 0, "", "attention"]  # switch's every; canvas, feather, region prompts, mode
+    values = [*regional_values, *clora, "hard", 0.9, 4.0, True, "x"]  # switch's, regional's, clora's, knobs'
     assert params_from(groups, "merge", values) == METHODS["merge"]()
+    assert params_from(groups, "switch", values) == METHODS["switch"](3)
     assert params_from(groups, "clora", values) == METHODS["clora"](0.25, 0.5, 0.0, 0.5)
     assert params_from(groups, "knobs", values) == _Knobs("hard", 0.9, 4, True, "x")
     with pytest.raises(StudioError, match="knobs: strength needs a value"):
@@ -380,7 +388,7 @@ def test_method_controls_are_built_from_the_dataclass_fields():
     painting = Image.new("RGBA", (4, 4), (255, 255, 255, 255))
     painting.putpixel((0, 0), PALETTE[1] + (255,))  # the second LoRA's colour
     painted = [{"composite": painting}, 2, "b: a blue square", "streams"]
-    regional = params_from(groups, "regional", [*painted, *values[4:]], ["a", "b"])
+    regional = params_from(groups, "regional", [3, *painted, *values[5:]], ["a", "b"])
     assert regional.regions.names() == ["b"] and regional.feather == 2
     assert regional.prompts == "b: a blue square" and regional.prompt_mode == "streams"
     assert regional.regions.get("b").coverage() == pytest.approx(1 / 16)

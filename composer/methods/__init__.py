@@ -15,11 +15,15 @@ from composer.errors import StudioError
 from composer.masks import MaskError, RegionMasks
 from composer.methods.base import CompositionParams, MethodRun, StackEntry
 from composer.methods.clora import CLoRAParams
+from composer.methods.composite import CompositeParams
 from composer.methods.merge import MergeParams
 from composer.methods.regional import RegionalParams
+from composer.methods.switch import SwitchParams
 
 METHODS: dict[str, type] = {
     "merge": MergeParams,
+    "switch": SwitchParams,
+    "composite": CompositeParams,
     "regional": RegionalParams,
     "clora": CLoRAParams,
 }
@@ -93,11 +97,13 @@ def method_name(params: object) -> str:
 __all__ = [
     "METHODS",
     "CLoRAParams",
+    "CompositeParams",
     "CompositionParams",
     "MergeParams",
     "MethodRun",
     "RegionalParams",
     "StackEntry",
+    "SwitchParams",
     "method_name",
     "params_class",
     "params_from_json",

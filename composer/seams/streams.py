@@ -105,7 +105,6 @@ def denoise_in_streams(
         raise StudioError(f"{len(streams)} streams for {masks.shape[0] if fixed else '?'} masks")
     names = sorted({n for s in streams for n in s})
     original = denoiser.forward
-    patched_before = "forward" in vars(denoiser)  # someone's hook (accelerate offload) to put back
     cache: dict[tuple, object] = {}  # every step asks for the same scales and weights: build them once
 
     def scales_for(batch: int, device) -> dict[str, Scale]:
@@ -154,6 +153,16 @@ def denoise_in_streams(
         out.sample = blended
         return out
 
+    with shadow_forward(denoiser, forward):
+        yield
+
+
+@contextmanager
+def shadow_forward(denoiser: torch.nn.Module, forward: Callable) -> Iterator[None]:
+    """`denoiser.forward` is `forward` while the block runs, then what it was (the class's own, or someone's
+    hook such as accelerate's offload, put back)."""
+    original = denoiser.forward
+    patched_before = "forward" in vars(denoiser)
     denoiser.forward = forward
     try:
         yield
@@ -162,3 +171,23 @@ def denoise_in_streams(
             denoiser.forward = original
         else:
             del denoiser.forward  # the class's forward shows through again
+
+
+@contextmanager
+def denoise_with(
+    denoiser: torch.nn.Module, host: AdapterHost, scales: Callable[[], Mapping[str, Scale]]
+) -> Iterator[None]:
+    """While the block runs, every `denoiser(...)` call runs with the adapter set `scales()` returns at that
+    moment (LoRA Switch's set of the step); the host's active set (the text encoders') is put back after."""
+    original = denoiser.forward
+
+    def forward(*args, **kwargs):
+        previous = host.context.active
+        host.context.active = scales()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            host.context.active = previous
+
+    with shadow_forward(denoiser, forward):
+        yield
