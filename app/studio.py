@@ -39,7 +39,7 @@ from composer.backbones import TINY, load_pipeline
 from composer.errors import FamilyMismatchError, OverBudgetError, StudioError
 from composer.formats.readers import read_lora
 from composer.formats.safetensors_io import FileHashes, file_hashes
-from composer.methods import METHODS, params_to_json
+from composer.methods import METHODS, missing_trigger, params_to_json
 from composer.render import LoraWeight, Progress, RenderRequest, render_batch, sampling_defaults
 from composer.train import TrainConfig
 from composer.train.loop import Progress as TrainProgress
@@ -351,8 +351,17 @@ class Studio:
             try:
                 request = RenderRequest.from_json(data)
                 request.validate()
-                for info, _role in self.resolve_stack(request):
+                stack = self.resolve_stack(request)
+                for info, _role in stack:
                     check_family(info, backbone, spec.family)
+                if type(request.params()).needs_triggers:
+                    triggers = {
+                        lw.name: info.trigger_words
+                        for lw, (info, _) in zip(request.loras, stack, strict=True)
+                    }
+                    problem = missing_trigger(request.method, request.prompt, triggers)
+                    if problem:
+                        raise StudioError(problem)
             except (StudioError, CatalogError) as exc:
                 exc.args = (f"requests[{i}]: {exc.args[0] if exc.args else exc}", *exc.args[1:])
                 raise

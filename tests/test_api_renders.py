@@ -169,6 +169,31 @@ def test_regional_job_with_masks_equals_studio_render_and_bad_params_are_400(cli
     assert "unknown composition method 'blend'" in body["message"]
 
 
+def test_a_method_that_reads_trigger_words_refuses_a_prompt_without_them_at_submit(client, studio):
+    request = {"prompt": "a red circle", "loras": [{"name": "inkwell"}], "method": "clora", **SMALL}
+    body = error(client.post(f"{API}/renders", json={"requests": [request]}), 400, "bad_request")
+    assert body["message"] == (
+        "requests[0]: clora finds each LoRA's concept by its trigger words; 'inkwell' has none in the catalog"
+    )
+    studio.library.update("inkwell", trigger_words=["inkw", "ink well"])
+    body = error(client.post(f"{API}/renders", json={"requests": [request]}), 400, "bad_request")
+    assert "the prompt does not contain 'inkwell''s trigger word ('inkw', 'ink well')" in body["message"]
+    assert (
+        "inkwell"
+        in error(
+            client.post(f"{API}/renders", json={"requests": [{**request, "prompt": "an inkwell"}]}),
+            400,
+            "bad_request",
+        )["message"]
+    )  # a whole word only
+    both = [{**request, "prompt": prompt} for prompt in ("a red INKW on the left", "an ink well")]
+    r = client.post(f"{API}/renders", json={"requests": both})
+    assert r.status_code == 202, r.text
+    # merge does not read trigger words
+    r = client.post(f"{API}/renders", json={"requests": [{**request, "method": "merge"}]})
+    assert r.status_code == 202, r.text
+
+
 def test_idempotency_key_gives_one_job_and_refuses_another_body(client):
     body = {"requests": [{"prompt": "a cat", **SMALL}]}
     first = client.post(f"{API}/renders", json=body, headers={"Idempotency-Key": "abc"})

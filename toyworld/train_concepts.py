@@ -1,9 +1,9 @@
 """Train the bundled concept adapters of the toy world with our own trainer, on the shipped toy model.
 
-python -m toyworld.train_concepts --out toyworld/loras [--steps 1600] [--images 192] [--only star,zigzag] [--n 48]
+python -m toyworld.train_concepts --out toyworld/loras [--steps 1600] [--images 768] [--only star,zigzag] [--n 48]
     [--measure-only]
 
-One LoRA per held-out concept (6 subjects, 4 styles, 2 backgrounds) from 192 generated scenes each with
+One LoRA per held-out concept (6 subjects, 4 styles, 2 backgrounds) from 768 generated scenes each with
 trigger-word captions, half of them with the concept beside a base object in either half (so that it composes),
 and B-LoRAs from single images (subjects for content, textured squares for style), all written as kohya
 safetensors with trigger words, plus manifest.json (name, kind, trigger, tags, description, training settings
@@ -99,11 +99,11 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=Path("toyworld/loras"))
     parser.add_argument("--model", default=str(model_dir()))
-    # 192 scenes and 1600 steps: a ring LoRA on the toy model drew small rings in 0.38 / 0.57 / 0.67 of prompts
-    # from 32 / 96 / 192 scenes at 1600 steps (docs/BENCHMARKS.md, "How many scenes")
+    # 768 scenes and 1600 steps: a ring LoRA on the toy model drew small rings in 0.38 / 0.57 / 0.67 / 0.86 / 0.86
+    # of prompts from 32 / 96 / 192 / 768 / 3072 scenes at 1600 steps (docs/BENCHMARKS.md, "How many scenes")
     parser.add_argument("--steps", type=int, default=1600)
     parser.add_argument("--blora-steps", type=int, default=400)
-    parser.add_argument("--images", type=int, default=192)
+    parser.add_argument("--images", type=int, default=768)
     parser.add_argument(
         "--rank", type=int, default=CONCEPT_RECIPE["rank"], help="LoRA rank of concept adapters"
     )

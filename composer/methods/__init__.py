@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from composer.errors import StudioError
 from composer.masks import MaskError, RegionMasks
-from composer.methods.base import CompositionParams, MethodRun, StackEntry
+from composer.methods.base import CompositionParams, MethodRun, StackEntry, missing_trigger
 from composer.methods.clora import CLoRAParams
 from composer.methods.composite import CompositeParams
 from composer.methods.merge import MergeParams
@@ -105,6 +105,7 @@ __all__ = [
     "StackEntry",
     "SwitchParams",
     "method_name",
+    "missing_trigger",
     "params_class",
     "params_from_json",
     "params_to_json",

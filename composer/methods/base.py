@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -63,6 +64,10 @@ class CompositionParams(Protocol):
     """The method takes gradients during the call: the render runs it under no_grad, not inference_mode (the
     method enables grad where it needs it). Read from the class before `apply`."""
 
+    needs_triggers: ClassVar[bool] = False
+    """The method finds each LoRA's concept by its trigger words in the prompt: a request whose prompt lacks a
+    LoRA's trigger word is refused when it is submitted (`missing_trigger`), not when it runs."""
+
     def check(self, stack: list[str]) -> None:
         """Raise StudioError naming what does not fit the request's LoRA stack (catalog names)."""
         ...
@@ -70,3 +75,18 @@ class CompositionParams(Protocol):
     def apply(self, run: MethodRun) -> AbstractContextManager[None]:
         """The method in effect for one pipeline call; everything it changes is undone on exit."""
         ...
+
+
+def missing_trigger(method: str, prompt: str, triggers: dict[str, list[str]]) -> str | None:
+    """Why a prompt cannot run with a method that finds LoRAs by their trigger words (naming the first LoRA
+    that has none, or none in the prompt), or None. Words match whole and case-insensitively; the tokenizer's
+    own check (a word cut off by the prompt's length) still runs with the render."""
+    for name, words in triggers.items():
+        if not words:
+            return (
+                f"{method} finds each LoRA's concept by its trigger words; {name!r} has none in the catalog"
+            )
+        if not any(re.search(rf"(?<!\w){re.escape(w)}(?!\w)", prompt, re.IGNORECASE) for w in words):
+            shown = ", ".join(repr(w) for w in words)
+            return f"{method}: the prompt does not contain {name!r}'s trigger word ({shown}); write it where {name!r}'s concept goes"
+    return None

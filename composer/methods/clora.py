@@ -41,6 +41,7 @@ class CLoRAParams(CompositionParams):
     """CLoRA's knobs; the paper's values are the defaults."""
 
     needs_grad: ClassVar[bool] = True  # the latent updates take gradients
+    needs_triggers: ClassVar[bool] = True  # each LoRA's concept is its trigger words' tokens
 
     threshold: float = field(
         default=0.3, metadata={"help": "a LoRA's mask: its attention at or above this share of its peak"}
