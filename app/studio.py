@@ -244,21 +244,23 @@ class Studio:
             request.validate()
         backbone = backbone or self.settings.backbone
         bb, model = resolve_backbone(backbone, model or self.settings.model)
-        stack = requests[0].loras
-        entries = self.resolve_stack(requests[0])
-        infos = [info for info, _ in entries]
-        for info in infos:
+        stacks = [self.resolve_stack(request) for request in requests]  # a merge batch: each its own LoRAs
+        union: dict[str, tuple[AdapterInfo, str | None]] = {}  # catalog name -> (entry, B-LoRA half)
+        for request, entries in zip(requests, stacks, strict=True):
+            for lw, entry in zip(request.loras, entries, strict=True):
+                union.setdefault(lw.name, entry)
+        for info, _ in union.values():
             check_family(info, backbone, bb.family)
         pictures: list = []
         first = requests[0]
-        users = {_resident_key(info, role): lw.name for lw, (info, role) in zip(stack, entries, strict=True)}
+        users = {_resident_key(info, role): name for name, (info, role) in union.items()}
         setting = (
             f"{backbone} {model}, {first.width or 'default'}x{first.height or 'default'}, {first.method}"
         )
         with self._lock, render_errors(users, setting, progress) as relay:
             loaded = self.pipeline(backbone, model)
-            keys = self._make_resident(loaded, entries)
-            names = {lw.name: key for lw, key in zip(stack, keys, strict=True)}
+            keys = self._make_resident(loaded, list(union.values()))
+            names = dict(zip(union, keys, strict=True))
             images = render_batch(
                 loaded.pipe,
                 bb,
@@ -267,10 +269,11 @@ class Studio:
                 adapter_names=names,
                 progress=relay,
                 pictures=pictures,
-                triggers={lw.name: info.trigger_words for lw, info in zip(stack, infos, strict=True)},
+                triggers={name: info.trigger_words for name, (info, _) in union.items()},
             )
         results = []
         for i, request in enumerate(requests):
+            infos = [info for info, _ in stacks[i]]
             n = request.num_images
             mine = images[i * n : (i + 1) * n]
             steps, guidance = sampling_defaults(request, bb)

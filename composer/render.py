@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -22,6 +23,9 @@ from composer.methods import (
     params_to_json,
 )
 from composer.prompt_tags import has_prompt_tag, parse_lora_weight, parse_prompt_tags
+from composer.seams.streams import denoise_with
+
+log = logging.getLogger("composer.render")
 
 Progress = Callable[[int, int], None]  # (step done, total steps)
 
@@ -149,14 +153,16 @@ def batch_key(request: RenderRequest) -> tuple | None:
     """What requests must share to render in one pipeline call (`render_batch`); None: never batched.
 
     A request of several images stays alone: one generator drawing n latents does not give the numbers of
-    n generators, so its images would change if it were merged with others.
+    n generators, so its images would change if it were merged with others. A method that mixes per sample
+    (merge) shares a call between requests whose LoRAs differ (`render_batch`).
     """
     if request.num_images != 1:
         return None
+    params = request.params()
     return (
-        request.loras,
+        "per image" if type(params).mixes_per_sample else request.loras,  # merge: each image its own LoRAs
         request.method,
-        request.params(),
+        params,
         request.negative_prompt,
         request.num_inference_steps,
         request.guidance_scale,
@@ -221,6 +227,18 @@ def render_batch(
         raise StudioError("requests rendered in one call must share LoRAs, settings and size, one image each")
     single = len(requests) == 1
     adapter_names = adapter_names or {}
+    mixed = len({r.loras for r in requests}) > 1
+    if mixed:
+        encoders = text_encoder_loras(backbone, host, requests, adapter_names)
+        if encoders:  # the prompts of a call are encoded in one batch, under one set of text-encoder LoRAs
+            log.info(
+                "rendering %d requests stack by stack: %s adapt the text encoders",
+                len(requests),
+                ", ".join(encoders),
+            )
+            return render_stack_by_stack(
+                pipe, backbone, host, requests, adapter_names, progress, pictures, triggers
+            )
     steps, guidance = sampling_defaults(first, backbone)
     generators = [torch.Generator("cpu").manual_seed(r.seed) for r in requests]
     kwargs: dict = dict(
@@ -236,14 +254,15 @@ def render_batch(
     if first.negative_prompt and "negative_prompt" in accepted:
         kwargs["negative_prompt"] = first.negative_prompt if single else [r.negative_prompt for r in requests]
     if "max_sequence_length" in accepted and getattr(pipe, "tokenizer_2", None) is not None:
-        kwargs["max_sequence_length"] = backbone.prompt_length(
-            pipe
-        )  # as training and regional prompts encode
+        # the length training and regional prompts encode at
+        kwargs["max_sequence_length"] = backbone.prompt_length(pipe)
     run = MethodRun(
         pipe,
         backbone,
         host,
-        [StackEntry(lw.name, adapter_names.get(lw.name, lw.name), lw.weight) for lw in first.loras],
+        []
+        if mixed
+        else [StackEntry(lw.name, adapter_names.get(lw.name, lw.name), lw.weight) for lw in first.loras],
         first.height or backbone.native_size(pipe),
         first.width or backbone.native_size(pipe),
         prompts=[r.prompt for r in requests],
@@ -261,10 +280,63 @@ def render_batch(
     kwargs["callback_on_step_end"] = on_step_end
     params = first.params()
     grad_mode = torch.no_grad() if type(params).needs_grad else torch.inference_mode()
-    with params.apply(run), grad_mode:
+    method = per_sample_merge(pipe, backbone, host, requests, adapter_names) if mixed else params.apply(run)
+    with method, grad_mode:
         images = pipe(**kwargs).images
     if pictures is not None:
         pictures.extend(run.pictures)
     if len(images) != len(requests) * first.num_images:
         raise StudioError(f"the pipeline returned {len(images)} images for {len(requests)} requests")
     return images
+
+
+def text_encoder_loras(backbone: Backbone, host: AdapterHost, requests, adapter_names: dict) -> list[str]:
+    """The catalog names of the requests' LoRAs that adapt a text encoder."""
+    names = sorted({lw.name for r in requests for lw in r.loras})
+    return [
+        name
+        for name in names
+        if any(
+            key.partition(".")[0] in backbone.text_encoders
+            for key in host.adapter_modules(adapter_names.get(name, name))
+        )
+    ]
+
+
+def render_stack_by_stack(
+    pipe, backbone, host, requests, adapter_names, progress, pictures, triggers
+) -> list:
+    """`render_batch` once per distinct LoRA stack among `requests`; the images in request order."""
+    groups: dict[tuple, list[int]] = {}
+    for i, request in enumerate(requests):
+        groups.setdefault(request.loras, []).append(i)
+    images: list = [None] * len(requests)
+    for indices in groups.values():
+        out = render_batch(
+            pipe, backbone, host, [requests[i] for i in indices], adapter_names, progress, pictures, triggers
+        )
+        for i, image in zip(indices, out, strict=True):
+            images[i] = image
+    return images
+
+
+def per_sample_merge(pipe, backbone: Backbone, host: AdapterHost, requests, adapter_names: dict):
+    """A merge whose images each have their own LoRAs and weights, in one denoiser pass per step: every call's
+    rows are the requests in order, once per half of classifier-free guidance (row r is request r mod n), and
+    each resident LoRA gets a per-row scale. No LoRA here adapts a text encoder (`text_encoder_loras`)."""
+    n = len(requests)
+    weights = [{adapter_names.get(lw.name, lw.name): lw.weight for lw in r.loras} for r in requests]
+    names = sorted({name for w in weights for name in w})
+    cache: dict[int, dict[str, torch.Tensor]] = {}
+
+    def scales(batch: int) -> dict[str, torch.Tensor]:
+        if batch % n:
+            raise StudioError(f"a denoiser call of {batch} rows for {n} requests")
+        if batch not in cache:
+            cache[batch] = {
+                name: torch.tensor([weights[row % n].get(name, 0.0) for row in range(batch)])
+                for name in names
+            }
+        return cache[batch]
+
+    return denoise_with(getattr(pipe, backbone.denoiser), host, scales)

@@ -105,6 +105,47 @@ def test_four_compatible_requests_render_in_one_call_as_each_alone(tmp_path, tin
     assert renders(studio) == 4 + 4
 
 
+def test_images_with_their_own_loras_render_in_one_call_as_each_alone(
+    tmp_path, tiny_sdxl_factory, monkeypatch
+):
+    """A merge batch whose requests each have their own LoRA stack and weights: one pipeline call (per-sample
+    scales), every image as that request alone; a LoRA with text-encoder parts splits the call by stack."""
+    studio = open_studio(tmp_path, tiny_sdxl_factory)
+    backbone, make = tiny_sdxl_factory
+    write_kohya(random_lora(make(), backbone, seed=4, rank=4, std=0.2), tmp_path / "ash.safetensors")
+    write_kohya(
+        random_lora(make(), backbone, seed=6, std=0.2, text_encoders=True), tmp_path / "quill.safetensors"
+    )
+    studio.library.import_file(tmp_path / "ash.safetensors")
+    studio.library.import_file(tmp_path / "quill.safetensors")
+    calls = count_calls(studio, monkeypatch)
+    stacks = [[], INK, [{"name": "ash", "weight": 1.0}], [{"name": "ash", "weight": 0.5}, *INK]]
+    requests = [
+        {"prompt": p, "seed": i, "loras": stack, **SMALL}
+        for i, (p, stack) in enumerate(
+            zip(["a red circle", "a blue square", "a star", "a ring"], stacks, strict=True)
+        )
+    ]
+    _, results = run(studio, requests)
+    assert [c["prompt"] for c in calls] == [[r["prompt"] for r in requests]], "one call for four stacks"
+    calls.clear()
+    alone = [studio.render(as_request(data)) for data in requests]
+    batched = [pixels(studio.settings.root / r["images"][0]).astype(int) for r in results]
+    for result, image, reference in zip(results, batched, alone, strict=True):
+        difference = np.abs(image - np.asarray(reference.images[0].convert("RGB")).astype(int))
+        assert difference.max() <= 2, f"request {result['index']}: off by {difference.max()}/255"
+        assert result["provenance"] == reference.provenance
+    assert np.abs(batched[2] - batched[3]).max() > 10
+    # quill adapts the text encoders: the prompts of a call share one encoding, so each stack gets its own call
+    calls.clear()
+    split = [{**requests[0], "loras": [{"name": "quill", "weight": 1.0}]}, requests[1], requests[2]]
+    _, results = run(studio, split)
+    assert [c["prompt"] for c in calls] == ["a red circle", "a blue square", "a star"]
+    image = pixels(studio.settings.root / results[0]["images"][0]).astype(int)
+    reference = studio.render(as_request(split[0])).images[0].convert("RGB")
+    assert np.abs(image - np.asarray(reference).astype(int)).max() <= 2
+
+
 def test_incompatible_requests_are_not_merged(tmp_path, tiny_sdxl_factory, monkeypatch):
     studio = open_studio(tmp_path, tiny_sdxl_factory)
     calls = count_calls(studio, monkeypatch)
@@ -118,8 +159,8 @@ def test_incompatible_requests_are_not_merged(tmp_path, tiny_sdxl_factory, monke
         {"prompt": "g", "seed": 7, "num_images": 2, **SMALL},
     ]
     job, results = run(studio, requests)
-    assert [c["prompt"] for c in calls] == [["a", "b"], "c", "d", "e", "f", "g"]
-    assert [c["num_images_per_prompt"] for c in calls] == [1, 1, 1, 1, 2, 2]
+    assert [c["prompt"] for c in calls] == [["a", "b"], "c", ["d", "e"], "f", "g"]  # d, e: LoRAs differ only
+    assert [c["num_images_per_prompt"] for c in calls] == [1, 1, 1, 2, 2]
     assert (job.completed, job.total) == (9, 9)
     assert [len(r["images"]) for r in results] == [1, 1, 1, 1, 1, 2, 2]
     assert [r["provenance"]["prompt"] for r in results] == list("abcdefg")
@@ -162,7 +203,12 @@ def test_groups_are_consecutive_compatible_and_capped():
         (13, req("m")),
     ]
     groups = [[i for i, _ in g] for g in batches(mixed, 4)]
-    assert groups == [[0, 2], [3], [4], [5], [6], [7], [8], [9], [10], [11], [12, 13]]
+    assert groups == [[0, 2], [3], [4], [5], [6], [7, 8, 9], [10], [11], [12, 13]]  # a merge mixes LoRAs
+    clora = [
+        (i, req(p, loras=(LoraWeight(n),), method="clora"))
+        for i, (p, n) in enumerate((("x", "a"), ("y", "b")))
+    ]
+    assert [[i for i, _ in g] for g in batches(clora, 4)] == [[0], [1]]  # other methods need one stack a call
 
 
 def test_each_request_of_a_batch_is_recorded_in_its_own_transaction(tmp_path, tiny_sdxl_factory):

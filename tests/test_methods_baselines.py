@@ -59,3 +59,29 @@ def test_switch_and_composite_parameters_are_read_strictly():
             params_from_json("switch", bad)
     with pytest.raises(StudioError, match="composite has no parameter every"):
         params_from_json("composite", {"every": 2})
+
+
+def test_a_batch_whose_images_have_their_own_loras_equals_each_alone(rig):  # noqa: F811
+    """One pipeline call, four LoRA stacks (per-sample scales): every image within 1/255 of its request alone."""
+    from composer.render import LoraWeight, RenderRequest, render_batch
+
+    backbone, pipe, host = rig
+    stacks = [(), (("a", 1.0),), (("b", 0.5),), (("a", 0.7), ("b", 1.0))]
+    requests = [
+        RenderRequest(
+            f"prompt {i}",
+            num_inference_steps=3,
+            height=32,
+            width=32,
+            seed=i,
+            loras=tuple(LoraWeight(n, w) for n, w in stack),
+        )
+        for i, stack in enumerate(stacks)
+    ]
+    batched = render_batch(pipe, backbone, host, requests)
+    for request, image in zip(requests, batched, strict=True):
+        alone = render_batch(pipe, backbone, host, [request])[0]
+        difference = np.abs(np.asarray(image, dtype=int) - np.asarray(alone, dtype=int)).max()
+        assert difference <= 1, f"{request.loras}: off by {difference}/255"
+    assert host.context.active == {}
+    assert np.abs(np.asarray(batched[1], int) - np.asarray(batched[3], int)).max() > 10

@@ -251,7 +251,11 @@ def test_a_prompt_tag_renders_as_the_stack_row_and_is_in_the_provenance(client):
         ([], {"width": 60}, "multiples of 8"),
         ([], {"prompt": "x <lora:inkwel:0.5>"}, "prompt tag <lora:inkwel:0.5>: no adapter named 'inkwel'"),
         ([], {"prompt": "x <lora:inkwell:big>"}, "weight 'big' is not a number"),
-        ([], {"method": "blend"}, "blend is not in the list of choices: \\['merge', 'switch', 'composite', 'regional', 'clora'\\]"),
+        (
+            [],
+            {"method": "blend"},
+            "blend is not in the list of choices: \\['merge', 'switch', 'composite', 'regional', 'clora'\\]",
+        ),
     ],
 )
 def test_bad_render_input_is_a_clear_error(client, rows, kw, message):

@@ -64,6 +64,10 @@ class CompositionParams(Protocol):
     """The method takes gradients during the call: the render runs it under no_grad, not inference_mode (the
     method enables grad where it needs it). Read from the class before `apply`."""
 
+    mixes_per_sample: ClassVar[bool] = False
+    """Images of one pipeline call may each have their own LoRA stack (per-sample scales): requests that
+    differ only in prompt, seed and LoRAs share a call (`composer.render.batch_key`)."""
+
     needs_triggers: ClassVar[bool] = False
     """The method finds each LoRA's concept by its trigger words in the prompt: a request whose prompt lacks a
     LoRA's trigger word is refused when it is submitted (`missing_trigger`), not when it runs."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from typing import ClassVar
 
 from composer.methods.base import CompositionParams, MethodRun
 
@@ -12,6 +13,8 @@ from composer.methods.base import CompositionParams, MethodRun
 @dataclass(frozen=True)
 class MergeParams(CompositionParams):
     """Merge has no knobs beyond the per-LoRA weights of the stack."""
+
+    mixes_per_sample: ClassVar[bool] = True  # a weighted sum of deltas: per-sample weights are one call
 
     def check(self, stack: list[str]) -> None:
         return None

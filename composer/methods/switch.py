@@ -54,5 +54,7 @@ class SwitchParams(CompositionParams):
 
             run.step_end.append(step_end)
             denoiser = getattr(run.pipe, run.backbone.denoiser)
-            with denoise_with(denoiser, run.host, lambda: sets[self.active_at(state["step"], len(sets))]):
+            with denoise_with(
+                denoiser, run.host, lambda _batch: sets[self.active_at(state["step"], len(sets))]
+            ):
                 yield

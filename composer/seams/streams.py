@@ -175,15 +175,16 @@ def shadow_forward(denoiser: torch.nn.Module, forward: Callable) -> Iterator[Non
 
 @contextmanager
 def denoise_with(
-    denoiser: torch.nn.Module, host: AdapterHost, scales: Callable[[], Mapping[str, Scale]]
+    denoiser: torch.nn.Module, host: AdapterHost, scales: Callable[[int], Mapping[str, Scale]]
 ) -> Iterator[None]:
-    """While the block runs, every `denoiser(...)` call runs with the adapter set `scales()` returns at that
-    moment (LoRA Switch's set of the step); the host's active set (the text encoders') is put back after."""
+    """While the block runs, every `denoiser(...)` call runs with the adapter set `scales(batch)` returns for
+    it at that moment (LoRA Switch's set of the step; per-sample scales of a batch whose images have their own
+    LoRAs); the host's active set (the text encoders') is put back after."""
     original = denoiser.forward
 
     def forward(*args, **kwargs):
         previous = host.context.active
-        host.context.active = scales()
+        host.context.active = scales(call_latents(args, kwargs).shape[0])
         try:
             return original(*args, **kwargs)
         finally:
