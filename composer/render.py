@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import inspect
-import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -23,9 +23,7 @@ from composer.methods import (
     params_to_json,
 )
 from composer.prompt_tags import has_prompt_tag, parse_lora_weight, parse_prompt_tags
-from composer.seams.streams import denoise_with
-
-log = logging.getLogger("composer.render")
+from composer.seams.streams import each_call_with
 
 Progress = Callable[[int, int], None]  # (step done, total steps)
 
@@ -227,18 +225,7 @@ def render_batch(
         raise StudioError("requests rendered in one call must share LoRAs, settings and size, one image each")
     single = len(requests) == 1
     adapter_names = adapter_names or {}
-    mixed = len({r.loras for r in requests}) > 1
-    if mixed:
-        encoders = text_encoder_loras(backbone, host, requests, adapter_names)
-        if encoders:  # the prompts of a call are encoded in one batch, under one set of text-encoder LoRAs
-            log.info(
-                "rendering %d requests stack by stack: %s adapt the text encoders",
-                len(requests),
-                ", ".join(encoders),
-            )
-            return render_stack_by_stack(
-                pipe, backbone, host, requests, adapter_names, progress, pictures, triggers
-            )
+    mixed = len({r.loras for r in requests}) > 1  # a merge batch whose images have their own LoRAs
     steps, guidance = sampling_defaults(first, backbone)
     generators = [torch.Generator("cpu").manual_seed(r.seed) for r in requests]
     kwargs: dict = dict(
@@ -290,40 +277,14 @@ def render_batch(
     return images
 
 
-def text_encoder_loras(backbone: Backbone, host: AdapterHost, requests, adapter_names: dict) -> list[str]:
-    """The catalog names of the requests' LoRAs that adapt a text encoder."""
-    names = sorted({lw.name for r in requests for lw in r.loras})
-    return [
-        name
-        for name in names
-        if any(
-            key.partition(".")[0] in backbone.text_encoders
-            for key in host.adapter_modules(adapter_names.get(name, name))
-        )
-    ]
-
-
-def render_stack_by_stack(
-    pipe, backbone, host, requests, adapter_names, progress, pictures, triggers
-) -> list:
-    """`render_batch` once per distinct LoRA stack among `requests`; the images in request order."""
-    groups: dict[tuple, list[int]] = {}
-    for i, request in enumerate(requests):
-        groups.setdefault(request.loras, []).append(i)
-    images: list = [None] * len(requests)
-    for indices in groups.values():
-        out = render_batch(
-            pipe, backbone, host, [requests[i] for i in indices], adapter_names, progress, pictures, triggers
-        )
-        for i, image in zip(indices, out, strict=True):
-            images[i] = image
-    return images
-
-
-def per_sample_merge(pipe, backbone: Backbone, host: AdapterHost, requests, adapter_names: dict):
-    """A merge whose images each have their own LoRAs and weights, in one denoiser pass per step: every call's
-    rows are the requests in order, once per half of classifier-free guidance (row r is request r mod n), and
-    each resident LoRA gets a per-row scale. No LoRA here adapts a text encoder (`text_encoder_loras`)."""
+@contextmanager
+def per_sample_merge(
+    pipe, backbone: Backbone, host: AdapterHost, requests, adapter_names: dict
+) -> Iterator[None]:
+    """A merge whose images each have their own LoRAs and weights, in one denoiser pass per step: the rows of
+    every denoiser and text-encoder call are the requests in order (once per half of classifier-free guidance,
+    or per prompt list the pipeline encodes: row r is request r mod n), and each resident LoRA gets a per-row
+    scale, so each image's prompt is also encoded under its own LoRAs."""
     n = len(requests)
     weights = [{adapter_names.get(lw.name, lw.name): lw.weight for lw in r.loras} for r in requests]
     names = sorted({name for w in weights for name in w})
@@ -339,4 +300,7 @@ def per_sample_merge(pipe, backbone: Backbone, host: AdapterHost, requests, adap
             }
         return cache[batch]
 
-    return denoise_with(getattr(pipe, backbone.denoiser), host, scales)
+    with ExitStack() as stack:
+        for component in (backbone.denoiser, *backbone.text_encoders):
+            stack.enter_context(each_call_with(getattr(pipe, component), host, scales))
+        yield

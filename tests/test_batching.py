@@ -109,7 +109,7 @@ def test_images_with_their_own_loras_render_in_one_call_as_each_alone(
     tmp_path, tiny_sdxl_factory, monkeypatch
 ):
     """A merge batch whose requests each have their own LoRA stack and weights: one pipeline call (per-sample
-    scales), every image as that request alone; a LoRA with text-encoder parts splits the call by stack."""
+    scales in the denoiser and the text encoders), every image as that request alone."""
     studio = open_studio(tmp_path, tiny_sdxl_factory)
     backbone, make = tiny_sdxl_factory
     write_kohya(random_lora(make(), backbone, seed=4, rank=4, std=0.2), tmp_path / "ash.safetensors")
@@ -136,14 +136,15 @@ def test_images_with_their_own_loras_render_in_one_call_as_each_alone(
         assert difference.max() <= 2, f"request {result['index']}: off by {difference.max()}/255"
         assert result["provenance"] == reference.provenance
     assert np.abs(batched[2] - batched[3]).max() > 10
-    # quill adapts the text encoders: the prompts of a call share one encoding, so each stack gets its own call
+    # quill adapts the text encoders too: each prompt is encoded under its own image's LoRAs, in the same call
     calls.clear()
-    split = [{**requests[0], "loras": [{"name": "quill", "weight": 1.0}]}, requests[1], requests[2]]
-    _, results = run(studio, split)
-    assert [c["prompt"] for c in calls] == ["a red circle", "a blue square", "a star"]
-    image = pixels(studio.settings.root / results[0]["images"][0]).astype(int)
-    reference = studio.render(as_request(split[0])).images[0].convert("RGB")
-    assert np.abs(image - np.asarray(reference).astype(int)).max() <= 2
+    mixed = [{**requests[0], "loras": [{"name": "quill", "weight": 1.0}]}, requests[1], requests[2]]
+    _, results = run(studio, mixed)
+    assert [c["prompt"] for c in calls] == [[r["prompt"] for r in mixed]]
+    for result, data in zip(results, mixed, strict=True):
+        image = pixels(studio.settings.root / result["images"][0]).astype(int)
+        reference = studio.render(as_request(data)).images[0].convert("RGB")
+        assert np.abs(image - np.asarray(reference).astype(int)).max() <= 2
 
 
 def test_incompatible_requests_are_not_merged(tmp_path, tiny_sdxl_factory, monkeypatch):

@@ -85,3 +85,29 @@ def test_a_batch_whose_images_have_their_own_loras_equals_each_alone(rig):  # no
         assert difference <= 1, f"{request.loras}: off by {difference}/255"
     assert host.context.active == {}
     assert np.abs(np.asarray(batched[1], int) - np.asarray(batched[3], int)).max() > 10
+
+
+def test_text_encoder_loras_mix_per_image_too(tiny_sdxl_factory):
+    """A LoRA on the text encoders in a batch of mixed stacks: each prompt is encoded under its own image's
+    LoRAs (per-sample scales in the text encoders), so the batch still equals each image alone."""
+    from composer.adapters.host import AdapterHost
+    from composer.render import LoraWeight, RenderRequest, render_batch
+    from tests.helpers import random_lora
+
+    backbone, make = tiny_sdxl_factory
+    pipe = make()
+    host = AdapterHost.for_pipeline(pipe, backbone)
+    host.add("quill", random_lora(pipe, backbone, seed=6, std=0.3, text_encoders=True))
+    host.add("ink", random_lora(pipe, backbone, seed=7))
+    kw = dict(num_inference_steps=3, height=32, width=32, negative_prompt="blurry")
+    requests = [
+        RenderRequest("a red circle", seed=1, loras=(LoraWeight("quill"),), **kw),
+        RenderRequest("a red circle", seed=1, loras=(LoraWeight("ink"),), **kw),
+        RenderRequest("a red circle", seed=1, **kw),
+    ]
+    batched = render_batch(pipe, backbone, host, requests)
+    for request, image in zip(requests, batched, strict=True):
+        alone = render_batch(pipe, backbone, host, [request])[0]
+        assert np.abs(np.asarray(image, dtype=int) - np.asarray(alone, dtype=int)).max() <= 1
+    assert np.abs(np.asarray(batched[0], int) - np.asarray(batched[2], int)).max() > 10
+    host.detach()

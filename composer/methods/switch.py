@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from composer.errors import StudioError
 from composer.methods.base import CompositionParams, MethodRun
-from composer.seams.streams import denoise_with
+from composer.seams.streams import each_call_with
 
 MAX_EVERY = 1000
 
@@ -54,7 +54,7 @@ class SwitchParams(CompositionParams):
 
             run.step_end.append(step_end)
             denoiser = getattr(run.pipe, run.backbone.denoiser)
-            with denoise_with(
+            with each_call_with(
                 denoiser, run.host, lambda _batch: sets[self.active_at(state["step"], len(sets))]
             ):
                 yield

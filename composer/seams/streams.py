@@ -174,13 +174,14 @@ def shadow_forward(denoiser: torch.nn.Module, forward: Callable) -> Iterator[Non
 
 
 @contextmanager
-def denoise_with(
-    denoiser: torch.nn.Module, host: AdapterHost, scales: Callable[[int], Mapping[str, Scale]]
+def each_call_with(
+    module: torch.nn.Module, host: AdapterHost, scales: Callable[[int], Mapping[str, Scale]]
 ) -> Iterator[None]:
-    """While the block runs, every `denoiser(...)` call runs with the adapter set `scales(batch)` returns for
-    it at that moment (LoRA Switch's set of the step; per-sample scales of a batch whose images have their own
-    LoRAs); the host's active set (the text encoders') is put back after."""
-    original = denoiser.forward
+    """While the block runs, every `module(...)` call (a denoiser, or a text encoder: its batch is its first
+    argument) runs with the adapter set `scales(batch)` returns for it at that moment (LoRA Switch's set of
+    the step; per-sample scales of a batch whose images have their own LoRAs); the host's active set is put
+    back after."""
+    original = module.forward
 
     def forward(*args, **kwargs):
         previous = host.context.active
@@ -190,5 +191,5 @@ def denoise_with(
         finally:
             host.context.active = previous
 
-    with shadow_forward(denoiser, forward):
+    with shadow_forward(module, forward):
         yield
