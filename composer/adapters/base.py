@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -187,6 +188,27 @@ class MixingContext:
     def effective(self) -> tuple[tuple[str, Scale], ...]:
         """Scales still to apply in forward: active minus what is already fused into the weights."""
         return self._effective
+
+
+_ROWS: dict[int, tuple[weakref.ref, torch.Tensor | None]] = {}  # id(scale) -> (the scale, its rows)
+
+
+def active_rows(scale: Scale) -> torch.Tensor | None:
+    """The batch rows a per-sample scale keeps (non-zero), or None when it keeps every row (or is a number):
+    an adapter that only some images of a batch use runs on those rows alone. Cached per scale tensor, which
+    callers build once and reuse for every call (one device sync per tensor, not per layer)."""
+    if not isinstance(scale, torch.Tensor):
+        return None
+    cached = _ROWS.get(id(scale))
+    if cached is None or cached[0]() is not scale:
+        rows = torch.nonzero(scale).flatten()
+        key = id(scale)
+        cached = (
+            weakref.ref(scale, lambda _, key=key: _ROWS.pop(key, None)),
+            None if len(rows) == len(scale) else rows,
+        )
+        _ROWS[key] = cached
+    return cached[1]
 
 
 def broadcast_scale(scale: Scale, y: torch.Tensor) -> Scale:

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from composer.adapters.base import MixingContext, broadcast_scale, is_trainable
+from composer.adapters.base import MixingContext, active_rows, broadcast_scale, is_trainable
 from composer.adapters.lora import LoraAdapter
 from composer.errors import AdapterError, AdapterRuntimeError
 
@@ -114,15 +114,27 @@ class AdaptedModule(nn.Module):
             adapter = self.adapters[name]
             dtype = _param_dtype(adapter)  # fp32 trainable adapters on an fp16 model compute in fp32
             inputs = x if dtype in (None, x.dtype) else x.to(dtype)
+            rows = active_rows(scale)  # a batch whose images have their own LoRAs: this one's rows only
             try:
-                if getattr(adapter, "reads_base_output", False):  # DoRA: reuses W x instead of recomputing it
-                    delta = adapter.forward_delta(inputs, base_out=base_out).to(y.dtype)
-                else:
-                    delta = adapter.forward_delta(inputs).to(y.dtype)
+                if rows is not None:
+                    if len(rows):
+                        delta = self._delta(adapter, inputs, base_out, rows).to(y.dtype)
+                        y = y.index_add(0, rows, broadcast_scale(scale[rows], delta) * delta)
+                    continue
+                delta = self._delta(adapter, inputs, base_out).to(y.dtype)
                 y = y + broadcast_scale(scale, delta) * delta
             except Exception as exc:
                 raise AdapterRuntimeError((name,), self.key, exc) from exc
         return y
+
+    @staticmethod
+    def _delta(adapter, inputs: torch.Tensor, base_out: torch.Tensor, rows: torch.Tensor | None = None):
+        """The adapter's delta on the batch, or on its `rows` only."""
+        if getattr(adapter, "reads_base_output", False):  # DoRA: reuses W x instead of recomputing it
+            if rows is not None:
+                return adapter.forward_delta(inputs[rows], base_out=base_out[rows])
+            return adapter.forward_delta(inputs, base_out=base_out)
+        return adapter.forward_delta(inputs if rows is None else inputs[rows])
 
     def _static_delta(self, x: torch.Tensor) -> torch.Tensor:
         """The slots' contribution: the same two ops whatever the set (zeros when nothing is active)."""
