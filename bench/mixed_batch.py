@@ -22,7 +22,18 @@ from composer.formats import read_lora
 from composer.render import LoraWeight, RenderRequest, render_batch
 from toyworld import loras_dir, model_dir, scenes
 
-CONCEPTS = ("star", "heart", "cross", "crescent", "arrow", "ring", "zigzag", "concentric", "speckled", "brick")
+CONCEPTS = (
+    "star",
+    "heart",
+    "cross",
+    "crescent",
+    "arrow",
+    "ring",
+    "zigzag",
+    "concentric",
+    "speckled",
+    "brick",
+)
 
 
 def main() -> None:
@@ -64,7 +75,12 @@ def main() -> None:
         "mixed_batch",
         figures,
         {"throughput mixed / same": ">= 0.85"},
-        {"images": args.images, "steps": args.steps, "repeat": args.repeat, "threads": torch.get_num_threads()},
+        {
+            "images": args.images,
+            "steps": args.steps,
+            "repeat": args.repeat,
+            "threads": torch.get_num_threads(),
+        },
     )
 
 
