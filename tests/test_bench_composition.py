@@ -88,3 +88,19 @@ def test_alone_counts_a_lora_drawing_its_subject_on_the_wrong_side(evaluator):
     assert wrong["other side"]["rate"] >= 0.75 and wrong["own side"]["rate"] == 0.0, wrong
     with pytest.raises(ValueError, match="subjects sets only"):
         composition.alone_rates([], composition.prompts("subject-background", 2, 0), 1)
+
+
+def test_method_cost_runs_every_method_on_strips_that_cover_the_picture():
+    import numpy as np
+
+    from bench.method_cost import SIZE, methods, strip
+    from composer.methods import method_name
+
+    names = ("star", "heart", "cross")
+    chosen = methods(names)
+    assert {method for method, _ in chosen.values()} == {"merge", "switch", "composite", "regional", "clora"}
+    for method, params in chosen.values():
+        params.check(list(names))  # masks and region prompts name only LoRAs of the stack
+        assert method_name(params) == method
+    cover = sum(np.frombuffer(strip(i, 3).data, np.uint8).astype(int) for i in range(3))
+    assert cover.shape == (SIZE * SIZE,) and (cover == 255).all()  # k strips, no gap, no overlap
