@@ -244,7 +244,11 @@ class Studio:
             request.validate()
         backbone = backbone or self.settings.backbone
         bb, model = resolve_backbone(backbone, model or self.settings.model)
-        stacks = [self.resolve_stack(request) for request in requests]  # a merge batch: each its own LoRAs
+        resolved: dict[tuple, list[tuple[AdapterInfo, str | None]]] = {}  # each distinct stack looked up once
+        for request in requests:  # a merge batch: each request its own LoRAs
+            if request.loras not in resolved:
+                resolved[request.loras] = self.resolve_stack(request)
+        stacks = [resolved[request.loras] for request in requests]
         union: dict[str, tuple[AdapterInfo, str | None]] = {}  # catalog name -> (entry, B-LoRA half)
         for request, entries in zip(requests, stacks, strict=True):
             for lw, entry in zip(request.loras, entries, strict=True):

@@ -27,7 +27,7 @@ class Recipe:
 
     steps: int
     learning_rate: float
-    rank: int  # only LoRA-like kinds read it; the others keep a placeholder
+    rank: int  # LoRA-like kinds train at this rank; Kronecker and TLoRA size by their factors and ignore it
     conv: bool
     min_images: int = 3  # the subject trainers want a few views (DreamBooth uses 3-5)
     text_encoder: bool = True  # False: the type adapts the denoiser only

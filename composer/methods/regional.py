@@ -6,10 +6,12 @@ one batched denoiser call per step and their noise predictions are blended by th
 multi-stream masked fusion of MultiDiffusion (Bar-Tal et al., 2023) and CLoRA, here with masks the user draws.
 Cost: one denoiser pass per stream that covers some pixel. The text encoders see the whole stack (merge).
 
-Regional prompts (`prompts`, one line `name: text` per painted LoRA): that LoRA's stream is denoised with its own
-prompt instead of the whole one, encoded with the stream's LoRAs on the text encoders, as if the region were a
-render of its own (the Regional Prompter / ComfyUI "conditioning set mask" practice). The unconditional half of
-classifier-free guidance and unpainted pixels keep the request's prompts.
+Regional prompts (`prompts`, one line `name: text` per painted LoRA) give a painted region a prompt of its own,
+encoded with that region's LoRAs on the text encoders (the Regional Prompter / ComfyUI "conditioning set mask"
+practice). `prompt_mode` "attention" (the default): the region's pixels read its prompt in every cross-attention
+layer (`seams.attention.cross_attention_by_region`); "streams": that LoRA's stream is denoised with its prompt
+instead of the whole one. The unconditional half of classifier-free guidance and unpainted pixels keep the
+request's prompts.
 """
 
 from __future__ import annotations
@@ -152,13 +154,15 @@ class RegionalParams(CompositionParams):
                 inputs = None
                 texts = parse_region_prompts(self.prompts)
                 if texts:
-                    inputs = self.region_prompt_inputs(run, streams, scales, texts, stack)
+                    inputs = self.region_prompt_inputs(run, denoiser, streams, scales, texts, stack)
                 stack.enter_context(
                     denoise_in_streams(denoiser, run.host, scales, masks, grid, inputs=inputs)
                 )
             yield
 
-    def region_prompt_inputs(self, run: MethodRun, streams: list, scales: list[dict], texts: dict, stack):
+    def region_prompt_inputs(
+        self, run: MethodRun, denoiser, streams: list, scales: list[dict], texts: dict, stack
+    ):
         """The streams' `inputs` hook that gives painted regions their prompts (entering, in attention mode, the
         cross-attention swap on `stack`). Each region prompt is encoded once, with its stream's LoRAs on the
         text encoders; the request's prompts are encoded too, to tell the conditional rows of a call."""
@@ -178,7 +182,6 @@ class RegionalParams(CompositionParams):
         painted = torch.from_numpy(np.stack([streams[j][1] for j in prompted]))
         rest = (1.0 - painted.sum(dim=0)).clamp(min=0.0)
         latent = run.backbone.latent_size(run.pipe, run.height, run.width)
-        denoiser = getattr(run.pipe, run.backbone.denoiser)
         stack.enter_context(
             cross_attention_by_region(run.backbone, denoiser, torch.cat([rest[None], painted]), latent)
         )
