@@ -170,6 +170,11 @@ def method_params(method: str, prompt: Prompt):
             "regional",
             RegionalParams(RegionMasks.of(painted), prompts=region_prompts(prompt)),
         ),
+        "regional-single": ("regional", RegionalParams(RegionMasks.of(painted), passes="single")),
+        "regional-prompts-single": (
+            "regional",
+            RegionalParams(RegionMasks.of(painted), prompts=region_prompts(prompt), passes="single"),
+        ),
         "regional-prompts-streams": (
             "regional",
             RegionalParams(RegionMasks.of(painted), prompts=region_prompts(prompt), prompt_mode="streams"),

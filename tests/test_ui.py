@@ -51,7 +51,7 @@ def stack(*rows):
 
 def render(client, prompt="a red circle on the left", rows=(), seed=0, method="merge", canvas=None, **kw):
     """The /render endpoint: the fixed inputs, then every method's controls in the registry's order (switch:
-    every; regional: canvas, feather, region prompts, prompt mode; clora: threshold, temperature, step size,
+    every; regional: canvas, feather, passes, region prompts, prompt mode; clora: threshold, temperature, step size,
     update until)."""
     s = {**SMALL, **kw}
     return client.predict(
@@ -67,6 +67,7 @@ def render(client, prompt="a red circle on the left", rows=(), seed=0, method="m
         s.get("every", 5),
         canvas,
         s.get("feather", 0),
+        s.get("passes", "per-region"),
         s.get("prompts", ""),
         s.get("prompt_mode", "attention"),
         *s.get("clora", (0.3, 0.5, 0.02, 0.5)),
@@ -204,6 +205,11 @@ def test_regional_render_from_a_painted_canvas_shows_its_masks(client, tmp_path)
     assert provenance["method_params"]["prompts"] == "inkwell: a blue square on the left"
     assert provenance["method_params"]["prompt_mode"] == "attention"
     assert np.abs(pixels(prompted[0]["image"]) - pixels(image["image"])).mean() > 0.005
+    # the same regions in a single pass: another picture, not the merge either
+    single, provenance = render(client, rows=rows, method="regional", canvas=canvas, passes="single")
+    assert provenance["method_params"]["passes"] == "single"
+    assert np.abs(pixels(single[0]["image"]) - pixels(image["image"])).mean() > 0.001
+    assert np.abs(pixels(single[0]["image"]) - pixels(merged[0]["image"])).mean() > 0.001
     # the other methods of the menu, from the same controls
     for method, params in (("switch", {"every": 1}), ("composite", {})):
         gallery, provenance = render(client, rows=rows, method=method, every=1)
@@ -379,9 +385,9 @@ def test_method_controls_are_built_from_the_dataclass_fields():
     ]
     assert not by_name["knobs"].group.visible
     regional_kinds = [type(c).__name__ for _, c in by_name["regional"].controls]
-    assert regional_kinds == ["ImageEditor", "Number", "Textbox", "Dropdown"]
+    assert regional_kinds == ["ImageEditor", "Number", "Dropdown", "Textbox", "Dropdown"]
     clora = [0.25, 0.5, 0.0, 0.5]
-    regional_values = [3, None, 0, "", "attention"]  # switch's every; canvas, feather, region prompts, mode
+    regional_values = [3, None, 0, "per-region", "", "attention"]  # switch's every; regional's knobs
     values = [*regional_values, *clora, "hard", 0.9, 4.0, True, "x"]  # switch's, regional's, clora's, knobs'
     assert params_from(groups, "merge", values) == METHODS["merge"]()
     assert params_from(groups, "switch", values) == METHODS["switch"](3)
@@ -391,10 +397,10 @@ def test_method_controls_are_built_from_the_dataclass_fields():
         params_from(groups, "knobs", [*regional_values, *clora, "hard", None, 4, True, "x"])
     painting = Image.new("RGBA", (4, 4), (255, 255, 255, 255))
     painting.putpixel((0, 0), PALETTE[1] + (255,))  # the second LoRA's colour
-    painted = [{"composite": painting}, 2, "b: a blue square", "streams"]
-    regional = params_from(groups, "regional", [3, *painted, *values[5:]], ["a", "b"])
+    painted = [{"composite": painting}, 2, "single", "b: a blue square", "attention"]
+    regional = params_from(groups, "regional", [3, *painted, *values[6:]], ["a", "b"])
     assert regional.regions.names() == ["b"] and regional.feather == 2
-    assert regional.prompts == "b: a blue square" and regional.prompt_mode == "streams"
+    assert regional.prompts == "b: a blue square" and regional.passes == "single"
     assert regional.regions.get("b").coverage() == pytest.approx(1 / 16)
 
 

@@ -11,12 +11,14 @@ from typing import TYPE_CHECKING, ClassVar, Protocol
 import torch
 from torch import nn
 
+from composer.adapters.spatial import SpatialScale
 from composer.errors import AdapterError
 
 if TYPE_CHECKING:
     from composer.formats.model import ModuleDelta
 
-Scale = float | torch.Tensor  # a number, or one number per sample of the batch: shape (B,)
+Scale = float | torch.Tensor | SpatialScale
+"""A number; one number per sample of the batch, shape (B,); or a weight times a region mask (SpatialScale)."""
 
 
 @dataclass(frozen=True)
@@ -211,8 +213,10 @@ def active_rows(scale: Scale) -> torch.Tensor | None:
     return cached[1]
 
 
-def broadcast_scale(scale: Scale, y: torch.Tensor) -> Scale:
-    """Shape a per-sample scale (B,) to broadcast over y (B, ...)."""
+def broadcast_scale(scale: Scale, y: torch.Tensor) -> float | torch.Tensor:
+    """Shape a per-sample scale (B,), or a region's mask, to broadcast over y (B, ...)."""
+    if isinstance(scale, SpatialScale):
+        return scale.weights_for(y)
     if not isinstance(scale, torch.Tensor):
         return scale
     if scale.ndim != 1 or scale.shape[0] != y.shape[0]:

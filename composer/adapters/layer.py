@@ -149,12 +149,10 @@ class AdaptedModule(nn.Module):
         adapters = [self.adapters[n] for n, _ in work]
         # parameter versions in the key: an in-place update (an optimizer step) invalidates the stack
         names = tuple((n, a.down._version, a.up._version) for (n, _), a in zip(work, adapters, strict=True))
-        per_sample = any(isinstance(s, torch.Tensor) for _, s in work)
+        varying = any(not isinstance(s, (int, float)) for _, s in work)  # per sample, or per region
         # numeric scales are folded into the stacked up matrix (part of the key): two matmuls per forward
         scales = (
-            None
-            if per_sample
-            else tuple(float(s) * a.scale for (_, s), a in zip(work, adapters, strict=True))
+            None if varying else tuple(float(s) * a.scale for (_, s), a in zip(work, adapters, strict=True))
         )
         # inference-mode tensors cannot enter a graph: a stack built under inference_mode serves only there
         key = (names, scales, x.dtype, torch.is_inference_mode_enabled())
@@ -173,17 +171,17 @@ class AdaptedModule(nn.Module):
             self._stacks[key] = stack
         down, up, ranks = stack
         h = F.linear(x, down)  # (..., R)
-        if per_sample:
-            batch = h.shape[0]
-            col = []
-            for (name, scale), rank in zip(work, ranks, strict=True):
-                s = scale * self.adapters[name].scale
-                if isinstance(s, torch.Tensor):
-                    col.append(s.to(h).view(-1, 1).expand(-1, rank))  # (B, r)
-                else:
-                    col.append(torch.full((1, rank), float(s), dtype=h.dtype, device=h.device))
-            cols = torch.cat([c.expand(batch, -1) for c in col], dim=1)  # (B, R)
-            h = h * cols.view(batch, *([1] * (h.ndim - 2)), -1)
+        if (
+            varying
+        ):  # each LoRA's rank columns times its weight (per sample, per token): exact, as up is linear
+            chunks = h.split(ranks, dim=-1)
+            h = torch.cat(
+                [
+                    chunk * (broadcast_scale(scale, chunk) * adapter.scale)
+                    for chunk, (_, scale), adapter in zip(chunks, work, adapters, strict=True)
+                ],
+                dim=-1,
+            )
         return F.linear(h, up)
 
     # --- standing in for the wrapped module ---------------------------------------------------------

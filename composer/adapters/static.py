@@ -75,9 +75,9 @@ def plan(layer: AdaptedModule) -> Plan:
     slots: list[tuple[LoraAdapter, float]] = []
     folded: dict[str, float] = {}
     for name, scale in layer.active_work():
-        if isinstance(scale, torch.Tensor):
+        if not isinstance(scale, (int, float)):
             raise AdapterError(
-                f"LoRA {name!r} has per-sample weights, which a compiled denoiser does not take "
+                f"LoRA {name!r} has per-sample or per-region weights, which a compiled denoiser does not take "
                 "(render without --compile for this method or batch)"
             )
         adapter = layer.adapters[name]

@@ -25,12 +25,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
+from composer.adapters.spatial import SpatialScale, TokenGeometry
 from composer.backbones.base import Conditioning
 from composer.errors import StudioError
 from composer.masks import RegionMasks
 from composer.methods.base import CompositionParams, MethodRun
 from composer.seams.attention import cross_attention_by_region
-from composer.seams.streams import denoise_in_streams
+from composer.seams.streams import denoise_in_one_pass, denoise_in_streams
 
 MAX_FEATHER = 256
 MAX_PROMPT = 2000  # characters of one region prompt
@@ -69,6 +70,13 @@ class RegionalParams(CompositionParams):
     feather: int = field(
         default=0, metadata={"help": "blur the mask edges by this many pixels (0: hard edges)"}
     )
+    passes: Literal["per-region", "single"] = field(
+        default="per-region",
+        metadata={
+            "help": "per-region: one denoising stream per painted LoRA, blended by the masks; single: one pass, "
+            "each LoRA's change masked inside every layer (cheaper with many regions)"
+        },
+    )
     prompts: str = field(
         default="",
         metadata={
@@ -90,7 +98,11 @@ class RegionalParams(CompositionParams):
             raise StudioError(f"feather must be an integer in 0..{MAX_FEATHER}, got {self.feather!r}")
         if not isinstance(self.prompts, str):
             raise StudioError(f"prompts must be text (`name: prompt` per line), got {self.prompts!r}")
-        parse_region_prompts(self.prompts)
+        if parse_region_prompts(self.prompts) and self.prompt_mode == "streams" and self.passes == "single":
+            raise StudioError(
+                "region prompts in streams mode need a stream per region: use passes=per-region, or "
+                "prompt_mode=attention with passes=single"
+            )
 
     def check(self, stack: list[str]) -> None:
         unknown = [n for n in self.regions.names() if n not in stack]
@@ -155,9 +167,22 @@ class RegionalParams(CompositionParams):
                 texts = parse_region_prompts(self.prompts)
                 if texts:
                     inputs = self.region_prompt_inputs(run, denoiser, streams, scales, texts, stack)
-                stack.enter_context(
-                    denoise_in_streams(denoiser, run.host, scales, masks, grid, inputs=inputs)
-                )
+                if self.passes == "single":
+                    geometry = TokenGeometry()
+                    painted = {
+                        resident[name][0]: SpatialScale(resident[name][1], torch.from_numpy(values), geometry)
+                        for name, values in streams
+                        if name is not None
+                    }
+                    stack.enter_context(
+                        denoise_in_one_pass(
+                            denoiser, run.host, {**everywhere, **painted}, geometry, grid, inputs=inputs
+                        )
+                    )
+                else:
+                    stack.enter_context(
+                        denoise_in_streams(denoiser, run.host, scales, masks, grid, inputs=inputs)
+                    )
             yield
 
     def region_prompt_inputs(

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from composer.adapters.base import Scale
 from composer.adapters.host import AdapterHost
+from composer.adapters.spatial import TokenGeometry
 from composer.errors import StudioError
 
 # arguments the denoiser takes with no batch dimension (FLUX's position ids), never repeated per stream
@@ -192,4 +193,40 @@ def each_call_with(
             host.context.active = previous
 
     with shadow_forward(module, forward):
+        yield
+
+
+@contextmanager
+def denoise_in_one_pass(
+    denoiser: torch.nn.Module,
+    host: AdapterHost,
+    scales: Mapping[str, Scale],
+    geometry: TokenGeometry,
+    grid: tuple[int, int] | None = None,
+    inputs: Callable[[dict, int], dict] | None = None,
+) -> Iterator[None]:
+    """While the block runs, every `denoiser(...)` call runs once with `scales` (region-masked scales among
+    them: `composer.adapters.spatial`), after `geometry` is told the call's latent grid and text length.
+
+    Args:
+        grid: (rows, cols) of FLUX's packed latent patches; None: the latents' own (h, w) (a UNet).
+        inputs: (kwargs, batch) -> the kwargs the call runs with (regional prompts' texts side by side).
+    """
+    original = denoiser.forward
+
+    def forward(*args, **kwargs):
+        hidden = call_latents(args, kwargs)
+        if inputs is not None:
+            kwargs = inputs(kwargs, hidden.shape[0])
+        text = kwargs.get("encoder_hidden_states")
+        geometry.grid = grid if grid is not None else tuple(hidden.shape[-2:])
+        geometry.text_tokens = text.shape[1] if isinstance(text, torch.Tensor) else 0
+        previous = host.context.active
+        host.context.active = scales
+        try:
+            return original(*args, **kwargs)
+        finally:
+            host.context.active = previous
+
+    with shadow_forward(denoiser, forward):
         yield
