@@ -33,6 +33,7 @@ class AdapterInfo:
     metadata: dict[str, str] = field(default_factory=dict)
     training_config: dict | None = None
     preview_path: str | None = None
+    frequency_profiles: dict[str, dict] = field(default_factory=dict)  # base model -> profile (cmlora)
     created_at: datetime | None = None
     updated_at: datetime | None = None
 
@@ -56,6 +57,7 @@ class AdapterInfo:
             metadata=dict(a.metadata_json or {}),
             training_config=dict(a.training_config) if a.training_config else None,
             preview_path=a.preview_path,
+            frequency_profiles=dict(a.frequency_profiles or {}),
             created_at=a.created_at,
             updated_at=a.updated_at,
         )

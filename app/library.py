@@ -181,6 +181,25 @@ class Library:
         with unit_of_work(self.sessions) as session:
             return AdapterInfo.of(AdapterRepository(session).update(info.name, preview_path=str(target)))
 
+    def frequency_profile(self, info: AdapterInfo, model: str) -> dict | None:
+        """The entry's stored frequency profile for base model `model`, or None when it has none or it was
+        measured on another file (the entry's file changed since)."""
+        stored = info.frequency_profiles.get(model)
+        return stored if stored is not None and stored.get("sha256") == info.sha256 else None
+
+    def set_frequency_profile(self, ref: str, model: str, profile: dict) -> AdapterInfo:
+        """Store a profile measured for base model `model` on the entry's current file (replacing the one it
+        had for that model).
+
+        Raises:
+            AdapterNotFoundError: no such entry (close names suggested).
+        """
+        with unit_of_work(self.sessions) as session:
+            repo = AdapterRepository(session)
+            adapter = repo.resolve(ref)
+            profiles = {**(adapter.frequency_profiles or {}), model: {**profile, "sha256": adapter.sha256}}
+            return AdapterInfo.of(repo.update(adapter.name, frequency_profiles=profiles))
+
     def free_name(self, name: str) -> str:
         """`name` if no entry has it, else the first free `name-2`, `name-3`, ... (as imports name them)."""
         with self.sessions() as session:

@@ -57,6 +57,11 @@ class _Loaded:
     resident: OrderedDict[str, None] = field(default_factory=OrderedDict)  # sha256, LRU order
 
 
+def _profile_key(model: str, role: str | None) -> str:
+    """Where an entry keeps its frequency profile for a base model (a B-LoRA half under its own key)."""
+    return model if role is None else f"{model}#{role}"
+
+
 def _resident_key(info: AdapterInfo, role: str | None) -> str:
     """The name a catalog entry (or one B-LoRA half) is resident under: its file hash (#role)."""
     return info.sha256 if role is None else f"{info.sha256}#{role}"
@@ -220,6 +225,25 @@ class Studio:
         outs = None if out is None else [out]
         return self.render_batch([request], backbone, model, outs, progress, hook)[0]
 
+    def _stored_profiles(self, request: RenderRequest, union: dict, model: str) -> dict[str, dict]:
+        """The stack's stored frequency profiles for this base model, for a method that orders by them."""
+        if not type(request.params()).needs_profiles:
+            return {}
+        out = {}
+        for name, (info, role) in union.items():
+            stored = self.library.frequency_profile(info, _profile_key(model, role))
+            if stored is not None:
+                out[name] = stored
+        return out
+
+    def _store_new_profiles(self, union: dict, profiles: dict[str, dict], model: str) -> None:
+        """Keep the profiles a render measured with their catalog entries (the next render reuses them)."""
+        for name, profile in profiles.items():
+            info, role = union[name]
+            key = _profile_key(model, role)
+            if self.library.frequency_profile(info, key) is None:
+                self.library.set_frequency_profile(info.name, key, profile)
+
     def render_batch(
         self,
         requests: Sequence[RenderRequest],
@@ -265,6 +289,7 @@ class Studio:
             loaded = self.pipeline(backbone, model)
             keys = self._make_resident(loaded, list(union.values()))
             names = dict(zip(union, keys, strict=True))
+            profiles = self._stored_profiles(first, union, str(model))
             images = render_batch(
                 loaded.pipe,
                 bb,
@@ -274,7 +299,9 @@ class Studio:
                 progress=relay,
                 pictures=pictures,
                 triggers={name: info.trigger_words for name, (info, _) in union.items()},
+                profiles=profiles,
             )
+        self._store_new_profiles(union, profiles, str(model))
         results = []
         for i, request in enumerate(requests):
             infos = [info for info, _ in stacks[i]]

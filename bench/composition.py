@@ -1,6 +1,7 @@
-"""Two LoRAs in one image on the toy model: merge, switch (every 5 steps) and composite vs regional with the true halves (an oracle: the user painted
-exactly where each concept goes), alone or with each half's own prompt (regional-prompts: the caption of that
-half's object), vs clora with masks only vs clora with its latent updates.
+"""Two LoRAs in one image on the toy model: merge, switch (every 5 steps), composite and cmlora vs regional with
+the true halves (an oracle: the user painted exactly where each concept goes; in one stream per region, or
+regional-single: in a single pass), alone or with each half's own prompt (regional-prompts: the caption of
+that half's object), vs clora with masks only vs clora with its latent updates.
 
 python -m bench.composition [--set subjects-large] [--prompts 12] [--seeds 2] [--steps 20] [--methods merge,clora]
     [--only star,heart] [--loras DIR]
@@ -40,7 +41,7 @@ from composer.adapters.host import AdapterHost
 from composer.backbones import get_backbone, load_pipeline
 from composer.formats import read_lora
 from composer.masks import Mask, RegionMasks
-from composer.methods import CLoRAParams, CompositeParams, RegionalParams, SwitchParams
+from composer.methods import CLoRAParams, CMLoRAParams, CompositeParams, RegionalParams, SwitchParams
 from composer.render import LoraWeight, RenderRequest, render_batch
 from toyworld import loras_dir, model_dir, negatives, scenes
 from toyworld.evaluator import Evaluator, SceneReport
@@ -165,6 +166,7 @@ def method_params(method: str, prompt: Prompt):
         "merge": ("merge", None),
         "switch": ("switch", SwitchParams()),
         "composite": ("composite", CompositeParams()),
+        "cmlora": ("cmlora", CMLoRAParams()),
         "regional": ("regional", RegionalParams(RegionMasks.of(painted))),
         "regional-prompts": (
             "regional",
@@ -242,7 +244,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--methods",
-        default="merge,switch,composite,regional,regional-prompts,regional-prompts-streams,clora-masks,clora",
+        default="merge,switch,composite,cmlora,regional,regional-prompts,regional-prompts-streams,clora-masks,clora",
     )
     parser.add_argument("--only", default="", help="comma-separated concepts: only pairs of these")
     parser.add_argument(
@@ -265,6 +267,7 @@ def main() -> None:
     for name in names:
         host.add(name, read_lora(args.loras / f"{name}.safetensors"))
     triggers = {name: [scenes.TRIGGERS[name]] for name in names}
+    profiles: dict = {}  # cmlora's frequency profiles, measured once per LoRA (the catalog keeps them)
     evaluator = Evaluator.load()
 
     images: dict[str, list] = {m: [] for m in methods}
@@ -276,7 +279,9 @@ def main() -> None:
                 name, params = method_params(m, prompt)
                 request = render_request(prompt, args, i, j, loras, name, params)
                 start = time.perf_counter()
-                images[m] += render_batch(pipe, backbone, host, [request], triggers=triggers)
+                images[m] += render_batch(
+                    pipe, backbone, host, [request], triggers=triggers, profiles=profiles
+                )
                 seconds[m].append(time.perf_counter() - start)
 
     alone_images = []

@@ -33,6 +33,8 @@ if [ "${ONLY:-sdxl}" = sdxl ]; then
         --ks 1,2,4,8 --sets 2,6
     run sdxl_compile bench.compile --family sdxl --config "$CONFIG" --device "$DEVICE" --dtype $HALF \
         --mode "$([ "$DEVICE" = cuda ] && echo reduce-overhead || echo default)" --k 2 --repeat 20
+    run sdxl_methods bench.method_steps --family sdxl --config "$CONFIG" --device "$DEVICE" --dtype $HALF \
+        --k 3 --repeat 10
     run sdxl_train bench.train_speed --config "$CONFIG" --device "$DEVICE" --latent $LATENT --repeat 20
 fi
 if [ "${ONLY:-flux}" = flux ]; then
@@ -41,6 +43,8 @@ if [ "${ONLY:-flux}" = flux ]; then
     run flux_switch bench.switch --family flux --config "$CONFIG" --device "$DEVICE" --dtype $BF --repeat 11
     run flux_compile bench.compile --family flux --config "$CONFIG" --device "$DEVICE" --dtype $BF \
         --mode "$([ "$DEVICE" = cuda ] && echo reduce-overhead || echo default)" --k 2 --repeat 10
+    run flux_methods bench.method_steps --family flux --config "$CONFIG" --device "$DEVICE" --dtype $BF \
+        --k 3 --repeat 5
 fi
 
 # ms/step of the base denoiser beside the floor this studio is measured against (docs/BENCHMARKS.md).

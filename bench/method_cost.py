@@ -6,7 +6,9 @@ The toy model at 64 px, the bundled subject LoRAs (star, heart, cross, ...), one
 paints k vertical strips (and, for region prompts, gives each strip its own prompt). Every method and the base
 render are timed round-robin, one call each per round; each figure is the ratio of medians over the base
 render, with the extremes of the per-round ratios. Issue 20's goals: switch <= 1.05 x merge; composite about
-k x a merge; single-pass regional <= 1.3 x base at k = 3.
+k x a merge; single-pass regional <= 1.3 x base at k = 3; cmlora <= 0.6 x composite at k = 3 (its profiles
+measured by the warm-up round, as the catalog keeps them). Denoiser passes per image are counted for merge,
+composite and cmlora.
 """
 
 from __future__ import annotations
@@ -21,7 +23,14 @@ from composer.adapters.host import AdapterHost
 from composer.backbones import get_backbone, load_pipeline
 from composer.formats import read_lora
 from composer.masks import Mask, RegionMasks
-from composer.methods import CLoRAParams, CompositeParams, MergeParams, RegionalParams, SwitchParams
+from composer.methods import (
+    CLoRAParams,
+    CMLoRAParams,
+    CompositeParams,
+    MergeParams,
+    RegionalParams,
+    SwitchParams,
+)
 from composer.render import LoraWeight, RenderRequest, render_batch
 from toyworld import loras_dir, model_dir, scenes
 
@@ -44,6 +53,7 @@ def methods(names: tuple[str, ...]) -> dict[str, tuple[str, object]]:
         "merge": ("merge", MergeParams()),
         "switch": ("switch", SwitchParams()),
         "composite": ("composite", CompositeParams()),
+        "cmlora": ("cmlora", CMLoRAParams()),
         "regional": ("regional", RegionalParams(regions)),
         "regional + region prompts": ("regional", RegionalParams(regions, prompts=prompts)),
         "regional, single pass": ("regional", RegionalParams(regions, passes="single")),
@@ -53,6 +63,18 @@ def methods(names: tuple[str, ...]) -> dict[str, tuple[str, object]]:
         ),
         "clora": ("clora", CLoRAParams()),
     }
+
+
+def passes_per_image(pipe, render) -> float:
+    """Denoiser passes of one render, in passes of a single image (rows through the UNet's first layer over
+    the rows of classifier-free guidance's one call)."""
+    rows: list[int] = []
+    hook = pipe.unet.conv_in.register_forward_pre_hook(lambda module, a: rows.append(a[0].shape[0]))
+    try:
+        render()
+    finally:
+        hook.remove()
+    return sum(rows) / 2  # guidance batches the unconditional and conditional image: 2 rows a pass
 
 
 def main() -> None:
@@ -85,16 +107,24 @@ def main() -> None:
                 num_inference_steps=args.steps,
                 **FIXED,
             )
+        profiles: dict = {}  # cmlora's, measured by the warm-up round (the catalog keeps them in the studio)
         fns = {
-            label: (lambda r=request: render_batch(pipe, backbone, host, [r], triggers=triggers))
+            label: (
+                lambda r=request, p=profiles: render_batch(
+                    pipe, backbone, host, [r], triggers=triggers, profiles=p
+                )
+            )
             for label, request in requests.items()
         }
         times = round_robin(fns, args.repeat)
+        passes = {label: passes_per_image(pipe, fns[label]) for label in ("merge", "composite", "cmlora")}
         figures[f"k={k}"] = {
             "seconds": {label: spread(t) for label, t in times.items()},
             "over base": {label: ratio(times, label, "base (no LoRA)", "x") for label in list(fns)[1:]},
             "switch / merge": ratio(times, "switch", "merge", "x"),
             "composite / merge": ratio(times, "composite", "merge", "x"),
+            "cmlora / composite": ratio(times, "cmlora", "composite", "x"),
+            "denoiser passes per image": passes,
             "regional single pass / per region": ratio(times, "regional, single pass", "regional", "x"),
         }
     emit(
@@ -104,6 +134,7 @@ def main() -> None:
             "switch / merge": "<= 1.05",
             "composite / merge": "about k",
             "regional, single pass over base": "<= 1.3 at k = 3",
+            "cmlora / composite": "<= 0.6 at k = 3",
         },
         {"steps": args.steps, "repeat": args.repeat, "size": SIZE, "threads": torch.get_num_threads()},
     )

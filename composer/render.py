@@ -204,12 +204,15 @@ def render_batch(
     progress: Progress | None = None,
     pictures: list | None = None,
     triggers: Mapping[str, Sequence[str]] | None = None,
+    profiles: dict[str, dict] | None = None,
 ):
     """Render several requests of one `batch_key` in one pipeline call: a list of prompts, and one generator
     per request seeded with its seed (diffusers draws each sample's latents from its own generator). Returns
     PIL images in request order (`num_images` of each; a batch of several holds single-image requests only).
     The composition method's pictures (e.g. the masks it used: (caption, PIL image)) go into `pictures`;
-    `triggers` (catalog name -> trigger words) is what methods that look for concepts in the prompt read.
+    `triggers` (catalog name -> trigger words) is what methods that look for concepts in the prompt read;
+    `profiles` (catalog name -> stored frequency profile) what cmlora orders by: profiles it measures during the
+    call are added to that same dict.
 
     Raises:
         StudioError: no requests, an invalid one, or requests that cannot share a call.
@@ -255,6 +258,8 @@ def render_batch(
         prompts=[r.prompt for r in requests],
         images_per_prompt=first.num_images,
         triggers={name: list(words) for name, words in (triggers or {}).items()},
+        steps=steps,
+        profiles=profiles if profiles is not None else {},
     )
 
     def on_step_end(step_pipe, step, timestep, tensors):

@@ -191,6 +191,9 @@ class Adapter(Base):
     metadata_json: Mapped[dict[str, Any]] = mapped_column(MutableDict.as_mutable(json_type()), default=dict)
     training_config: Mapped[dict[str, Any] | None] = mapped_column(MutableDict.as_mutable(json_type()))
     preview_path: Mapped[str | None] = mapped_column(Text)
+    # base model -> what the LoRA changes at each spatial frequency, measured from its own renders (cmlora
+    # orders LoRAs by it): {"score", "radial", "sha256" of the file it was measured on, ...}
+    frequency_profiles: Mapped[dict[str, Any] | None] = mapped_column(MutableDict.as_mutable(json_type()))
     embedding: Mapped[bytes | None] = mapped_column(LargeBinary)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(
@@ -250,6 +253,16 @@ class Adapter(Base):
     def _v_metadata(self, key: str, value: object) -> dict[str, Any]:
         if not isinstance(value, dict):
             raise InvalidFieldError(f"metadata_json {value!r}: expected a dict")
+        return value
+
+    @validates("frequency_profiles")
+    def _v_frequency_profiles(self, key: str, value: object) -> dict[str, Any] | None:
+        if value is not None and not (
+            isinstance(value, dict) and all(isinstance(v, dict) for v in value.values())
+        ):
+            raise InvalidFieldError(
+                f"frequency_profiles {value!r}: expected a dict of dicts by model, or None"
+            )
         return value
 
     @validates("training_config")

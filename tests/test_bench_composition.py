@@ -98,9 +98,38 @@ def test_method_cost_runs_every_method_on_strips_that_cover_the_picture():
 
     names = ("star", "heart", "cross")
     chosen = methods(names)
-    assert {method for method, _ in chosen.values()} == {"merge", "switch", "composite", "regional", "clora"}
+    assert {method for method, _ in chosen.values()} == {
+        "merge",
+        "switch",
+        "composite",
+        "cmlora",
+        "regional",
+        "clora",
+    }
     for method, params in chosen.values():
         params.check(list(names))  # masks and region prompts name only LoRAs of the stack
         assert method_name(params) == method
     cover = sum(np.frombuffer(strip(i, 3).data, np.uint8).astype(int) for i in range(3))
     assert cover.shape == (SIZE * SIZE,) and (cover == 255).all()  # k strips, no gap, no overlap
+
+
+def test_method_steps_times_every_method_on_a_tiny_denoiser(monkeypatch, capsys):
+    """bench.method_steps (bench/gpu.sh's method figures) runs end to end on tiny SDXL and FLUX."""
+    import json
+
+    from bench import method_steps
+
+    for family in ("sdxl", "flux"):
+        argv = ["method_steps", "--family", family, "--config", "tiny", "--repeat", "1", "--latent", "8"]
+        monkeypatch.setattr("sys.argv", argv)
+        method_steps.main()
+        figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["figures"]
+        assert set(figures["over base"]) == {
+            "merge",
+            "switch",
+            "composite",
+            "regional, per region",
+            "regional, single pass",
+        }
+        assert figures["cmlora passes per step"] == 1.55  # 31 passes over 20 steps at k = 3
+        assert figures["mixed / same throughput"]["x"] > 0

@@ -45,7 +45,7 @@ def test_models_and_migrations_agree(engine):
 
 
 def test_upgrade_is_idempotent_and_downgrade_empties(engine):
-    assert current_revision(engine) == head_revision() == "0004"
+    assert current_revision(engine) == head_revision() == "0005"
     upgrade(engine)  # a second start changes nothing
     assert current_revision(engine) == head_revision()
     with engine.begin() as connection:

@@ -260,7 +260,7 @@ def test_a_prompt_tag_renders_as_the_stack_row_and_is_in_the_provenance(client):
         (
             [],
             {"method": "blend"},
-            "blend is not in the list of choices: \\['merge', 'switch', 'composite', 'regional', 'clora'\\]",
+            "blend is not in the list of choices: \\['merge', 'switch', 'composite', 'cmlora', 'regional', 'clora'\\]",
         ),
     ],
 )

@@ -15,6 +15,7 @@ from composer.errors import StudioError
 from composer.masks import MaskError, RegionMasks
 from composer.methods.base import CompositionParams, MethodRun, StackEntry, missing_trigger
 from composer.methods.clora import CLoRAParams
+from composer.methods.cmlora import CMLoRAParams
 from composer.methods.composite import CompositeParams
 from composer.methods.merge import MergeParams
 from composer.methods.regional import RegionalParams
@@ -24,6 +25,7 @@ METHODS: dict[str, type] = {
     "merge": MergeParams,
     "switch": SwitchParams,
     "composite": CompositeParams,
+    "cmlora": CMLoRAParams,
     "regional": RegionalParams,
     "clora": CLoRAParams,
 }
@@ -97,6 +99,7 @@ def method_name(params: object) -> str:
 __all__ = [
     "METHODS",
     "CLoRAParams",
+    "CMLoRAParams",
     "CompositeParams",
     "CompositionParams",
     "MergeParams",

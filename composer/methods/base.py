@@ -31,6 +31,9 @@ class MethodRun:
         prompts: the call's prompts, one per request; each gives `images_per_prompt` samples, in order.
         triggers: catalog name -> the LoRA's trigger words.
         pictures: what the method shows beside the images (caption, PIL image), e.g. the masks it used.
+        steps: the render's number of denoising steps.
+        profiles: catalog name -> the LoRA's stored frequency profile ({"score", "radial"}, for this base
+            model and file); a method that measures a missing one adds it here for the caller to store.
         step_end: hooks run after every denoising step as diffusers' `callback_on_step_end` runs them
             (pipe, step, timestep, tensors) -> tensors; the latents they return replace the pipeline's.
     """
@@ -46,6 +49,8 @@ class MethodRun:
     triggers: dict[str, list[str]] = field(default_factory=dict)
     pictures: list[tuple[str, Any]] = field(default_factory=list)
     step_end: list[Callable[[Any, int, Any, dict], dict]] = field(default_factory=list)
+    steps: int = 0
+    profiles: dict[str, dict] = field(default_factory=dict)
 
     @property
     def scales(self) -> dict[str, float]:
@@ -67,6 +72,10 @@ class CompositionParams(Protocol):
     mixes_per_sample: ClassVar[bool] = False
     """Images of one pipeline call may each have their own LoRA stack (per-sample scales): requests that
     differ only in prompt, seed and LoRAs share a call (`composer.render.batch_key`)."""
+
+    needs_profiles: ClassVar[bool] = False
+    """The method orders LoRAs by their frequency profiles (`composer.frequency`): the caller passes the stored
+    ones and stores those the method measured (`MethodRun.profiles`)."""
 
     needs_triggers: ClassVar[bool] = False
     """The method finds each LoRA's concept by its trigger words in the prompt: a request whose prompt lacks a

@@ -104,19 +104,13 @@ def denoise_in_streams(
     fixed = isinstance(masks, torch.Tensor)
     if not streams or (fixed and masks.shape[0] != len(streams)):
         raise StudioError(f"{len(streams)} streams for {masks.shape[0] if fixed else '?'} masks")
-    names = sorted({n for s in streams for n in s})
     original = denoiser.forward
     cache: dict[tuple, object] = {}  # every step asks for the same scales and weights: build them once
 
     def scales_for(batch: int, device) -> dict[str, Scale]:
         key = ("scales", batch, device)
         if key not in cache:
-            cache[key] = {
-                name: torch.tensor(
-                    [float(s.get(name, 0.0)) for s in streams for _ in range(batch)], device=device
-                )
-                for name in names
-            }
+            cache[key] = stream_scales(streams, batch, device)
         return cache[key]
 
     def weights_for(sample: torch.Tensor, batch: int) -> torch.Tensor:
@@ -132,30 +126,65 @@ def denoise_in_streams(
         return cache[key]
 
     def forward(*call_args, **call_kwargs):
-        hidden = call_latents(call_args, call_kwargs)
-        batch, count = hidden.shape[0], len(streams)
-        args = tuple(_repeat(a, batch, count) for a in call_args)
-        kwargs = {k: (v if k in _UNBATCHED else _repeat(v, batch, count)) for k, v in call_kwargs.items()}
-        if inputs is not None:
-            kwargs = inputs(kwargs, batch)
-        previous = host.context.active
-        host.context.active = scales_for(batch, hidden.device)
-        try:
-            out = original(*args, **kwargs)
-        finally:
-            host.context.active = previous
-        sample = out[0] if isinstance(out, tuple) else out.sample
-        stacked = sample.reshape(count, batch, *sample.shape[1:])  # (S, B, ...)
-        blended = (stacked * weights_for(sample, batch)).sum(dim=0)
+        batch = call_latents(call_args, call_kwargs).shape[0]
+        out, stacked = call_in_streams(
+            original, host, len(streams), scales_for, call_args, call_kwargs, inputs
+        )
+        blended = (stacked * weights_for(stacked[0], batch)).sum(dim=0)
         if on_call is not None:
             on_call(call_args, call_kwargs)
-        if isinstance(out, tuple):
-            return (blended, *out[1:])
-        out.sample = blended
-        return out
+        return with_sample(out, blended)
 
     with shadow_forward(denoiser, forward):
         yield
+
+
+def stream_scales(streams: Sequence[Mapping[str, float]], batch: int, device) -> dict[str, Scale]:
+    """Per-sample scales for a call of `len(streams)` x `batch` rows: stream j's adapters on its rows only. One
+    stream is the whole call: plain numbers (the adapter layer's fastest path)."""
+    if len(streams) == 1:
+        return {name: float(scale) for name, scale in streams[0].items()}
+    names = sorted({n for s in streams for n in s})
+    return {
+        name: torch.tensor([float(s.get(name, 0.0)) for s in streams for _ in range(batch)], device=device)
+        for name in names
+    }
+
+
+def call_in_streams(
+    original: Callable,
+    host: AdapterHost,
+    count: int,
+    scales_for: Callable[[int, torch.device], Mapping[str, Scale]],
+    call_args: tuple,
+    call_kwargs: dict,
+    inputs: Callable[[dict, int], dict] | None = None,
+) -> tuple[Any, torch.Tensor]:
+    """One denoiser call run as `count` streams in one batched forward: the call's inputs repeated per stream,
+    the host's active set `scales_for(batch, device)` (per-sample scales: stream j owns rows j * batch ...
+    (j + 1) * batch) while it runs. Returns the raw output and the streams' predictions, (count, batch, ...)."""
+    hidden = call_latents(call_args, call_kwargs)
+    batch = hidden.shape[0]
+    args = tuple(_repeat(a, batch, count) for a in call_args)
+    kwargs = {k: (v if k in _UNBATCHED else _repeat(v, batch, count)) for k, v in call_kwargs.items()}
+    if inputs is not None:
+        kwargs = inputs(kwargs, batch)
+    previous = host.context.active
+    host.context.active = scales_for(batch, hidden.device)
+    try:
+        out = original(*args, **kwargs)
+    finally:
+        host.context.active = previous
+    sample = out[0] if isinstance(out, tuple) else out.sample
+    return out, sample.reshape(count, batch, *sample.shape[1:])
+
+
+def with_sample(out: Any, sample: torch.Tensor) -> Any:
+    """A denoiser's output (a tuple, or an output object) with its sample replaced."""
+    if isinstance(out, tuple):
+        return (sample, *out[1:])
+    out.sample = sample
+    return out
 
 
 @contextmanager
