@@ -1,7 +1,9 @@
 """Two LoRAs in one image on the toy model: merge, switch (every 5 steps), composite and cmlora vs regional with
 the true halves (an oracle: the user painted exactly where each concept goes; in one stream per region, or
 regional-single: in a single pass), alone or with each half's own prompt (regional-prompts: the caption of
-that half's object), vs clora with masks only vs clora with its latent updates.
+that half's object), vs clora with masks only vs clora with its latent updates (clora-per-lora: each LoRA's stream reads the prompt
+with only its own trigger word, the other concepts by plain name; clora-paper: that and 5 updates at the
+refinement steps).
 
 python -m bench.composition [--set subjects-large] [--prompts 12] [--seeds 2] [--steps 20] [--methods merge,clora]
     [--only star,heart] [--loras DIR]
@@ -183,7 +185,15 @@ def method_params(method: str, prompt: Prompt):
         ),
         "clora-masks": ("clora", CLoRAParams(step_size=0.0)),
         "clora": ("clora", CLoRAParams()),
+        # the paper's streams: each LoRA's stream reads its own trigger, the other concepts by plain name
+        "clora-per-lora": ("clora", CLoRAParams(prompts="per-lora", concepts=plain_words(prompt))),
+        "clora-paper": ("clora", CLoRAParams(prompts="per-lora", concepts=plain_words(prompt), refine=5)),
     }[method]
+
+
+def plain_words(prompt: Prompt) -> str:
+    """clora's per-lora concepts: each held-out concept's own name is its plain word ("star: star")."""
+    return "\n".join(f"{name}: {name}" for name in prompt.loras)
 
 
 def chance_images(prompt: Prompt, seeds: int, seed: int) -> list[np.ndarray]:

@@ -193,3 +193,47 @@ def test_clora_refuses_what_it_cannot_compose(toy):
         params_from_json("clora", {"step_size": "big"})
     assert host.context.active == {}
     assert "forward" not in vars(pipe.unet)
+
+
+def test_per_lora_prompts_give_each_stream_its_own_trigger_only(toy, monkeypatch):
+    """The paper's streams: LoRA k's stream reads its own trigger and the other concepts' plain words, the
+    base stream plain words only; each concept's tokens are found in every stream's own prompt."""
+    seen = {}
+    init = clora.ContrastiveRun.__init__
+
+    def keep(self, params, run):
+        init(self, params, run)
+        seen["prompts"] = self.stream_prompts(run.prompts[0])
+        seen["concepts"] = self.concepts[0]
+
+    monkeypatch.setattr(clora.ContrastiveRun, "__init__", keep)
+    params = CLoRAParams(prompts="per-lora", concepts="star: star\nheart: heart")
+    (image,) = toy_render(toy, params)
+    star, heart = TOY_TRIGGERS["star"][0], TOY_TRIGGERS["heart"][0]
+    base_prompt, star_prompt, heart_prompt = seen["prompts"]
+    assert star not in base_prompt and heart not in base_prompt and "star" in base_prompt
+    assert star in star_prompt and heart not in star_prompt and "heart" in star_prompt
+    assert heart in heart_prompt and star not in heart_prompt
+    assert all(len(positions) > 0 for stream in seen["concepts"] for positions in stream)
+    (shared,) = toy_render(toy, CLoRAParams())
+    assert np.abs(image - shared).mean() > 1e-3  # the streams' own texts change the picture
+    with pytest.raises(StudioError, match="give `concepts` a line for heart"):
+        CLoRAParams(prompts="per-lora", concepts="star: star").check(["star", "heart"])
+    with pytest.raises(StudioError, match="concepts for LoRAs not in the stack: moon"):
+        CLoRAParams(concepts="moon: moon").check(["star"])
+
+
+def test_refinement_steps_take_several_updates(toy, monkeypatch):
+    runs = []
+    init = clora.ContrastiveRun.__init__
+    monkeypatch.setattr(
+        clora.ContrastiveRun, "__init__", lambda self, p, r: (init(self, p, r), runs.append(self))[0]
+    )
+    toy_render(toy, CLoRAParams(refine=3, update_until=0.0))
+    (state,) = runs
+    assert state.refine_at == {1, 2, 5}  # steps 0, 10, 20 of 50 at 12 steps (step 0's before step 1)
+    steps = [step for step, _ in state.losses]
+    assert steps == [1, 1, 1, 2, 2, 2, 5, 5, 5]  # update_until 0: nothing but the refinements
+    assert CLoRAParams().refinement_steps(50) == set()  # refine 0: one update per early step, as before
+    with pytest.raises(StudioError, match="clora.refine must be an integer in 0..50"):
+        CLoRAParams(refine=-1)

@@ -284,7 +284,11 @@ def test_method_parameters_are_read_strictly():
     request = RenderRequest("x", loras=(LoraWeight("a"),), method="regional", method_params=regional)
     assert RenderRequest.from_json(request.to_json()) == request
     cases = [
-        ("blend", {}, "unknown composition method 'blend'; choose merge, switch, composite, cmlora, regional, clora"),
+        (
+            "blend",
+            {},
+            "unknown composition method 'blend'; choose merge, switch, composite, cmlora, regional, clora",
+        ),
         ("merge", {"feather": 1}, "merge has no parameter feather"),
         ("regional", {"feather": "2"}, "regional.feather must be int"),
         ("regional", {"feather": 999}, "feather must be an integer in 0..256"),

@@ -52,7 +52,7 @@ def stack(*rows):
 def render(client, prompt="a red circle on the left", rows=(), seed=0, method="merge", canvas=None, **kw):
     """The /render endpoint: the fixed inputs, then every method's controls in the registry's order (switch:
     every; regional: canvas, feather, passes, region prompts, prompt mode; clora: threshold, temperature, step size,
-    update until)."""
+    update until, refine, prompts, concepts)."""
     s = {**SMALL, **kw}
     return client.predict(
         prompt,
@@ -70,7 +70,7 @@ def render(client, prompt="a red circle on the left", rows=(), seed=0, method="m
         s.get("passes", "per-region"),
         s.get("prompts", ""),
         s.get("prompt_mode", "attention"),
-        *s.get("clora", (0.3, 0.5, 0.02, 0.5)),
+        *s.get("clora", (0.3, 0.5, 0.02, 0.5, 0, "shared", "")),
         api_name="/render",
     )
 
@@ -220,13 +220,17 @@ def test_regional_render_from_a_painted_canvas_shows_its_masks(client, tmp_path)
 def test_clora_render_shows_the_masks_it_found(client):
     rows = [("inkwell", 1.0), ("pastel", 1.0)]
     prompt = "a red circle inkwellstyle on the left, pastelstyle background"  # the LoRAs' trigger words
-    gallery, provenance = render(client, prompt, rows=rows, method="clora", clora=(0.3, 0.5, 0.05, 0.5))
+    knobs = (0.3, 0.5, 0.05, 0.5, 1, "per-lora", "inkwell: ink\npastel: pastel")  # the paper's streams
+    gallery, provenance = render(client, prompt, rows=rows, method="clora", clora=knobs)
     assert provenance["method"] == "clora"
     assert provenance["method_params"] == {
         "threshold": 0.3,
         "temperature": 0.5,
         "step_size": 0.05,
         "update_until": 0.5,
+        "refine": 1,
+        "prompts": "per-lora",
+        "concepts": "inkwell: ink\npastel: pastel",
     }
     image, *masks = gallery
     assert [m["caption"].split(" (")[0] for m in masks] == ["clora: base", "clora: inkwell", "clora: pastel"]
@@ -386,12 +390,12 @@ def test_method_controls_are_built_from_the_dataclass_fields():
     assert not by_name["knobs"].group.visible
     regional_kinds = [type(c).__name__ for _, c in by_name["regional"].controls]
     assert regional_kinds == ["ImageEditor", "Number", "Dropdown", "Textbox", "Dropdown"]
-    clora = [0.25, 0.5, 0.0, 0.5]
+    clora = [0.25, 0.5, 0.0, 0.5, 2, "shared", ""]
     regional_values = [3, None, 0, "per-region", "", "attention"]  # switch's every; regional's knobs
     values = [*regional_values, *clora, "hard", 0.9, 4.0, True, "x"]  # switch's, regional's, clora's, knobs'
     assert params_from(groups, "merge", values) == METHODS["merge"]()
     assert params_from(groups, "switch", values) == METHODS["switch"](3)
-    assert params_from(groups, "clora", values) == METHODS["clora"](0.25, 0.5, 0.0, 0.5)
+    assert params_from(groups, "clora", values) == METHODS["clora"](0.25, 0.5, 0.0, 0.5, refine=2)
     assert params_from(groups, "knobs", values) == _Knobs("hard", 0.9, 4, True, "x")
     with pytest.raises(StudioError, match="knobs: strength needs a value"):
         params_from(groups, "knobs", [*regional_values, *clora, "hard", None, 4, True, "x"])

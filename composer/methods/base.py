@@ -10,6 +10,7 @@ from typing import Any, ClassVar, Protocol
 
 from composer.adapters.host import AdapterHost
 from composer.backbones.base import Backbone
+from composer.errors import StudioError
 
 
 @dataclass(frozen=True)
@@ -103,3 +104,29 @@ def missing_trigger(method: str, prompt: str, triggers: dict[str, list[str]]) ->
             shown = ", ".join(repr(w) for w in words)
             return f"{method}: the prompt does not contain {name!r}'s trigger word ({shown}); write it where {name!r}'s concept goes"
     return None
+
+
+MAX_LINE_VALUE = 2000  # characters of one `name: value` line's value
+
+
+def parse_named_lines(text: str, what: str, value: str = "word") -> dict[str, str]:
+    """`name: value` per line (or separated by ";"), blank lines ignored -> {name: value}. `what` and `value`
+    name the lines in errors ("region prompt", "prompt").
+
+    Raises:
+        StudioError: a line with no name or no value, a name given twice, or an overlong value (named).
+    """
+    out: dict[str, str] = {}
+    for line in text.replace(";", "\n").splitlines():
+        if not line.strip():
+            continue
+        name, colon, rest = line.partition(":")
+        name, rest = name.strip(), rest.strip()
+        if not colon or not name or not rest:
+            raise StudioError(f"{what} {line.strip()!r}: write `name: its {value}`, one LoRA per line")
+        if name in out:
+            raise StudioError(f"{what}s: {name!r} is given twice")
+        if len(rest) > MAX_LINE_VALUE:
+            raise StudioError(f"{what} of {name!r} has {len(rest)} characters; at most {MAX_LINE_VALUE}")
+        out[name] = rest
+    return out

@@ -20,10 +20,11 @@ LoRAs' trigger words. Cost: (LoRAs + 1) denoiser passes per step, plus a backwar
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
@@ -31,9 +32,13 @@ import torch.nn.functional as F
 from PIL import Image
 
 from composer.errors import StudioError
-from composer.methods.base import CompositionParams, MethodRun
+from composer.methods.base import CompositionParams, MethodRun, parse_named_lines
+from composer.methods.regional import swap_texts
 from composer.seams.attention import MapStore, capture_cross_attention
 from composer.seams.streams import call_latents, denoise_in_streams, map_batched
+
+MAX_REFINE = 50
+REFINE_AT = (0.0, 0.2, 0.4)  # the paper's refinement steps 0, 10 and 20, as shares of its 50 steps
 
 
 @dataclass(frozen=True)
@@ -54,6 +59,28 @@ class CLoRAParams(CompositionParams):
     update_until: float = field(
         default=0.5, metadata={"help": "share of the steps that update the latents (the paper: 25 of 50)"}
     )
+    refine: int = field(
+        default=0,
+        metadata={
+            "help": "updates at each refinement step (the paper's steps 0, 10 and 20 of 50; 0: one update per "
+            "step there too)"
+        },
+    )
+    prompts: Literal["shared", "per-lora"] = field(
+        default="shared",
+        metadata={
+            "help": "shared: every stream reads the prompt as written; per-lora (the paper): each LoRA's stream "
+            "keeps only its own trigger words, the others' concepts in their plain words (`concepts`)"
+        },
+    )
+    concepts: str = field(
+        default="",
+        metadata={
+            "help": "for per-lora prompts, one line per LoRA: `name: the plain word of its concept` (e.g. "
+            "`my-cat: cat`)",
+            "lines": 2,
+        },
+    )
 
     def __post_init__(self):
         for name, low, high in (
@@ -65,10 +92,37 @@ class CLoRAParams(CompositionParams):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
                 raise StudioError(f"clora.{name} must be a number in {low}..{high}, got {value!r}")
+        if (
+            isinstance(self.refine, bool)
+            or not isinstance(self.refine, int)
+            or not 0 <= self.refine <= MAX_REFINE
+        ):
+            raise StudioError(f"clora.refine must be an integer in 0..{MAX_REFINE}, got {self.refine!r}")
+        if not isinstance(self.concepts, str):
+            raise StudioError(f"clora.concepts must be text (`name: word` per line), got {self.concepts!r}")
+        parse_named_lines(self.concepts, "clora concept")
 
     def check(self, stack: list[str]) -> None:
         if not stack:
             raise StudioError("clora composes LoRAs: pick at least one")
+        words = parse_named_lines(self.concepts, "clora concept")
+        unknown = [n for n in words if n not in stack]
+        if unknown:
+            raise StudioError(f"clora: concepts for LoRAs not in the stack: {', '.join(unknown)}")
+        if self.prompts == "per-lora":
+            missing = [n for n in stack if n not in words]
+            if missing:
+                raise StudioError(
+                    f"clora per-lora prompts write each concept in plain words in the other streams; give "
+                    f"`concepts` a line for {', '.join(missing)} (e.g. `{missing[0]}: cat`)"
+                )
+
+    def refinement_steps(self, steps: int) -> set[int]:
+        """The steps whose latents get `refine` updates: the paper's 0, 10 and 20 of 50 at this step count
+        (step 0's as soon as a hook runs: before step 1)."""
+        if not self.refine:
+            return set()
+        return {max(1, round(share * steps)) for share in REFINE_AT}
 
     @contextmanager
     def apply(self, run: MethodRun) -> Iterator[None]:
@@ -81,7 +135,13 @@ class CLoRAParams(CompositionParams):
             )
             stack.enter_context(
                 denoise_in_streams(
-                    state.denoiser, run.host, state.streams, state.masks, state.grid, state.record
+                    state.denoiser,
+                    run.host,
+                    state.streams,
+                    state.masks,
+                    state.grid,
+                    state.record,
+                    inputs=state.stream_texts(),
                 )
             )
             yield
@@ -124,18 +184,59 @@ class ContrastiveRun:
         self.store = MapStore(rows, cols)
         self.names = [entry.name for entry in run.stack]
         self.streams = [{}] + [{entry.resident: entry.weight} for entry in run.stack]  # base, then each LoRA
-        self.concepts = [self._concepts(prompt) for prompt in run.prompts]  # per prompt, per LoRA: positions
+        self.words = parse_named_lines(params.concepts, "clora concept")  # LoRA -> its concept's plain word
+        # per prompt, per stream, per LoRA: the token positions of that LoRA's concept in the stream's prompt
+        self.concepts = [
+            [self._concepts(text, own) for own, text in enumerate(self.stream_prompts(prompt))]
+            for prompt in run.prompts
+        ]
         self.samples = len(run.prompts) * run.images_per_prompt
         self.last_masks: torch.Tensor | None = None  # (S, samples, rows, cols) of the latest step
         self.call: tuple[tuple, dict] | None = None
         self.probing = False  # inside `loss_at`: the blend's masks do not matter and the maps are the loss's
         self.losses: list[tuple[int, float]] = []  # (step updated, loss before the update)
+        self.refine_at = params.refinement_steps(len(pipe.scheduler.timesteps) or run.steps)
 
-    def _concepts(self, prompt: str) -> list[list[int]]:
+    def stream_prompts(self, prompt: str) -> list[str]:
+        """The prompt each stream reads: as written (shared), or (per-lora) with every LoRA's trigger words but
+        the stream's own LoRA's replaced by that LoRA's plain concept word (the base stream: all replaced)."""
+        if self.params.prompts == "shared":
+            return [prompt] * len(self.streams)
+        out = []
+        for own in range(len(self.streams)):  # 0: base, 1 + k: LoRA k
+            text = prompt
+            for k, name in enumerate(self.names):
+                if own != 1 + k:
+                    for word in self.run.triggers.get(name) or []:
+                        text = re.sub(rf"(?<!\w){re.escape(word)}(?!\w)", self.words[name], text, flags=re.I)
+            out.append(text)
+        return out
+
+    def stream_texts(self):
+        """Per-lora prompts: the streams' `inputs` hook that gives each stream's conditional rows its prompt,
+        encoded with that stream's LoRA on the text encoders (None: shared, every stream reads the call's)."""
+        if self.params.prompts == "shared":
+            return None
+        if len(set(self.run.prompts)) > 1:
+            raise StudioError("clora per-lora prompts render one prompt per call")
+        backbone, pipe = self.run.backbone, self.run.pipe
+        device = getattr(pipe, "_execution_device", None) or torch.device("cpu")
+        with torch.no_grad():
+            requested = [backbone.encode_caption(pipe, p, device).embeds for p in self.run.prompts]
+            own = []
+            for scales, text in zip(self.streams, self.stream_prompts(self.run.prompts[0]), strict=True):
+                with self.run.host.activate(scales):
+                    own.append(backbone.encode_caption(pipe, text, device))
+        return swap_texts(backbone, requested, own)
+
+    def _concepts(self, prompt: str, stream: int) -> list[list[int]]:
+        """Per LoRA, its concept's token positions in the prompt `stream` reads."""
         backbone, pipe = self.run.backbone, self.run.pipe
         out = []
-        for name in self.names:
+        for k, name in enumerate(self.names):
             words = self.run.triggers.get(name) or []
+            if self.params.prompts == "per-lora" and stream != 1 + k and words:
+                words = [self.words[name]]
             if not words:
                 raise StudioError(f"clora finds each LoRA's concept by its trigger words; {name!r} has none")
             positions = backbone.trigger_positions(pipe, prompt, words)
@@ -150,12 +251,17 @@ class ContrastiveRun:
     def _prompt_of(self, sample: int) -> int:
         return sample // self.run.images_per_prompt
 
-    def token_maps(self, maps: torch.Tensor, sample: int) -> list[torch.Tensor]:
-        """Per LoRA, its concept's min-max normalised token maps in every stream: (S, T, rows, cols), from
-        the (S, n, rows, cols, L) maps of n conditional samples."""
+    def token_maps(self, maps: torch.Tensor, sample: int) -> list[list[torch.Tensor]]:
+        """Per LoRA, per stream, its concept's min-max normalised token maps: (T, rows, cols), from the
+        (S, n, rows, cols, L) maps of n conditional samples (T may differ between streams: per-lora prompts
+        write a concept with other words)."""
+        per_stream = self.concepts[self._prompt_of(sample)]
         return [
-            _normalise(maps[:, sample, :, :, positions].permute(0, 3, 1, 2))
-            for positions in self.concepts[self._prompt_of(sample)]
+            [
+                _normalise(maps[stream, sample, :, :, per_stream[stream][k]].permute(2, 0, 1))
+                for stream in range(len(self.streams))
+            ]
+            for k in range(len(self.names))
         ]
 
     def _conditional(self, batch: int) -> tuple[slice, int]:
@@ -213,9 +319,10 @@ class ContrastiveRun:
         losses = []
         for sample in range(self.samples):
             embeddings, labels = [], []
-            for concept, tokens in enumerate(self.token_maps(maps, sample)):  # (S, T, rows, cols)
-                embeddings.append(tokens.flatten(2).flatten(0, 1))
-                labels += [concept] * tokens.shape[0] * tokens.shape[1]
+            for concept, streams in enumerate(self.token_maps(maps, sample)):  # per stream (T, rows, cols)
+                for tokens in streams:
+                    embeddings.append(tokens.flatten(1))
+                    labels += [concept] * tokens.shape[0]
             labels_t = torch.tensor(labels, device=maps.device)
             losses.append(info_nce(torch.cat(embeddings), labels_t, self.params.temperature))
         return torch.stack(losses).sum()
@@ -232,27 +339,35 @@ class ContrastiveRun:
         return self.run.backbone.replay_inputs(self.run.pipe, args, kwargs, latents, timestep)
 
     def step_end(self, pipe, step: int, timestep, tensors: dict) -> dict:
-        """After step `step`: one contrastive update of the latents the next step starts from."""
+        """After step `step`: contrastive updates of the latents the next step starts from: one in the early
+        steps (`update_until`), `refine` at a refinement step."""
         timesteps = pipe.scheduler.timesteps
         following = step + 1
+        refining = following in self.refine_at
         if (
             self.params.step_size <= 0
             or len(self.streams) < 3  # one LoRA: nothing to contrast
             or following >= len(timesteps)
-            or following >= self.params.update_until * len(timesteps)
+            or (following >= self.params.update_until * len(timesteps) and not refining)
         ):
             return tensors
         latents = tensors["latents"]
+        for _ in range(self.params.refine if refining else 1):
+            latents = self._update(latents, timesteps[following], following)
+        return {**tensors, "latents": latents}
+
+    def _update(self, latents: torch.Tensor, timestep, following: int) -> torch.Tensor:
+        """One gradient step of the contrastive loss on the latents, `step_size` x their RMS per sample."""
         with torch.inference_mode(False), torch.enable_grad():
             x = latents.detach().clone().requires_grad_(True)
-            loss = self.loss_at(x, timesteps[following])
+            loss = self.loss_at(x, timestep)
             (grad,) = torch.autograd.grad(loss, x)
         self.losses.append((following, float(loss)))
         dims = tuple(range(1, grad.ndim))  # each sample's step is its own: batching changes nothing
         size = grad.float().pow(2).mean(dim=dims, keepdim=True).sqrt()
         scale = self.params.step_size * latents.float().pow(2).mean(dim=dims, keepdim=True).sqrt()
         step = torch.where(size > 0, scale / size.clamp_min(1e-30), torch.zeros_like(size)) * grad.float()
-        return {**tensors, "latents": (latents.float() - step).to(latents.dtype)}
+        return (latents.float() - step).to(latents.dtype)
 
     def show_masks(self) -> None:
         """The last step's masks as pictures at the render's size."""

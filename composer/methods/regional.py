@@ -29,34 +29,16 @@ from composer.adapters.spatial import SpatialScale, TokenGeometry
 from composer.backbones.base import Conditioning
 from composer.errors import StudioError
 from composer.masks import RegionMasks
-from composer.methods.base import CompositionParams, MethodRun
+from composer.methods.base import CompositionParams, MethodRun, parse_named_lines
 from composer.seams.attention import cross_attention_by_region
 from composer.seams.streams import denoise_in_one_pass, denoise_in_streams
 
 MAX_FEATHER = 256
-MAX_PROMPT = 2000  # characters of one region prompt
 
 
 def parse_region_prompts(text: str) -> dict[str, str]:
-    """`name: prompt` per line (or separated by ";"), blank lines ignored -> {name: prompt}.
-
-    Raises:
-        StudioError: a line with no name or no prompt, a name given twice, or an overlong prompt (named).
-    """
-    out: dict[str, str] = {}
-    for line in text.replace(";", "\n").splitlines():
-        if not line.strip():
-            continue
-        name, colon, prompt = line.partition(":")
-        name, prompt = name.strip(), prompt.strip()
-        if not colon or not name or not prompt:
-            raise StudioError(f"region prompt {line.strip()!r}: write `name: its prompt`, one LoRA per line")
-        if name in out:
-            raise StudioError(f"region prompts: {name!r} is given twice")
-        if len(prompt) > MAX_PROMPT:
-            raise StudioError(f"region prompt of {name!r} has {len(prompt)} characters; at most {MAX_PROMPT}")
-        out[name] = prompt
-    return out
+    """`name: prompt` per line (or separated by ";") -> {name: prompt} (`parse_named_lines`)."""
+    return parse_named_lines(text, "region prompt", "prompt")
 
 
 @dataclass(frozen=True)
