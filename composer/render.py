@@ -152,7 +152,8 @@ def batch_key(request: RenderRequest) -> tuple | None:
 
     A request of several images stays alone: one generator drawing n latents does not give the numbers of
     n generators, so its images would change if it were merged with others. A method that mixes per sample
-    (merge) shares a call between requests whose LoRAs differ (`render_batch`).
+    (merge) shares a call between requests whose LoRAs differ (`render_batch`); parameters that say
+    `one_prompt_per_call` (clora's per-lora prompts) share one only between requests of the same prompt.
     """
     if request.num_images != 1:
         return None
@@ -166,6 +167,7 @@ def batch_key(request: RenderRequest) -> tuple | None:
         request.guidance_scale,
         request.height,
         request.width,
+        request.prompt if getattr(params, "one_prompt_per_call", False) else None,
     )
 
 

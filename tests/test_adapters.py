@@ -95,6 +95,46 @@ def test_stacked_path_equals_adapter_by_adapter():
     torch.testing.assert_close(stacked, loop, atol=1e-5, rtol=1e-5)
 
 
+def test_stacked_convolutions_equal_adapter_by_adapter():
+    """Conv LoRAs stack too (one down and one up convolution for the set), with numbers, per-sample scales and
+    region masks alike; a LoCon Tucker core keeps its own path beside them."""
+    from composer.adapters.spatial import SpatialScale, TokenGeometry
+
+    torch.manual_seed(4)
+    base = nn.Conv2d(6, 10, 3, stride=2, padding=1)
+    context = AdapterHost({}).context
+    wrapped = AdaptedModule(base, context)
+    adapters = [
+        LoraAdapter(base, torch.randn(r, 6, 3, 3), torch.randn(10, r, 1, 1), alpha)
+        for r, alpha in [(2, 1.0), (4, 8.0)]
+    ]
+    adapters.append(
+        LoraAdapter(base, torch.randn(3, 6, 1, 1), torch.randn(10, 3, 1, 1), 3.0, mid=torch.randn(3, 3, 3, 3))
+    )
+    for i, a in enumerate(adapters):
+        wrapped.add(f"l{i}", a)
+    x = torch.randn(4, 6, 8, 8)
+    left = torch.zeros(8, 8)
+    left[:, :4] = 1.0
+    for scales in (  # the Tucker adapter off (0.0): the first two stack
+        [0.5, 1.0, 0.0],
+        [torch.tensor([1.0, 0.0, 0.5, 2.0]), torch.tensor([0.0, 1.0, 0.5, 0.0]), 0.0],
+        [SpatialScale(1.0, left, TokenGeometry()), SpatialScale(0.5, 1 - left, TokenGeometry()), 0.0],
+        [0.5, 1.0, -2.0],  # with it: adapter by adapter
+    ):
+        context.active = {f"l{i}": s for i, s in enumerate(scales)}
+        stacked = wrapped(x)
+        loop = base(x)
+        for a, s in zip(adapters, scales, strict=True):
+            delta = a.forward_delta(x)
+            weight = s.weights_for(delta) if isinstance(s, SpatialScale) else s
+            if isinstance(weight, torch.Tensor) and weight.ndim == 1:
+                weight = weight.view(-1, 1, 1, 1)
+            loop = loop + weight * delta
+        torch.testing.assert_close(stacked, loop, atol=1e-4, rtol=1e-4)
+    assert len(wrapped._stacks) == 2  # built: numbers folded in; varying weights (per sample and per region)
+
+
 def test_per_sample_scales_mix_different_sets_in_one_batch():
     net = Net()
     l1, l2 = lora_for(net, 1), lora_for(net, 2)

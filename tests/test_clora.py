@@ -237,3 +237,17 @@ def test_refinement_steps_take_several_updates(toy, monkeypatch):
     assert CLoRAParams().refinement_steps(50) == set()  # refine 0: one update per early step, as before
     with pytest.raises(StudioError, match="clora.refine must be an integer in 0..50"):
         CLoRAParams(refine=-1)
+
+
+def test_per_lora_requests_of_different_prompts_are_not_batched_together():
+    from composer.render import batch_key
+
+    def request(prompt, params):
+        return RenderRequest(
+            prompt, loras=(LoraWeight("star"), LoraWeight("heart")), method="clora", method_params=params
+        )
+
+    per_lora = CLoRAParams(prompts="per-lora", concepts="star: star\nheart: heart")
+    assert batch_key(request("xyvo quelb", per_lora)) != batch_key(request("quelb xyvo", per_lora))
+    assert batch_key(request("xyvo quelb", per_lora)) == batch_key(request("xyvo quelb", per_lora))
+    assert batch_key(request("xyvo quelb", CLoRAParams())) == batch_key(request("quelb xyvo", CLoRAParams()))

@@ -19,14 +19,20 @@ def _param_dtype(module: nn.Module) -> torch.dtype | None:
     return None
 
 
+def _stacks(adapter: nn.Module) -> bool:
+    """A plain LoRA (a Linear's, or a Conv2d's without a Tucker core): its downs and ups concatenate with
+    others' into one pair of matmuls or convolutions."""
+    return isinstance(adapter, LoraAdapter) and adapter.mid is None
+
+
 class AdaptedModule(nn.Module):
     """Wraps a Linear or Conv2d: y = base(x) + sum_i s_i * delta_i(x) over the context's active adapters.
 
     The wrapper stands in for the module it wraps: `AdaptedModule(base, ...)` is an `AdaptedLinear` (an
     nn.Linear) or an `AdaptedConv2d` (an nn.Conv2d), so isinstance checks in diffusers and peft still hold,
     and every attribute of the original (in_features, kernel_size, stride, weight, bias, ...) reads through
-    to it. Plain LoRAs on a Linear are evaluated as one stacked pair of matmuls (all active downs
-    concatenated, then all ups), which keeps k LoRAs close to the cost of one. Anything else runs adapter by
+    to it. Plain LoRAs are evaluated as one stacked pair of matmuls (convolutions on a Conv2d: all
+    active downs concatenated, then all ups), which keeps k LoRAs close to the cost of one. Anything else runs adapter by
     adapter; an adapter that fails names itself and the module (`AdapterRuntimeError`).
     """
 
@@ -101,8 +107,7 @@ class AdaptedModule(nn.Module):
         work = self.active_work()
         if not work:
             return y
-        stackable = isinstance(self.base, nn.Linear) and len(work) > 1
-        stackable = stackable and all(isinstance(self.adapters[n], LoraAdapter) for n, _ in work)
+        stackable = len(work) > 1 and all(_stacks(self.adapters[n]) for n, _ in work)
         if stackable and not (
             torch.is_grad_enabled() and any(is_trainable(self.adapters[n]) for n, _ in work)
         ):
@@ -158,30 +163,33 @@ class AdaptedModule(nn.Module):
         key = (names, scales, x.dtype, torch.is_inference_mode_enabled())
         stack = self._stacks.get(key)
         if stack is None:
-            down = torch.cat([a.down for a in adapters], dim=0).to(x.dtype)  # (R, in)
+            down = torch.cat([a.down for a in adapters], dim=0).to(x.dtype)  # (R, in[, kh, kw])
             ups = (
                 [a.up for a in adapters]
                 if scales is None
                 else [a.up * s for a, s in zip(adapters, scales, strict=True)]
             )
-            up = torch.cat(ups, dim=1).to(x.dtype)  # (out, R)
+            up = torch.cat(ups, dim=1).to(x.dtype)  # (out, R[, 1, 1])
             stack = (down, up, [a.rank for a in adapters])
             if len(self._stacks) >= _STACK_CACHE_SIZE:
                 self._stacks.pop(next(iter(self._stacks)))
             self._stacks[key] = stack
         down, up, ranks = stack
-        h = F.linear(x, down)  # (..., R)
-        if (
-            varying
-        ):  # each LoRA's rank columns times its weight (per sample, per token): exact, as up is linear
-            chunks = h.split(ranks, dim=-1)
+        conv = adapters[0]._conv  # None: a Linear; else the layer's stride, padding and dilation
+        h = F.linear(x, down) if conv is None else F.conv2d(x, down, **conv)  # (..., R) or (B, R, h, w)
+        if varying:
+            # each LoRA's rank columns times its weight (per sample, per token): exact, as up is linear
+            axis = -1 if conv is None else 1
+            chunks = h.split(ranks, dim=axis)
             h = torch.cat(
                 [
                     chunk * (broadcast_scale(scale, chunk) * adapter.scale)
                     for chunk, (_, scale), adapter in zip(chunks, work, adapters, strict=True)
                 ],
-                dim=-1,
+                dim=axis,
             )
+        if conv is not None:
+            return F.conv2d(h, up)
         return F.linear(h, up)
 
     # --- standing in for the wrapped module ---------------------------------------------------------

@@ -82,6 +82,12 @@ class CompositionParams(Protocol):
     """The method finds each LoRA's concept by its trigger words in the prompt: a request whose prompt lacks a
     LoRA's trigger word is refused when it is submitted (`missing_trigger`), not when it runs."""
 
+    @property
+    def one_prompt_per_call(self) -> bool:
+        """These parameters render one prompt per pipeline call (requests of different prompts are not batched
+        together)."""
+        return False
+
     def check(self, stack: list[str]) -> None:
         """Raise StudioError naming what does not fit the request's LoRA stack (catalog names)."""
         ...

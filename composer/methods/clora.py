@@ -117,6 +117,10 @@ class CLoRAParams(CompositionParams):
                     f"`concepts` a line for {', '.join(missing)} (e.g. `{missing[0]}: cat`)"
                 )
 
+    @property
+    def one_prompt_per_call(self) -> bool:
+        return self.prompts == "per-lora"  # the streams' texts are built from the one prompt of the call
+
     def refinement_steps(self, steps: int) -> set[int]:
         """The steps whose latents get `refine` updates: the paper's 0, 10 and 20 of 50 at this step count
         (step 0's as soon as a hook runs: before step 1)."""
