@@ -8,6 +8,7 @@ from torch import nn
 
 from composer.adapters.functional import lokr_factor_shapes
 from composer.adapters.host import AdapterHost
+from composer.adapters.spatial import SpatialScale, TokenGeometry
 from composer.errors import AdapterError
 from composer.formats.model import LoraFile, ModuleDelta
 from tests.test_adapters import Net, lora_for
@@ -72,8 +73,11 @@ def test_static_refusals_name_the_problem_and_keep_the_previous_set():
     with pytest.raises(AdapterError, match=r"add up to rank 5, more than the compiled slots' 4"):
         host.set_active({"l0": 1.0, "l1": 1.0})
     assert dict(host.context.active) == {"l0": 1.0}
-    with pytest.raises(AdapterError, match="per-sample weights"):
+    with pytest.raises(AdapterError, match="per-sample or per-region weights"):
         host.set_active({"l0": torch.tensor([1.0, 0.0])})
+    assert dict(host.context.active) == {"l0": 1.0}
+    with pytest.raises(AdapterError, match="per-sample or per-region weights"):
+        host.set_active({"l0": SpatialScale(1.0, torch.ones(2, 2), TokenGeometry())})
     assert dict(host.context.active) == {"l0": 1.0}
     with pytest.raises(AdapterError, match="fusing is not needed"):
         host.fuse({"l0": 1.0})
