@@ -8,6 +8,7 @@ from torch import nn
 
 from composer.adapters.base import MixingContext, active_rows, broadcast_scale, is_trainable
 from composer.adapters.lora import LoraAdapter
+from composer.adapters.spatial import SpatialScale
 from composer.errors import AdapterError, AdapterRuntimeError
 
 _STACK_CACHE_SIZE = 4  # resident stacked LoRA sets kept per layer (switching back and forth costs nothing)
@@ -23,6 +24,36 @@ def _stacks(adapter: nn.Module) -> bool:
     """A plain LoRA (a Linear's, or a Conv2d's without a Tucker core): its downs and ups concatenate with
     others' into one pair of matmuls or convolutions."""
     return isinstance(adapter, LoraAdapter) and adapter.mid is None
+
+
+def _weigh_columns(
+    h: torch.Tensor, work: list, adapters: list, ranks: list[int], channels_first: bool
+) -> torch.Tensor:
+    """h's rank columns (the last axis; axis 1 for a convolution's) times each LoRA's scale: one (B, R)
+    product when the scales are numbers or per sample, a product per LoRA when one is per region."""
+    axis = 1 if channels_first else -1
+    if any(isinstance(scale, SpatialScale) for _, scale in work):
+        chunks = h.split(ranks, dim=axis)
+        return torch.cat(
+            [
+                chunk * (broadcast_scale(scale, chunk) * adapter.scale)
+                for chunk, (_, scale), adapter in zip(chunks, work, adapters, strict=True)
+            ],
+            dim=axis,
+        )
+    batch = h.shape[0]
+    cols = torch.cat(
+        [
+            (scale.to(h).view(-1, 1) if isinstance(scale, torch.Tensor) else h.new_full((1, 1), float(scale)))
+            .mul(adapter.scale)
+            .expand(batch, rank)
+            for (_, scale), adapter, rank in zip(work, adapters, ranks, strict=True)
+        ],
+        dim=1,
+    )  # (B, R)
+    if channels_first:
+        return h * cols.view(batch, -1, *([1] * (h.ndim - 2)))
+    return h * cols.view(batch, *([1] * (h.ndim - 2)), -1)
 
 
 class AdaptedModule(nn.Module):
@@ -179,15 +210,7 @@ class AdaptedModule(nn.Module):
         h = F.linear(x, down) if conv is None else F.conv2d(x, down, **conv)  # (..., R) or (B, R, h, w)
         if varying:
             # each LoRA's rank columns times its weight (per sample, per token): exact, as up is linear
-            axis = -1 if conv is None else 1
-            chunks = h.split(ranks, dim=axis)
-            h = torch.cat(
-                [
-                    chunk * (broadcast_scale(scale, chunk) * adapter.scale)
-                    for chunk, (_, scale), adapter in zip(chunks, work, adapters, strict=True)
-                ],
-                dim=axis,
-            )
+            h = _weigh_columns(h, work, adapters, ranks, channels_first=conv is not None)
         if conv is not None:
             return F.conv2d(h, up)
         return F.linear(h, up)
