@@ -81,11 +81,14 @@ def test_every_registered_method_runs_and_restores_the_pipeline(rig):
     backbone, pipe, host = rig
     denoiser = getattr(pipe, backbone.denoiser)
     base = run(rig, loras=())
-    for name, params in METHODS.items():
-        sample = {
-            "regional": RegionalParams(RegionMasks.of({"a": half_mask("left")})),
-            "clora": CLoRAParams(update_until=1.0),
-        }.get(name, params())
+    variants = [(name, params()) for name, params in METHODS.items() if name not in ("regional", "clora")]
+    variants += [
+        ("regional", RegionalParams(RegionMasks.of({"a": half_mask("left")}))),
+        ("regional", RegionalParams(RegionMasks.of({"a": half_mask("left")}), passes="single")),
+        ("clora", CLoRAParams(update_until=1.0)),
+        ("clora", CLoRAParams(prompts="per-lora", concepts="a: crimson\nb: disc", refine=2)),
+    ]
+    for name, sample in variants:
         changed = run(rig, name, sample, loras=(("a", 1.0), ("b", 0.5)))
         assert np.abs(changed - base).max() > 0.01, f"{name} changed nothing"
         assert "forward" not in vars(denoiser), f"{name} left its denoiser wrapper on"
