@@ -80,6 +80,28 @@ def list_(
 
 @app.command()
 @_guard
+def search(
+    query: Annotated[
+        str, typer.Argument(help="words to find (word prefixes) in names, trigger words, tags, descriptions")
+    ],
+    family: Annotated[str | None, typer.Option(help="sdxl or flux")] = None,
+    tag: Annotated[str | None, typer.Option(help="exact tag")] = None,
+    limit: int = 20,
+    data_dir: DataDir = None,
+):
+    """Find LoRAs for some words, best match first (a name match weighs most), with their scores."""
+    rows = _studio(data_dir).library.search(query, family=family, tag=tag, limit=limit)
+    if not rows:
+        typer.echo("no LoRAs found")
+        return
+    width = max(len(info.name) for info, _ in rows)
+    for info, score in rows:
+        triggers = ", ".join(info.trigger_words[:3])
+        typer.echo(f"{score:7.3f}  {info.name:{width}}  {info.family:5} {info.adapter_type:6} {triggers}")
+
+
+@app.command()
+@_guard
 def show(name: Annotated[str, typer.Argument(help="name or hash")], data_dir: DataDir = None):
     """Show one LoRA's catalog entry."""
     info = _studio(data_dir).library.get(name)

@@ -238,6 +238,23 @@ class Library:
             )
             return [AdapterInfo.of(a) for a in rows]
 
+    def search(
+        self,
+        query: str,
+        family: str | None = None,
+        tag: str | None = None,
+        limit: int = 20,
+        *,
+        adapter_type: str | None = None,
+    ) -> list[tuple[AdapterInfo, float]]:
+        """Entries matching every word of `query` (word prefixes) in a name, trigger word, tag or description,
+        best first, with their full-text scores (a name match weighs most; `db.search`)."""
+        with self.sessions() as session:
+            rows = AdapterRepository(session).search(
+                query, family=family, adapter_type=adapter_type, tag=tag, limit=limit
+            )
+            return [(AdapterInfo.of(a), score) for a, score in rows]
+
     def count(
         self,
         query: str | None = None,

@@ -15,11 +15,12 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, exists, func, literal, or_, select
+from sqlalchemy import ColumnElement, Select, exists, func, literal, literal_column, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import InstrumentedAttribute, Session
 from sqlalchemy.sql.expression import Exists
 
+from db import search
 from db.errors import (
     AdapterNotFoundError,
     AmbiguousHashError,
@@ -220,6 +221,24 @@ class AdapterRepository:
         a trigger word, a tag or the description. `tag`: an exact tag, case-insensitive."""
         stmt = self._filtered(select(Adapter), query, family, adapter_type, tag)
         return self.session.scalars(stmt.order_by(Adapter.name).limit(limit).offset(offset)).all()
+
+    def search(
+        self,
+        query: str,
+        family: str | None = None,
+        adapter_type: str | None = None,
+        tag: str | None = None,
+        limit: int = 20,
+    ) -> list[tuple[Adapter, float]]:
+        """Adapters matching every word of `query` as a word prefix in the name, a trigger word, a tag or the
+        description, best first (bm25 on SQLite, ts_rank on PostgreSQL; a name match weighs most), with
+        their scores; name order breaks ties. A query without words finds nothing."""
+        stmt = search.ranked(self.session, query)
+        if stmt is None:
+            return []
+        stmt = self._filtered(stmt, None, family, adapter_type, tag)
+        rows = self.session.execute(stmt.order_by(literal_column("score").desc(), Adapter.name).limit(limit))
+        return [(adapter, float(score)) for adapter, score in rows]
 
     def _filtered(
         self,

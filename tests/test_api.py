@@ -116,7 +116,11 @@ def test_upload_list_search_get_patch_delete_round_trip(client, studio, lora_byt
 
     hits = client.get(f"{API}/search", params={"q": "ink"}).json()
     assert hits["query"] == "ink" and [h["lora"]["name"] for h in hits["results"]] == ["inkwell"]
-    assert hits["results"][0]["score"] is None
+    assert hits["results"][0]["score"] > 0  # ranked by full-text search
+    assert client.get(f"{API}/search", params={"q": "past dream"}).json()["results"][0]["lora"]["name"] == (
+        "Pastel Dreams"  # word prefixes, every word
+    )
+    assert client.get(f"{API}/search", params={"q": '"*('}).json()["results"] == []  # no words: nothing
 
     assert client.get(f"{API}/loras/inkwell").json() == ink
     assert client.get(f"{API}/loras/{ink['autov2']}").json()["name"] == "inkwell"  # hashes work too

@@ -35,6 +35,10 @@ def test_cli_end_to_end(tmp_path, tiny_sdxl_factory):
     assert result.exit_code == 0 and "alpha" in result.output and "beta" in result.output
     result = runner.invoke(app, ["list", "betatok", *data])
     assert "beta" in result.output and "alpha" not in result.output
+    result = runner.invoke(app, ["search", "ALPHA", *data])  # ranked full-text search, word prefixes
+    assert result.exit_code == 0 and "alpha" in result.output and "beta" not in result.output
+    float(result.output.split()[0])  # the score comes first (bm25: relative, near 0 in a tiny catalog)
+    assert "no LoRAs found" in runner.invoke(app, ["search", "gamma", *data]).output
 
     result = runner.invoke(app, ["show", "alpha", *data])
     assert result.exit_code == 0 and "sdxl" in result.output and "alphatok" in result.output

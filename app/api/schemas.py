@@ -76,7 +76,7 @@ class LoraPage(BaseModel):
 class SearchHit(BaseModel):
     lora: LoraRead  # type: ignore[valid-type]
     score: float | None = Field(
-        default=None, description="similarity when retrieval ranked the hit; null for keyword matches"
+        default=None, description="how well the hit matches (full-text score; higher is better)"
     )
 
 

@@ -13,6 +13,7 @@ from logging.config import fileConfig
 from alembic import context
 from sqlalchemy import Connection
 
+from db import search
 from db.models import Base
 from db.session import make_engine, normalize_url
 
@@ -33,6 +34,7 @@ def _configure(connection: Connection) -> None:
         connection=connection,
         target_metadata=target_metadata,
         compare_type=True,
+        include_name=search.include_name,  # the full-text index is the search's, not a model's
         render_as_batch=connection.dialect.name == "sqlite",  # SQLite alters tables by copy
     )
     with context.begin_transaction():
