@@ -58,7 +58,9 @@ def test_the_index_follows_edits_and_deletes(sessions):
     assert names(sessions, "sketch") == [] and names(sessions, "charcoal") == []
 
 
-@pytest.mark.parametrize("query", ['"', "*", "ink OR", "NEAR(", "-x", ":*", "a & b", "'; DROP TABLE adapters"])
+@pytest.mark.parametrize(
+    "query", ['"', "*", "ink OR", "NEAR(", "-x", ":*", "a & b", "'; DROP TABLE adapters"]
+)
 def test_query_syntax_never_reaches_the_engine(sessions, query):
     with unit_of_work(sessions) as session:
         AdapterRepository(session).add(**fields("inkwell"))
