@@ -42,6 +42,9 @@ def _weigh_columns(
             dim=axis,
         )
     batch = h.shape[0]
+    for _, scale in work:
+        if isinstance(scale, torch.Tensor) and (scale.ndim != 1 or scale.shape[0] != batch):
+            raise ValueError(f"per-sample scale has shape {tuple(scale.shape)}, batch is {batch}")
     cols = torch.cat(
         [
             (scale.to(h).view(-1, 1) if isinstance(scale, torch.Tensor) else h.new_full((1, 1), float(scale)))
@@ -138,7 +141,7 @@ class AdaptedModule(nn.Module):
         work = self.active_work()
         if not work:
             return y
-        stackable = len(work) > 1 and all(_stacks(self.adapters[n]) for n, _ in work)
+        stackable = all(_stacks(self.adapters[n]) for n, _ in work)  # one LoRA too: its scale folded in
         if stackable and not (
             torch.is_grad_enabled() and any(is_trainable(self.adapters[n]) for n, _ in work)
         ):
