@@ -20,7 +20,9 @@ NPROBE = 32  # IVF lists visited per query
 class VectorIndex:
     """Embeddings of dimension `dim` by id. Vectors are normalised on the way in; scores are cosines."""
 
-    def __init__(self, dim: int, approximate_from: int = APPROXIMATE_FROM, nprobe: int = NPROBE, seed: int = 0):
+    def __init__(
+        self, dim: int, approximate_from: int = APPROXIMATE_FROM, nprobe: int = NPROBE, seed: int = 0
+    ):
         self.dim = dim
         self.approximate_from = approximate_from
         self.nprobe = nprobe
