@@ -187,9 +187,9 @@ class Library:
         stored = info.frequency_profiles.get(model)
         return stored if stored is not None and stored.get("sha256") == info.sha256 else None
 
-    def set_frequency_profile(self, ref: str, model: str, profile: dict) -> AdapterInfo:
-        """Store a profile measured for base model `model` on the entry's current file (replacing the one it
-        had for that model).
+    def set_frequency_profile(self, ref: str, model: str, profile: dict, sha256: str) -> AdapterInfo:
+        """Store a profile measured for base model `model` on the file with hash `sha256` (replacing the one
+        the entry had for that model); a profile of another file than the entry's is ignored when read.
 
         Raises:
             AdapterNotFoundError: no such entry (close names suggested).
@@ -197,7 +197,7 @@ class Library:
         with unit_of_work(self.sessions) as session:
             repo = AdapterRepository(session)
             adapter = repo.resolve(ref)
-            profiles = {**(adapter.frequency_profiles or {}), model: {**profile, "sha256": adapter.sha256}}
+            profiles = {**(adapter.frequency_profiles or {}), model: {**profile, "sha256": sha256}}
             return AdapterInfo.of(repo.update(adapter.name, frequency_profiles=profiles))
 
     def free_name(self, name: str) -> str:

@@ -242,7 +242,7 @@ class Studio:
             info, role = union[name]
             key = _profile_key(model, role)
             if self.library.frequency_profile(info, key) is None:
-                self.library.set_frequency_profile(info.name, key, profile)
+                self.library.set_frequency_profile(info.name, key, profile, info.sha256)  # the file measured
 
     def render_batch(
         self,

@@ -1,5 +1,5 @@
 """Ranked full-text search over adapters (migration 0006): SQLite FTS5 with bm25, PostgreSQL tsvector with
-ts_rank, over the same four fields: name, trigger words, tags and description.
+ts_rank, over the same four fields, a name match weighing most: name, trigger words, tags and description.
 
 A query's words are matched as word prefixes ("ink" finds "inkwell" and "inkwellstyle"), every word required;
 anything but letters, digits and underscores separates words, so no query can reach the engine's syntax.
@@ -16,10 +16,13 @@ from db.models import Adapter
 
 FTS_TABLE = "adapters_fts"  # SQLite: the FTS5 index and its shadow tables (adapters_fts_data, ...)
 PG_INDEX = "ix_adapters_search"
-# the text PostgreSQL indexes; the same expression in queries, so the planner uses the index
+# the text PostgreSQL indexes (weighted: name A ... description D); the same expression in queries, so the
+# planner uses the index
 PG_DOCUMENT = (
-    "to_tsvector('simple', coalesce(adapters.name, '') || ' ' || coalesce(adapters.trigger_words::text, '') "
-    "|| ' ' || coalesce(adapters.tags::text, '') || ' ' || coalesce(adapters.description, ''))"
+    "setweight(to_tsvector('simple', coalesce(adapters.name, '')), 'A') || "
+    "setweight(to_tsvector('simple', coalesce(adapters.trigger_words::text, '')), 'B') || "
+    "setweight(to_tsvector('simple', coalesce(adapters.tags::text, '')), 'C') || "
+    "setweight(to_tsvector('simple', coalesce(adapters.description, '')), 'D')"
 )
 BM25_WEIGHTS = (8.0, 4.0, 2.0, 1.0)  # name, trigger words, tags, description
 MAX_WORDS = 32

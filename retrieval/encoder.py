@@ -80,7 +80,9 @@ class WeightEncoder(nn.Module):
             if tuple(delta.shape) != (out, inp):
                 raise ValueError(f"{key}: a delta of shape {tuple(delta.shape)}, expected {(out, inp)}")
             response = (delta @ self.probes[str(inp)]).T  # (probes, out)
-            response = F.layer_norm(response, (out,))
+            # each probe's output to unit scale first: deltas are ~1e-3, below LayerNorm's eps
+            response = response / response.abs().amax(dim=1, keepdim=True).clamp_min(1e-30)
+            response = F.layer_norm(response, (out,), eps=1e-12)
             token = self.projections[_safe(self.type_of[key])](response).mean(dim=0)
             tokens.append(token + self.places.weight[self.index[key]])
         if not tokens:

@@ -62,7 +62,9 @@ class VectorIndex:
         keep[[self._row[i] for i in gone]] = False
         self._ids, self._vectors = self._ids[keep], self._vectors[keep]
         self._row = {int(i): j for j, i in enumerate(self._ids)}
-        if self._ivf is not None:
+        if self._ivf is not None and len(self._ids) < self.approximate_from:
+            self._ivf, self._trained_at = None, 0  # small again: exact
+        elif self._ivf is not None:
             self._ivf.remove_ids(np.asarray(gone, dtype=np.int64))
 
     def search(self, query, k: int = 10, exact: bool = False) -> list[tuple[int, float]]:

@@ -41,6 +41,9 @@ def test_search_ranks_name_matches_first_and_needs_every_word(sessions):
     assert sorted(names(sessions, "style", family="sdxl")) == ["inkwell", "pastel"]
     assert names(sessions, "style", tag="ink") == ["inkwell"]
     assert names(sessions, "nothing") == []
+    with unit_of_work(sessions) as session:  # words beyond ASCII, in the JSON arrays too
+        AdapterRepository(session).add(**fields("nihonga", trigger_words=["日本画"], tags=["café"]))
+    assert names(sessions, "日本画") == ["nihonga"] and names(sessions, "café") == ["nihonga"]
     with sessions() as session:
         scores = [score for _, score in AdapterRepository(session).search("ink")]
     assert scores[0] > scores[1] > 0
@@ -66,3 +69,21 @@ def test_query_syntax_never_reaches_the_engine(sessions, query):
     names(sessions, query)  # no error, whatever the engine's syntax
     assert names(sessions, "ink") == ["inkwell"]  # and the table is still there
     assert query_words("Ink-Well, 'x'") == ["ink", "well", "x"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_entries_from_before_the_index_are_found(backend, tmp_path):
+    from db.session import make_engine, upgrade
+    from tests.conftest_pg import catalog_url
+
+    with catalog_url(backend, tmp_path) as url:
+        engine = make_engine(url)
+        try:
+            upgrade(engine, "0005")
+            sessions = make_session_factory(engine)
+            with unit_of_work(sessions) as session:
+                AdapterRepository(session).add(**fields("inkwell", tags=["café"]))
+            upgrade(engine)
+            assert names(sessions, "inkw") == ["inkwell"] and names(sessions, "café") == ["inkwell"]
+        finally:
+            engine.dispose()

@@ -127,3 +127,21 @@ def test_streams_mode_prompts_need_a_stream_per_region():
     with pytest.raises(StudioError, match="passes=per-region"):
         RegionalParams(prompts="a: a dog", prompt_mode="streams", passes="single")
     RegionalParams(prompts="a: a dog", prompt_mode="attention", passes="single")  # fine
+
+
+def test_a_size_whose_image_tokens_count_as_many_as_the_texts_is_refused():
+    from composer.seams.streams import denoise_in_one_pass
+
+    class Denoiser(nn.Module):
+        def forward(self, hidden_states, encoder_hidden_states):
+            return hidden_states
+
+    geometry = TokenGeometry()
+    denoiser = Denoiser()
+    host = type("Host", (), {"context": MixingContext()})()
+    with denoise_in_one_pass(denoiser, host, {}, geometry, grid=(16, 32)):
+        with pytest.raises(StudioError, match="cannot tell image tokens from the 512 text tokens"):
+            denoiser(hidden_states=torch.zeros(1, 512, 4), encoder_hidden_states=torch.zeros(1, 512, 8))
+        denoiser(hidden_states=torch.zeros(1, 512, 4), encoder_hidden_states=torch.zeros(1, 77, 8))  # fine
+        # packed patches have one level: a text as long as a quarter of the grid is no image level
+        denoiser(hidden_states=torch.zeros(1, 512, 4), encoder_hidden_states=torch.zeros(1, 128, 8))

@@ -49,3 +49,5 @@ def test_beyond_the_threshold_the_ivf_serves_and_keeps_up_with_changes():
     assert first == index.search(queries[0], 1, exact=True)[0][0]  # the removed one is gone from both
     index.add([10_000], [queries[0]])  # a new entry is found at once
     assert index.search(queries[0], 1)[0][0] == 10_000
+    index.remove(range(1500))  # below the threshold again: exact
+    assert not index.approximate and len(index) == 1501

@@ -62,8 +62,14 @@ def test_only_the_product_counts(rig):
     def rescale(m: ModuleDelta) -> ModuleDelta:  # alpha x2, up / 2: the same delta
         return dataclasses.replace(m, alpha=m.alpha * 2, tensors={**m.tensors, "up": m.tensors["up"] / 2})
 
+    def weaker(
+        m: ModuleDelta,
+    ) -> ModuleDelta:  # the same change at 1/1000 of the strength (real deltas ~1e-3)
+        return dataclasses.replace(m, tensors={**m.tensors, "up": m.tensors["up"] / 1000})
+
     assert cosine(embed(rig, with_modules(base, refactor)), reference) >= 0.999
     assert cosine(embed(rig, with_modules(base, rescale)), reference) >= 0.999
+    assert cosine(embed(rig, with_modules(base, weaker)), reference) >= 0.999
     pipe, backbone = rig[0], rig[1]
     other = embed(rig, random_lora(pipe, backbone, seed=2, rank=4, alpha=4.0))
     assert cosine(other, reference) < 0.99  # another LoRA is another point

@@ -141,7 +141,7 @@ class AdaptedModule(nn.Module):
         work = self.active_work()
         if not work:
             return y
-        stackable = all(_stacks(self.adapters[n]) for n, _ in work)  # one LoRA too: its scale folded in
+        stackable = all(_stacks(self.adapters[n]) for n, _ in work)  # one LoRA too (its own factors)
         if stackable and not (
             torch.is_grad_enabled() and any(is_trainable(self.adapters[n]) for n, _ in work)
         ):
@@ -193,8 +193,26 @@ class AdaptedModule(nn.Module):
         scales = (
             None if varying else tuple(float(s) * a.scale for (_, s), a in zip(work, adapters, strict=True))
         )
+        if len(adapters) == 1:  # one LoRA: its own factors (no copy kept per weight), its scale on h below
+            a = adapters[0]
+            down, up, ranks = a.down.to(x.dtype), a.up.to(x.dtype), [a.rank]
+        else:
+            down, up, ranks = self._stack(adapters, names, scales, x)
+        conv = adapters[0]._conv  # None: a Linear; else the layer's stride, padding and dilation
+        h = F.linear(x, down) if conv is None else F.conv2d(x, down, **conv)  # (..., R) or (B, R, h, w)
+        if varying:
+            # each LoRA's rank columns times its weight (per sample, per token): exact, as up is linear
+            h = _weigh_columns(h, work, adapters, ranks, channels_first=conv is not None)
+        elif len(adapters) == 1:
+            h = h * scales[0]
+        if conv is not None:
+            return F.conv2d(h, up)
+        return F.linear(h, up)
+
+    def _stack(self, adapters: list, names: tuple, scales: tuple | None, x: torch.Tensor):
+        """(down, up, ranks) of a set of LoRAs, concatenated (numeric scales folded into up), cached per set."""
         # inference-mode tensors cannot enter a graph: a stack built under inference_mode serves only there
-        key = (names, scales, x.dtype, torch.is_inference_mode_enabled())
+        key = (names, scales, x.dtype, x.device, torch.is_inference_mode_enabled())
         stack = self._stacks.get(key)
         if stack is None:
             down = torch.cat([a.down for a in adapters], dim=0).to(x.dtype)  # (R, in[, kh, kw])
@@ -208,15 +226,7 @@ class AdaptedModule(nn.Module):
             if len(self._stacks) >= _STACK_CACHE_SIZE:
                 self._stacks.pop(next(iter(self._stacks)))
             self._stacks[key] = stack
-        down, up, ranks = stack
-        conv = adapters[0]._conv  # None: a Linear; else the layer's stride, padding and dilation
-        h = F.linear(x, down) if conv is None else F.conv2d(x, down, **conv)  # (..., R) or (B, R, h, w)
-        if varying:
-            # each LoRA's rank columns times its weight (per sample, per token): exact, as up is linear
-            h = _weigh_columns(h, work, adapters, ranks, channels_first=conv is not None)
-        if conv is not None:
-            return F.conv2d(h, up)
-        return F.linear(h, up)
+        return stack
 
     # --- standing in for the wrapped module ---------------------------------------------------------
     def __getattr__(self, name: str):

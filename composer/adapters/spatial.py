@@ -31,15 +31,21 @@ _LEVELS = 6  # latent grid halvings searched for a token count (SDXL's UNet uses
 
 @dataclass
 class TokenGeometry:
-    """The denoiser call's latent grid (rows, cols of its first token level) and text token count."""
+    """The denoiser call's latent grid (rows, cols of its first token level), text token count and depth."""
 
     grid: tuple[int, int] = (0, 0)
     text_tokens: int = 0
+    depth: int = _LEVELS  # token levels the denoiser has: a UNet halves the grid per level, FLUX keeps one
+
+    def ambiguous(self) -> bool:
+        """True when some image level has as many tokens as the text (FLUX at 512 x 256 px: 512 and 512): a
+        layer's tokens could then be either, and masks cannot be placed."""
+        return any(rows * cols == self.text_tokens for rows, cols in self.levels())
 
     def levels(self) -> list[tuple[int, int]]:
         rows, cols = self.grid
         out = []
-        for _ in range(_LEVELS):
+        for _ in range(self.depth):
             out.append((rows, cols))
             if rows <= 1 and cols <= 1:
                 break

@@ -249,7 +249,14 @@ def denoise_in_one_pass(
             kwargs = inputs(kwargs, hidden.shape[0])
         text = kwargs.get("encoder_hidden_states")
         geometry.grid = grid if grid is not None else tuple(hidden.shape[-2:])
+        geometry.depth = 1 if grid is not None else geometry.depth  # packed patches: one level
         geometry.text_tokens = text.shape[1] if isinstance(text, torch.Tensor) else 0
+        if geometry.ambiguous():
+            raise StudioError(
+                f"a single pass cannot tell image tokens from the {geometry.text_tokens} text tokens at this "
+                f"size (an image level of {geometry.text_tokens} tokens too): use passes=per-region, or "
+                "another size"
+            )
         previous = host.context.active
         host.context.active = scales
         try:
