@@ -199,7 +199,9 @@ class ContrastiveRun:
         self.call: tuple[tuple, dict] | None = None
         self.probing = False  # inside `loss_at`: the blend's masks do not matter and the maps are the loss's
         self.losses: list[tuple[int, float]] = []  # (step updated, loss before the update)
-        self.refine_at = params.refinement_steps(run.steps)  # the scheduler's steps are set later, by the call
+        self.refine_at = params.refinement_steps(
+            run.steps
+        )  # the scheduler's steps are set later, by the call
 
     def stream_prompts(self, prompt: str) -> list[str]:
         """The prompt each stream reads: as written (shared), or (per-lora) with every LoRA's trigger words but
@@ -213,7 +215,9 @@ class ContrastiveRun:
                 if own != 1 + k:
                     for word in self.run.triggers.get(name) or []:
                         plain = self.words[name]
-                        text = re.sub(rf"(?<!\w){re.escape(word)}(?!\w)", lambda _, p=plain: p, text, flags=re.I)
+                        text = re.sub(
+                            rf"(?<!\w){re.escape(word)}(?!\w)", lambda _, p=plain: p, text, flags=re.I
+                        )
             out.append(text)
         return out
 
