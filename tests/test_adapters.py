@@ -135,6 +135,44 @@ def test_stacked_convolutions_equal_adapter_by_adapter():
     assert len(wrapped._stacks) == 2  # built: numbers folded in; varying weights (per sample and per region)
 
 
+def test_images_with_one_lora_each_route_each_row_through_its_own():
+    """A batch whose rows each have at most one LoRA runs each row through its own factors (batched products,
+    a grouped convolution), equal to the LoRAs applied one by one."""
+    torch.manual_seed(5)
+    for base, x in (
+        (nn.Linear(6, 10), torch.randn(4, 7, 6)),
+        (nn.Conv2d(6, 10, 3, padding=1), torch.randn(4, 6, 8, 8)),
+    ):
+        context = AdapterHost({}).context
+        wrapped = AdaptedModule(base, context)
+        shape = (2, 6) if isinstance(base, nn.Linear) else (2, 6, 3, 3)
+        up_shape = (10, 2) if isinstance(base, nn.Linear) else (10, 2, 1, 1)
+        adapters = [
+            LoraAdapter(base, torch.randn(*shape), torch.randn(*up_shape), alpha)
+            for alpha in (1.0, 4.0, None)
+        ]
+        for i, a in enumerate(adapters):
+            wrapped.add(f"l{i}", a)
+        scales = [
+            torch.tensor([1.0, 0.0, 0.0, 0.0]),
+            torch.tensor([0.0, 0.5, 0.0, 0.0]),
+            torch.tensor([0.0, 0.0, 2.0, 0.0]),
+        ]
+        context.active = {f"l{i}": s for i, s in enumerate(scales)}
+        routed = wrapped(x)
+        expected = base(x) + torch.stack(
+            [
+                sum(
+                    float(s[b]) * a.forward_delta(x[b : b + 1])[0]
+                    for a, s in zip(adapters, scales, strict=True)
+                )
+                for b in range(4)
+            ]
+        )
+        torch.testing.assert_close(routed, expected, atol=1e-4, rtol=1e-4)
+        assert any(k[0] == "routed" for k in wrapped._stacks)  # the routed path ran (row 3 has none)
+
+
 def test_per_sample_scales_mix_different_sets_in_one_batch():
     net = Net()
     l1, l2 = lora_for(net, 1), lora_for(net, 2)

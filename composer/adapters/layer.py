@@ -26,6 +26,33 @@ def _stacks(adapter: nn.Module) -> bool:
     return isinstance(adapter, LoraAdapter) and adapter.mid is None
 
 
+_ROUTES: dict[tuple, tuple] = {}  # ids of a set's per-sample scales -> (the scales, which, weight)
+
+
+def _route_rows(work: list, adapters: list, batch: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(which LoRA, its weight) per row when every scale is per sample and no row has two LoRAs and the LoRAs
+    share one rank (a batch whose images each have their own LoRA); None otherwise. Cached per scale tensors,
+    which callers build once per call shape and reuse."""
+    scales = [s for _, s in work]
+    if not all(isinstance(s, torch.Tensor) and s.shape == (batch,) for s in scales):
+        return None
+    if len({a.rank for a in adapters}) != 1:
+        return None
+    key = tuple(id(s) for s in scales)
+    cached = _ROUTES.get(key)
+    if cached is None or any(a is not b for a, b in zip(cached[0], scales, strict=True)):
+        table = torch.stack([s.float() for s in scales])  # (K, B)
+        if bool(((table != 0).sum(dim=0) > 1).any()):
+            route = None
+        else:
+            which = (table != 0).float().argmax(dim=0)  # a row with none: index 0 at weight 0
+            route = (which, table.gather(0, which[None]).squeeze(0))
+        if len(_ROUTES) > 256:
+            _ROUTES.clear()
+        cached = _ROUTES[key] = (tuple(scales), route)
+    return cached[1]
+
+
 def _weigh_columns(
     h: torch.Tensor, work: list, adapters: list, ranks: list[int], channels_first: bool
 ) -> torch.Tensor:
@@ -193,6 +220,10 @@ class AdaptedModule(nn.Module):
         scales = (
             None if varying else tuple(float(s) * a.scale for (_, s), a in zip(work, adapters, strict=True))
         )
+        if varying and len(adapters) > 1:
+            routed = _route_rows(work, adapters, x.shape[0])
+            if routed is not None:  # each image one LoRA: each row through its own LoRA only
+                return self._routed_delta(x, adapters, names, *routed)
         if len(adapters) == 1:  # one LoRA: its own factors (no copy kept per weight), its scale on h below
             a = adapters[0]
             down, up, ranks = a.down.to(x.dtype), a.up.to(x.dtype), [a.rank]
@@ -208,6 +239,34 @@ class AdaptedModule(nn.Module):
         if conv is not None:
             return F.conv2d(h, up)
         return F.linear(h, up)
+
+    def _routed_delta(
+        self, x: torch.Tensor, adapters: list, names: tuple, which: torch.Tensor, weight: torch.Tensor
+    ) -> torch.Tensor:
+        """Row b through LoRA `which[b]` at `weight[b]` (0 for a row with none): batched products with each
+        row's own factors (a grouped convolution on a Conv2d), so a batch of k LoRAs costs about one."""
+        key = ("routed", names, x.dtype, x.device, torch.is_inference_mode_enabled())
+        stack = self._stacks.get(key)
+        if stack is None:
+            stack = (
+                torch.stack([a.down for a in adapters]).to(x.dtype),  # (K, r, in[, kh, kw])
+                torch.stack([a.up * a.scale for a in adapters]).to(x.dtype),  # (K, out, r[, 1, 1])
+            )
+            if len(self._stacks) >= _STACK_CACHE_SIZE:
+                self._stacks.pop(next(iter(self._stacks)))
+            self._stacks[key] = stack
+        downs, ups = stack[0][which], stack[1][which]  # each row's own
+        batch, weight = x.shape[0], weight.to(x)
+        conv = adapters[0]._conv
+        if conv is None:
+            flat = x.reshape(batch, -1, x.shape[-1])  # (B, N, in)
+            h = torch.bmm(flat, downs.transpose(1, 2)) * weight.view(-1, 1, 1)  # (B, N, r)
+            return torch.bmm(h, ups.transpose(1, 2)).reshape(*x.shape[:-1], -1)
+        rank = downs.shape[1]
+        h = F.conv2d(x.reshape(1, -1, *x.shape[2:]), downs.flatten(0, 1), groups=batch, **conv)
+        h = h.reshape(batch, rank, *h.shape[2:]) * weight.view(-1, 1, 1, 1)
+        out = F.conv2d(h.reshape(1, -1, *h.shape[2:]), ups.flatten(0, 1), groups=batch)
+        return out.reshape(batch, -1, *out.shape[2:])
 
     def _stack(self, adapters: list, names: tuple, scales: tuple | None, x: torch.Tensor):
         """(down, up, ranks) of a set of LoRAs, concatenated (numeric scales folded into up), cached per set."""
