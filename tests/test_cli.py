@@ -195,10 +195,13 @@ def test_a_failing_render_is_one_line_naming_the_lora_and_the_trace_is_logged(
     result = runner.invoke(app, [*render, "--lora", "misfit", *out])  # refused as it is made resident
     assert result.exit_code == 1 and "LoRA 'misfit', module unet.add_embedding.linear_1" in result.output
 
-    def broken(self, x):  # an adapter that fails while the model runs
+    def broken(self, *args, **kwargs):  # an adapter that fails while the model runs
         raise RuntimeError("shapes do not fit\nsecond line")
 
-    monkeypatch.setattr(lora_module.LoraAdapter, "forward_delta", broken)
+    from composer.adapters.layer import AdaptedModule
+
+    monkeypatch.setattr(lora_module.LoraAdapter, "forward_delta", broken)  # adapter by adapter
+    monkeypatch.setattr(AdaptedModule, "_stacked_delta", broken)  # plain LoRAs' own path
     with caplog.at_level("ERROR"):
         result = runner.invoke(app, [*render, "--lora", "fine:0.5", *out])
     assert result.exit_code == 1 and "Traceback" not in result.output
