@@ -58,11 +58,9 @@ class WeightEncoder(nn.Module):
         self.probes = nn.ParameterDict(
             {str(n): nn.Parameter(torch.randn(n, probes, generator=generator) / n**0.5) for n in inputs}
         )
-        types = sorted({module_type(k, s) for k, s in self.shapes.items()})
-        self.type_of = {key: module_type(key, shape) for key, shape in self.shapes.items()}
-        self.projections = nn.ModuleDict(
-            {_safe(t): nn.Linear(int(t.rpartition(":")[2].split("x")[0]), width) for t in types}
-        )
+        self.type_of = {key: _safe(module_type(key, shape)) for key, shape in self.shapes.items()}
+        outs = {self.type_of[key]: out for key, (out, _) in self.shapes.items()}
+        self.projections = nn.ModuleDict({t: nn.Linear(out, width) for t, out in sorted(outs.items())})
         self.places = nn.Embedding(len(self.keys), width)
         self.summary = nn.Parameter(torch.zeros(1, 1, width))
         self.mixer = nn.TransformerEncoderLayer(width, heads, 2 * width, dropout=0.0, batch_first=True)
@@ -83,7 +81,7 @@ class WeightEncoder(nn.Module):
             # each probe's output to unit scale first: deltas are ~1e-3, below LayerNorm's eps
             response = response / response.abs().amax(dim=1, keepdim=True).clamp_min(1e-30)
             response = F.layer_norm(response, (out,), eps=1e-12)
-            token = self.projections[_safe(self.type_of[key])](response).mean(dim=0)
+            token = self.projections[self.type_of[key]](response).mean(dim=0)
             tokens.append(token + self.places.weight[self.index[key]])
         if not tokens:
             raise ValueError("a LoRA with no module to encode")

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from composer.adapters.base import MixingContext
+from composer.adapters.host import AdapterHost
 from composer.adapters.layer import AdaptedModule
 from composer.adapters.lora import LoraAdapter
 from composer.adapters.spatial import SpatialScale, TokenGeometry
@@ -138,7 +139,7 @@ def test_a_size_whose_image_tokens_count_as_many_as_the_texts_is_refused():
 
     geometry = TokenGeometry()
     denoiser = Denoiser()
-    host = type("Host", (), {"context": MixingContext()})()
+    host = AdapterHost({})
     with denoise_in_one_pass(denoiser, host, {}, geometry, grid=(16, 32)):
         with pytest.raises(StudioError, match="cannot tell image tokens from the 512 text tokens"):
             denoiser(hidden_states=torch.zeros(1, 512, 4), encoder_hidden_states=torch.zeros(1, 512, 8))

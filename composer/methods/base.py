@@ -97,6 +97,11 @@ class CompositionParams(Protocol):
         ...
 
 
+def whole_word(word: str) -> re.Pattern:
+    """`word` as a whole word anywhere in a text, case-insensitively (how prompts hold trigger words)."""
+    return re.compile(rf"(?<!\w){re.escape(word)}(?!\w)", re.IGNORECASE)
+
+
 def missing_trigger(method: str, prompt: str, triggers: dict[str, list[str]]) -> str | None:
     """Why a prompt cannot run with a method that finds LoRAs by their trigger words (naming the first LoRA
     that has none, or none in the prompt), or None. Words match whole and case-insensitively; the tokenizer's
@@ -106,7 +111,7 @@ def missing_trigger(method: str, prompt: str, triggers: dict[str, list[str]]) ->
             return (
                 f"{method} finds each LoRA's concept by its trigger words; {name!r} has none in the catalog"
             )
-        if not any(re.search(rf"(?<!\w){re.escape(w)}(?!\w)", prompt, re.IGNORECASE) for w in words):
+        if not any(whole_word(w).search(prompt) for w in words):
             shown = ", ".join(repr(w) for w in words)
             return f"{method}: the prompt does not contain {name!r}'s trigger word ({shown}); write it where {name!r}'s concept goes"
     return None

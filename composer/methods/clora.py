@@ -20,7 +20,6 @@ LoRAs' trigger words. Cost: (LoRAs + 1) denoiser passes per step, plus a backwar
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -32,8 +31,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from composer.errors import StudioError
-from composer.methods.base import CompositionParams, MethodRun, parse_named_lines
-from composer.methods.regional import swap_texts
+from composer.methods.base import CompositionParams, MethodRun, parse_named_lines, whole_word
+from composer.methods.regional import encode_for_streams, swap_texts
 from composer.seams.attention import MapStore, capture_cross_attention
 from composer.seams.streams import call_latents, denoise_in_streams, map_batched
 
@@ -199,9 +198,8 @@ class ContrastiveRun:
         self.call: tuple[tuple, dict] | None = None
         self.probing = False  # inside `loss_at`: the blend's masks do not matter and the maps are the loss's
         self.losses: list[tuple[int, float]] = []  # (step updated, loss before the update)
-        self.refine_at = params.refinement_steps(
-            run.steps
-        )  # the scheduler's steps are set later, by the call
+        # the render's steps: the scheduler's are set later, by the call
+        self.refine_at = params.refinement_steps(run.steps)
 
     def stream_prompts(self, prompt: str) -> list[str]:
         """The prompt each stream reads: as written (shared), or (per-lora) with every LoRA's trigger words but
@@ -215,9 +213,7 @@ class ContrastiveRun:
                 if own != 1 + k:
                     for word in self.run.triggers.get(name) or []:
                         plain = self.words[name]
-                        text = re.sub(
-                            rf"(?<!\w){re.escape(word)}(?!\w)", lambda _, p=plain: p, text, flags=re.I
-                        )
+                        text = whole_word(word).sub(lambda _, p=plain: p, text)
             out.append(text)
         return out
 
@@ -228,15 +224,9 @@ class ContrastiveRun:
             return None
         if len(set(self.run.prompts)) > 1:
             raise StudioError("clora per-lora prompts render one prompt per call")
-        backbone, pipe = self.run.backbone, self.run.pipe
-        device = getattr(pipe, "_execution_device", None) or torch.device("cpu")
-        with torch.no_grad():
-            requested = [backbone.encode_caption(pipe, p, device).embeds for p in self.run.prompts]
-            own = []
-            for scales, text in zip(self.streams, self.stream_prompts(self.run.prompts[0]), strict=True):
-                with self.run.host.activate(scales):
-                    own.append(backbone.encode_caption(pipe, text, device))
-        return swap_texts(backbone, requested, own)
+        texts = list(zip(self.streams, self.stream_prompts(self.run.prompts[0]), strict=True))
+        requested, own = encode_for_streams(self.run, texts)
+        return swap_texts(self.run.backbone, requested, own)
 
     def _concepts(self, prompt: str, stream: int) -> list[list[int]]:
         """Per LoRA, its concept's token positions in the prompt `stream` reads."""

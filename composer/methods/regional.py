@@ -173,14 +173,8 @@ class RegionalParams(CompositionParams):
         """The streams' `inputs` hook that gives painted regions their prompts (entering, in attention mode, the
         cross-attention swap on `stack`). Each region prompt is encoded once, with its stream's LoRAs on the
         text encoders; the request's prompts are encoded too, to tell the conditional rows of a call."""
-        device = getattr(run.pipe, "_execution_device", None) or torch.device("cpu")
         prompted = [j for j, (name, _) in enumerate(streams) if name in texts]
-        with torch.no_grad():
-            requested = [run.backbone.encode_caption(run.pipe, p, device).embeds for p in run.prompts]
-            encoded = []
-            for j in prompted:
-                with run.host.activate(scales[j]):
-                    encoded.append(run.backbone.encode_caption(run.pipe, texts[streams[j][0]], device))
+        requested, encoded = encode_for_streams(run, [(scales[j], texts[streams[j][0]]) for j in prompted])
         if self.prompt_mode == "streams":
             own: list[Conditioning | None] = [None] * len(streams)
             for j, cond in zip(prompted, encoded, strict=True):
@@ -193,6 +187,22 @@ class RegionalParams(CompositionParams):
             cross_attention_by_region(run.backbone, denoiser, torch.cat([rest[None], painted]), latent)
         )
         return texts_side_by_side(run.backbone, requested, [cond.embeds for cond in encoded])
+
+
+def encode_for_streams(
+    run: MethodRun, texts: list[tuple[dict, str]]
+) -> tuple[list[torch.Tensor], list[Conditioning]]:
+    """The request's prompt embeddings, encoded with the whole stack as the pipeline encodes them (what tells a
+    call's conditional rows: `conditional_rows`), and each (adapter set, text) encoded with that set on the
+    text encoders."""
+    device = getattr(run.pipe, "_execution_device", None) or torch.device("cpu")
+    with torch.no_grad():
+        requested = [run.backbone.encode_caption(run.pipe, p, device).embeds for p in run.prompts]
+        encoded = []
+        for scales, text in texts:
+            with run.host.activate(scales):
+                encoded.append(run.backbone.encode_caption(run.pipe, text, device))
+    return requested, encoded
 
 
 def conditional_rows(backbone, kwargs: dict, batch: int, requested: list[torch.Tensor]) -> torch.Tensor:

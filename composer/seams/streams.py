@@ -169,12 +169,8 @@ def call_in_streams(
     kwargs = {k: (v if k in _UNBATCHED else _repeat(v, batch, count)) for k, v in call_kwargs.items()}
     if inputs is not None:
         kwargs = inputs(kwargs, batch)
-    previous = host.context.active
-    host.context.active = scales_for(batch, hidden.device)
-    try:
+    with host.activate(scales_for(batch, hidden.device)):
         out = original(*args, **kwargs)
-    finally:
-        host.context.active = previous
     sample = out[0] if isinstance(out, tuple) else out.sample
     return out, sample.reshape(count, batch, *sample.shape[1:])
 
@@ -214,12 +210,8 @@ def each_call_with(
     original = module.forward
 
     def forward(*args, **kwargs):
-        previous = host.context.active
-        host.context.active = scales(call_latents(args, kwargs).shape[0])
-        try:
+        with host.activate(scales(call_latents(args, kwargs).shape[0])):
             return original(*args, **kwargs)
-        finally:
-            host.context.active = previous
 
     with shadow_forward(module, forward):
         yield
@@ -257,12 +249,8 @@ def denoise_in_one_pass(
                 f"size (an image level of {geometry.text_tokens} tokens too): use passes=per-region, or "
                 "another size"
             )
-        previous = host.context.active
-        host.context.active = scales
-        try:
+        with host.activate(scales):
             return original(*args, **kwargs)
-        finally:
-            host.context.active = previous
 
     with shadow_forward(denoiser, forward):
         yield
