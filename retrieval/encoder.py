@@ -6,14 +6,18 @@ factors (A -> M A, B -> B M^-1), another alpha / rank convention that leaves dW 
 (kohya, diffusers, peft, LyCORIS: the reader's job) cannot change the embedding, and every adapter type with
 a dense delta (LoRA, LoCon, LoHa, LoKr, Kronecker, DoRA, TLoRA, B-LoRA halves) is encoded the same way.
 
-Per module: Y = dW P (P: probes, one set per input width), each probe's output normalised (LayerNorm, so a
-LoRA's strength does not move it), projected to a shared width by a projection per module type (its
-component and shape), averaged over probes, plus a learned embedding of the module's place. A summary token
-and one transformer layer over the modules present (a LoRA may adapt any subset; absent modules are simply
-not tokens) give the LoRA's embedding, unit length.
+Per module: Y = dW P (P: probes, one set per input width), scaled to unit RMS over the whole module (so a
+LoRA's strength does not move it, and how strongly each probe direction is read survives), projected to a
+shared width by a projection per module type (its component and shape). Each probe's projection z_p is summed
+up two ways: its mean over probes, and its root mean square, which does not change when the delta's sign in some
+direction flips (a rank-1 change v a^T reads its probes with signs that depend on a only). A third number, the
+module's log norm against the LoRA's mean log norm, says where the LoRA acts most (invariant to its global
+strength). Plus a learned embedding of the module's place. A summary token and one transformer layer over the
+modules present (a LoRA may adapt any subset; absent modules are simply not tokens) give the LoRA's
+embedding, unit length.
 
-The encoder is untrained here: its invariances hold by construction whatever its weights; what it retrieves
-depends on the contrastive training (issue 21, to come).
+Its weights come from contrastive training against text (`retrieval.train`); the invariances hold by
+construction whatever the weights.
 """
 
 from __future__ import annotations
@@ -62,36 +66,63 @@ class WeightEncoder(nn.Module):
         outs = {self.type_of[key]: out for key, (out, _) in self.shapes.items()}
         self.projections = nn.ModuleDict({t: nn.Linear(out, width) for t, out in sorted(outs.items())})
         self.places = nn.Embedding(len(self.keys), width)
+        self.moments = nn.Linear(2 * width, width)  # [mean, RMS] over probes -> the module's token
+        self.energy = nn.Parameter(torch.zeros(width))  # times the module's relative log norm
         self.summary = nn.Parameter(torch.zeros(1, 1, width))
         self.mixer = nn.TransformerEncoderLayer(width, heads, 2 * width, dropout=0.0, batch_first=True)
         self.head = nn.Linear(width, width)
 
-    def module_tokens(self, deltas: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """(modules present, width): one token per adapted module the encoder knows."""
-        unknown = sorted(set(deltas) - set(self.shapes))
-        if unknown:
-            raise KeyError(f"the encoder has no module {unknown[0]!r} ({len(unknown)} unknown)")
-        tokens = []
-        for key in sorted(deltas):
+    def embed_batch(self, batch: list[Mapping[str, torch.Tensor]]) -> torch.Tensor:
+        """(len(batch), width) unit-length embeddings of several LoRAs at once: each module key is computed
+        for every LoRA that has it in one batched product, and the LoRAs' token sets (any subset of modules)
+        are padded and masked for the transformer."""
+        if not batch:
+            raise ValueError("no LoRA to encode")
+        for deltas in batch:
+            unknown = sorted(set(deltas) - set(self.shapes))
+            if unknown:
+                raise KeyError(f"the encoder has no module {unknown[0]!r} ({len(unknown)} unknown)")
+            if not deltas:
+                raise ValueError("a LoRA with no module to encode")
+        keys = sorted(set().union(*batch))
+        n, width = len(batch), self.summary.shape[-1]
+        tokens = self.summary.new_zeros(n, len(keys), width)
+        energy = self.summary.new_zeros(n, len(keys))
+        present = torch.zeros(n, len(keys), dtype=torch.bool)
+        for slot, key in enumerate(keys):
             out, inp = self.shapes[key]
-            delta = deltas[key].reshape(deltas[key].shape[0], -1).to(self.summary)
-            if tuple(delta.shape) != (out, inp):
-                raise ValueError(f"{key}: a delta of shape {tuple(delta.shape)}, expected {(out, inp)}")
-            response = (delta @ self.probes[str(inp)]).T  # (probes, out)
-            # each probe's output to unit scale first: deltas are ~1e-3, below LayerNorm's eps
-            response = response / response.abs().amax(dim=1, keepdim=True).clamp_min(1e-30)
-            response = F.layer_norm(response, (out,), eps=1e-12)
-            token = self.projections[self.type_of[key]](response).mean(dim=0)
-            tokens.append(token + self.places.weight[self.index[key]])
-        if not tokens:
-            raise ValueError("a LoRA with no module to encode")
-        return torch.stack(tokens)
+            rows = [b for b, deltas in enumerate(batch) if key in deltas]
+            stacked = []
+            for b in rows:
+                delta = batch[b][key].reshape(batch[b][key].shape[0], -1)
+                if tuple(delta.shape) != (out, inp):
+                    raise ValueError(f"{key}: a delta of shape {tuple(delta.shape)}, expected {(out, inp)}")
+                stacked.append(delta)
+            deltas = torch.stack(stacked).to(self.summary)  # (R, out, in)
+            response = (deltas @ self.probes[str(inp)]).transpose(1, 2)  # (R, probes, out)
+            rms = response.pow(2).mean(dim=(1, 2), keepdim=True).sqrt().clamp_min(1e-30)
+            z = self.projections[self.type_of[key]](response / rms)  # (R, probes, width)
+            summary = torch.cat([z.mean(dim=1), z.pow(2).mean(dim=1).add(1e-12).sqrt()], dim=-1)
+            index = torch.tensor(rows)
+            tokens = tokens.index_put(
+                (index, torch.full_like(index, slot)),
+                self.moments(summary) + self.places.weight[self.index[key]],
+            )
+            strength = torch.log(deltas.pow(2).mean(dim=(1, 2)).sqrt().clamp_min(1e-30))
+            energy = energy.index_put((index, torch.full_like(index, slot)), strength)
+            present[index, slot] = True
+        mask = present.to(energy)
+        mean = (energy * mask).sum(dim=1, keepdim=True) / mask.sum(dim=1, keepdim=True)
+        relative = ((energy - mean).clamp(-10, 10) * mask)[..., None]
+        tokens = tokens + relative * self.energy
+        sequence = torch.cat([self.summary.expand(n, 1, width), tokens], dim=1)
+        padding = torch.cat([torch.zeros(n, 1, dtype=torch.bool), ~present], dim=1)
+        mixed = self.mixer(sequence, src_key_padding_mask=padding)
+        return F.normalize(self.head(mixed[:, 0]), dim=-1)
 
     def forward(self, deltas: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The LoRA's embedding, (width,), unit length."""
-        tokens = torch.cat([self.summary, self.module_tokens(deltas)[None]], dim=1)
-        mixed = self.mixer(tokens)
-        return F.normalize(self.head(mixed[0, 0]), dim=-1)
+        return self.embed_batch([deltas])[0]
 
 
 def _safe(name: str) -> str:

@@ -81,6 +81,10 @@ class VectorIndex:
         scores, ids = self._ivf.search(query, k)
         return [(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0]
 
+    def items(self) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, unit vectors) of every entry, in insertion order (copies)."""
+        return self._ids.copy(), self._vectors.copy()
+
     @property
     def approximate(self) -> bool:
         return self._ivf is not None
