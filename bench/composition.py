@@ -3,16 +3,19 @@ the true halves (an oracle: the user painted exactly where each concept goes; in
 regional-single: in a single pass), alone or with each half's own prompt (regional-prompts: the caption of
 that half's object), vs clora with masks only vs clora with its latent updates (clora-per-lora: each LoRA's stream reads the prompt
 with only its own trigger word, the other concepts by plain name; clora-paper: that and 5 updates at the
-refinement steps).
+refinement steps), vs gated (AutoLoRA's gated fusion: gates trained per LoRA set on toy scenes of the set's
+concepts together, `bench.gates`; cached under --gates-dir, so a rerun reuses them).
 
 python -m bench.composition [--set subjects-large] [--prompts 12] [--seeds 2] [--steps 20] [--methods merge,clora]
-    [--only star,heart] [--loras DIR]
+    [--only star,heart] [--loras DIR] [--gate-steps 300] [--gates-dir DIR]
 
 Sets (each prompt writes its concepts with their trigger words; the stack holds the two bundled LoRAs):
 - subjects-large / subjects-mixed: two different held-out subjects, left and right (large, or sizes as drawn).
 - subject-background: a held-out subject on one side, a base shape on the other, a held-out background
   (the background LoRA is global in the oracle).
 - subject-style: a held-out subject on one side, a base shape in a held-out style on the other.
+- subjects-background: three LoRAs, two held-out subjects (large), left and right, on a held-out background
+  (the background LoRA is global in the oracle).
 
 `--methods ...,alone` (subjects sets) adds a diagnostic, not a method: each LoRA of the pair alone (merged) on the
 same two-subject prompt, and where it draws its subject: on its own side (where the prompt puts it) and on the
@@ -38,18 +41,27 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench import gates as bench_gates
 from bench.common import emit, spread
 from composer.adapters.host import AdapterHost
 from composer.backbones import get_backbone, load_pipeline
 from composer.formats import read_lora
 from composer.masks import Mask, RegionMasks
-from composer.methods import CLoRAParams, CMLoRAParams, CompositeParams, RegionalParams, SwitchParams
+from composer.methods import (
+    CLoRAParams,
+    CMLoRAParams,
+    CompositeParams,
+    GatedParams,
+    RegionalParams,
+    SwitchParams,
+)
 from composer.render import LoraWeight, RenderRequest, render_batch
 from toyworld import loras_dir, model_dir, negatives, scenes
 from toyworld.evaluator import Evaluator, SceneReport
 
 SIZE = 64
-SETS = ("subjects-large", "subjects-mixed", "subject-background", "subject-style")
+SETS = ("subjects-large", "subjects-mixed", "subject-background", "subject-style", "subjects-background")
+TWO_SUBJECTS = ("subjects-large", "subjects-mixed")  # the sets whose LoRAs each have a side (`alone`)
 Check = Callable[[SceneReport], bool]
 
 
@@ -79,8 +91,14 @@ def prompts(which: str, n: int, seed: int, only: tuple[str, ...] = ()) -> list[P
     if which not in SETS:
         raise ValueError(f"unknown set {which!r}; choose {', '.join(SETS)}")
     rng = np.random.default_rng(seed)
-    if which.startswith("subjects"):
+    if which in TWO_SUBJECTS:
         pairs = list(itertools.permutations(scenes.SUBJECTS_HELD_OUT, 2))
+    elif which == "subjects-background":
+        pairs = [
+            (a, b, bg)
+            for a, b in itertools.permutations(scenes.SUBJECTS_HELD_OUT, 2)
+            for bg in scenes.BACKGROUNDS_HELD_OUT
+        ]
     elif which == "subject-background":
         pairs = list(itertools.product(scenes.SUBJECTS_HELD_OUT, scenes.BACKGROUNDS_HELD_OUT))
     else:
@@ -91,7 +109,7 @@ def prompts(which: str, n: int, seed: int, only: tuple[str, ...] = ()) -> list[P
             raise ValueError(f"no pair of set {which!r} has only concepts among {', '.join(only)}")
     chosen = [pairs[i] for i in rng.choice(len(pairs), n, replace=n > len(pairs))]
     out = []
-    for i, (a, b) in enumerate(chosen):
+    for i, (a, b, *rest) in enumerate(chosen):
         sides = ("left", "right") if rng.random() < 0.5 else ("right", "left")
         fixed: dict = {"position": sides}
         if which != "subjects-mixed":
@@ -100,10 +118,18 @@ def prompts(which: str, n: int, seed: int, only: tuple[str, ...] = ()) -> list[P
             base = scenes.sample_scene(seed * 100_003 + i * 101 + attempt, "base", 2, fixed=fixed)
             first, second = base.objects
             background = base.background
-            if which.startswith("subjects"):
+            if which in TWO_SUBJECTS:
                 objects = (replace(first, shape=a), replace(second, shape=b))
                 loras, regions = (a, b), {a: sides[0], b: sides[1]}
                 checks = {"first": shape_at(sides[0], a), "second": shape_at(sides[1], b)}
+            elif which == "subjects-background":
+                objects, background = (replace(first, shape=a), replace(second, shape=b)), rest[0]
+                loras, regions = (a, b, background), {a: sides[0], b: sides[1], background: None}
+                checks = {
+                    "first": shape_at(sides[0], a),
+                    "second": shape_at(sides[1], b),
+                    "background": background_is(background),
+                }
             elif which == "subject-background":
                 objects, background = (replace(first, shape=a), second), b
                 loras, regions = (a, b), {a: sides[0], b: None}
@@ -188,6 +214,7 @@ def method_params(method: str, prompt: Prompt):
         # the paper's streams: each LoRA's stream reads its own trigger, the other concepts by plain name
         "clora-per-lora": ("clora", CLoRAParams(prompts="per-lora", concepts=plain_words(prompt))),
         "clora-paper": ("clora", CLoRAParams(prompts="per-lora", concepts=plain_words(prompt), refine=5)),
+        "gated": ("gated", GatedParams()),  # the set's trained gates are passed to the render
     }[method]
 
 
@@ -260,10 +287,19 @@ def main() -> None:
     parser.add_argument(
         "--loras", type=Path, default=None, help="folder of the LoRA files (default: bundled)"
     )
+    parser.add_argument("--gate-steps", type=int, default=300, help="gated: training steps per set")
+    parser.add_argument("--gate-lr", type=float, default=5e-3, help="gated: the gates' learning rate")
+    parser.add_argument("--gate-images", type=int, default=32, help="gated: training scenes per set")
+    parser.add_argument(
+        "--gates-dir",
+        type=Path,
+        default=bench_gates.DEFAULT_DIR,
+        help="gated: where trained gates are cached",
+    )
     args = parser.parse_args()
     asked = args.methods.split(",")
     methods, alone = [m for m in asked if m != "alone"], "alone" in asked
-    if alone and not args.set.startswith("subjects"):
+    if alone and args.set not in TWO_SUBJECTS:
         parser.error("alone is a diagnostic for the subjects sets (each LoRA of a pair has a side)")
     if args.prompts < 2:
         parser.error("--prompts must be at least 2 (the standard error is over prompts)")
@@ -278,6 +314,7 @@ def main() -> None:
         host.add(name, read_lora(args.loras / f"{name}.safetensors"))
     triggers = {name: [scenes.TRIGGERS[name]] for name in names}
     profiles: dict = {}  # cmlora's frequency profiles, measured once per LoRA (the catalog keeps them)
+    gated = train_set_gates(pipe, backbone, host, plan, args) if "gated" in methods else {}
     evaluator = Evaluator.load()
 
     images: dict[str, list] = {m: [] for m in methods}
@@ -288,9 +325,10 @@ def main() -> None:
             for m in methods:  # interleaved, so the machine's drift hits every method alike
                 name, params = method_params(m, prompt)
                 request = render_request(prompt, args, i, j, loras, name, params)
+                gates = gated[frozenset(prompt.loras)][0] if m == "gated" else None
                 start = time.perf_counter()
                 images[m] += render_batch(
-                    pipe, backbone, host, [request], triggers=triggers, profiles=profiles
+                    pipe, backbone, host, [request], triggers=triggers, profiles=profiles, gates=gates
                 )
                 seconds[m].append(time.perf_counter() - start)
 
@@ -309,6 +347,11 @@ def main() -> None:
             "time_vs_merge": round(sum(seconds[m]) / sum(seconds[methods[0]]), 2),
             "seconds_per_render": spread(seconds[m], digits=3),
         }
+    if gated:
+        captions = {key: set() for key in gated}
+        for p in plan:
+            captions[frozenset(p.loras)].add(p.spec.caption(use_triggers=True))
+        figures["gated training"] = bench_gates.summary(gated, captions)
     if alone:
         figures["each LoRA alone (diagnostic)"] = alone_rates(
             evaluator.evaluate(alone_images), plan, args.seeds
@@ -326,6 +369,26 @@ def main() -> None:
             "threads": torch.get_num_threads(),
         },
     )
+
+
+def train_set_gates(pipe, backbone, host, plan: list[Prompt], args) -> dict:
+    """Each distinct LoRA set of the plan: its gates (trained on scenes of that set, or from the cache), and
+    whether they were cached."""
+    settings = bench_gates.GateSettings(args.gate_steps, args.gate_lr, args.gate_images)
+    out = {}
+    for names in dict.fromkeys(tuple(sorted(p.loras)) for p in plan):
+        out[frozenset(names)] = bench_gates.set_gates(
+            pipe,
+            backbone,
+            host,
+            names,
+            {n: args.loras / f"{n}.safetensors" for n in names},
+            lambda n, seed, names=names: [p.spec for p in prompts(args.set, n, seed, names)],
+            SIZE,
+            settings,
+            args.gates_dir,
+        )
+    return out
 
 
 if __name__ == "__main__":

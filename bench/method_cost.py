@@ -8,7 +8,8 @@ render are timed round-robin, one call each per round; each figure is the ratio 
 render, with the extremes of the per-round ratios. Issue 20's goals: switch <= 1.05 x merge; composite about
 k x a merge; single-pass regional <= 1.3 x base at k = 3; cmlora <= 0.6 x composite at k = 3 (its profiles
 measured by the warm-up round, as the catalog keeps them). Denoiser passes per image are counted for merge,
-composite and cmlora.
+composite, cmlora and gated. gated runs untrained gates (the same work as trained ones: every LoRA's output
+apart, then the gates), and its gate parameter count is printed per k.
 """
 
 from __future__ import annotations
@@ -22,11 +23,13 @@ from bench.common import emit, ratio, round_robin, spread
 from composer.adapters.host import AdapterHost
 from composer.backbones import get_backbone, load_pipeline
 from composer.formats import read_lora
+from composer.gates import GateBank
 from composer.masks import Mask, RegionMasks
 from composer.methods import (
     CLoRAParams,
     CMLoRAParams,
     CompositeParams,
+    GatedParams,
     MergeParams,
     RegionalParams,
     SwitchParams,
@@ -62,6 +65,7 @@ def methods(names: tuple[str, ...]) -> dict[str, tuple[str, object]]:
             RegionalParams(regions, prompts=prompts, passes="single"),
         ),
         "clora": ("clora", CLoRAParams()),
+        "gated": ("gated", GatedParams(gates="untrained")),
     }
 
 
@@ -117,13 +121,16 @@ def main() -> None:
             for label, request in requests.items()
         }
         times = round_robin(fns, args.repeat)
-        passes = {label: passes_per_image(pipe, fns[label]) for label in ("merge", "composite", "cmlora")}
+        counted = ("merge", "composite", "cmlora", "gated")
+        passes = {label: passes_per_image(pipe, fns[label]) for label in counted}
         figures[f"k={k}"] = {
             "seconds": {label: spread(t) for label, t in times.items()},
             "over base": {label: ratio(times, label, "base (no LoRA)", "x") for label in list(fns)[1:]},
             "switch / merge": ratio(times, "switch", "merge", "x"),
             "composite / merge": ratio(times, "composite", "merge", "x"),
             "cmlora / composite": ratio(times, "cmlora", "composite", "x"),
+            "gated / merge": ratio(times, "gated", "merge", "x"),
+            "gate parameters": GateBank.for_stack(host, backbone.denoiser, names).parameter_count(),
             "denoiser passes per image": passes,
             "regional single pass / per region": ratio(times, "regional, single pass", "regional", "x"),
         }

@@ -12,7 +12,9 @@ step as the pipeline makes it (SDXL: batch 2, classifier-free guidance; FLUX-dev
 - streams n (n = 1..k): n LoRAs as n streams. cmlora's step is one of these: its plan (`passes_plan`, 20
   steps) runs n streams at each step, so its mean step is the plan's mean of the measured streams-n medians
   (the blend of cached predictions, a few element-wise products, is left out);
-- heterogeneous batch: 8 images with 8 different LoRAs (per-sample scales) against 8 images with one LoRA.
+- heterogeneous batch: 8 images with 8 different LoRAs (per-sample scales) against 8 images with one LoRA;
+- gated: the k LoRAs fused by gates in every adapted layer (`composer.gates`; untrained gates do the same work
+  as trained ones), with the gates' parameter count.
 Issue 20's goals: single pass <= 1.3 x base at k = 3; cmlora <= 0.6 x composite at k = 3; mixed / same
 throughput >= 0.85.
 """
@@ -38,6 +40,7 @@ from bench.common import (
 from composer.adapters.host import AdapterHost
 from composer.adapters.spatial import SpatialScale, TokenGeometry
 from composer.backbones import BACKBONES
+from composer.gates import GateBank, gated_denoiser
 from composer.methods.cmlora import passes_plan
 from composer.seams.streams import denoise_in_one_pass, denoise_in_streams
 
@@ -91,6 +94,13 @@ def main() -> None:
 
         return call
 
+    bank = GateBank.for_stack(host, backbone.denoiser, stack).to(device)
+
+    def gated():
+        host.set_active(one)
+        with gated_denoiser(model, backbone, host, bank):
+            model(**inputs)
+
     mixed_inputs = denoiser_inputs(model, guided * MIXED, latent, device, dtype)
     rows = torch.arange(guided * MIXED) % MIXED  # row r is image r mod 8 (guidance repeats the images)
     per_image = {name: (rows == i).float().to(device) for i, name in enumerate(names[:MIXED])}
@@ -115,6 +125,7 @@ def main() -> None:
         },
         "batch of 8, one LoRA": lambda: (host.set_active({names[0]: 1.0}), model(**mixed_inputs)),
         "batch of 8, 8 LoRAs": lambda: (host.set_active(per_image), model(**mixed_inputs)),
+        "gated": gated,
     }
     with torch.inference_mode():
         times = round_robin(fns, args.repeat, sync)
@@ -125,8 +136,18 @@ def main() -> None:
     figures: dict = {
         "over base": {
             label: ratio(times, label, "base", "x")
-            for label in ("merge", "switch", "composite", "regional, per region", "regional, single pass")
+            for label in (
+                "merge",
+                "switch",
+                "composite",
+                "regional, per region",
+                "regional, single pass",
+                "gated",
+            )
         },
+        "gated / merge": ratio(times, "gated", "merge", "x"),
+        "gate parameters": bank.parameter_count(),
+        "gated layers": len(bank.keys),
         "switch / merge": ratio(times, "switch", "merge", "x"),
         "single pass / merge": ratio(times, "regional, single pass", "merge", "x"),
         "single pass / per region": ratio(times, "regional, single pass", "regional, per region", "x"),

@@ -13,6 +13,7 @@ import torch
 from composer.adapters.host import AdapterHost
 from composer.backbones.base import Backbone
 from composer.errors import StudioError
+from composer.gates import StoredGates
 from composer.methods import (
     METHODS,
     MethodRun,
@@ -207,6 +208,8 @@ def render_batch(
     pictures: list | None = None,
     triggers: Mapping[str, Sequence[str]] | None = None,
     profiles: dict[str, dict] | None = None,
+    gates: StoredGates | None = None,
+    report: dict | None = None,
 ):
     """Render several requests of one `batch_key` in one pipeline call: a list of prompts, and one generator
     per request seeded with its seed (diffusers draws each sample's latents from its own generator). Returns
@@ -214,7 +217,8 @@ def render_batch(
     The composition method's pictures (e.g. the masks it used: (caption, PIL image)) go into `pictures`;
     `triggers` (catalog name -> trigger words) is what methods that look for concepts in the prompt read;
     `profiles` (catalog name -> stored frequency profile) what cmlora orders by: profiles it measures during the
-    call are added to that same dict.
+    call are added to that same dict; `gates` the stack's stored trained gates (gated); what the method reports
+    about the call goes into `report`.
 
     Raises:
         StudioError: no requests, an invalid one, or requests that cannot share a call.
@@ -262,6 +266,7 @@ def render_batch(
         triggers={name: list(words) for name, words in (triggers or {}).items()},
         steps=steps,
         profiles=profiles if profiles is not None else {},
+        gates=gates,
     )
 
     def on_step_end(step_pipe, step, timestep, tensors):
@@ -279,6 +284,8 @@ def render_batch(
         images = pipe(**kwargs).images
     if pictures is not None:
         pictures.extend(run.pictures)
+    if report is not None:
+        report.update(run.report)
     if len(images) != len(requests) * first.num_images:
         raise StudioError(f"the pipeline returned {len(images)} images for {len(requests)} requests")
     return images

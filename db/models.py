@@ -1,6 +1,6 @@
 """Catalog tables: adapters (LoRA files and what we know about them), renders (full provenance), API keys
 (stored as SHA-256 hashes, never the secret), render jobs (the REST API's batches, run by an executor) and
-admin users (password hashes only).
+admin users (password hashes only), and gate sets (gated fusion's trained gates per LoRA set and base model).
 
 The audit log comes later, in a new Alembic revision.
 """
@@ -468,3 +468,49 @@ class LoginSession(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, server_default=func.now())
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
     ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class GateSet(Base):
+    """Trained gates of gated fusion for one set of LoRAs on one base model. `set_key` is order-insensitive over
+    the set's catalog names and file SHA-256s (`composer.gates.gate_set_key`), so a changed file makes another
+    set and its old gates are never found for it. `gates` holds the gate tensors as safetensors bytes."""
+
+    __tablename__ = "gate_sets"
+    __table_args__ = (UniqueConstraint("backbone", "model", "set_key"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    backbone: Mapped[str] = mapped_column(String(32))
+    model: Mapped[str] = mapped_column(Text)
+    set_key: Mapped[str] = mapped_column(String(64), index=True)
+    adapters: Mapped[list[dict[str, Any]]] = mapped_column(json_type(), default=list)  # [{name, sha256}]
+    gates: Mapped[bytes] = mapped_column(LargeBinary)
+    record: Mapped[dict[str, Any]] = mapped_column(json_type(), default=dict)  # steps, seconds, losses, ...
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, server_default=func.now())
+
+    def __repr__(self) -> str:
+        names = ", ".join(a.get("name", "?") for a in self.adapters or [])
+        return f"GateSet(model={self.model!r}, adapters=[{names}], key={self.set_key[:12]!r})"
+
+    @validates("set_key")
+    def _v_set_key(self, key: str, value: object) -> str:
+        return _check_hex(key, value, 64)
+
+    @validates("adapters")
+    def _v_adapters(self, key: str, value: object) -> list[dict[str, Any]]:
+        entries = value if isinstance(value, list | tuple) else []
+        named = (isinstance(a, dict) and {"name", "sha256"} <= set(a) for a in entries)
+        if not entries or not all(named) or not all(isinstance(v, str) for a in entries for v in a.values()):
+            raise InvalidFieldError(f"adapters {value!r}: expected a non-empty list of {{name, sha256}}")
+        return [dict(a) for a in value]
+
+    @validates("gates")
+    def _v_gates(self, key: str, value: object) -> bytes:
+        if not isinstance(value, bytes | bytearray) or not value:
+            raise InvalidFieldError("gates: expected the gate tensors as non-empty safetensors bytes")
+        return bytes(value)
+
+    @validates("record")
+    def _v_record(self, key: str, value: object) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise InvalidFieldError(f"record {value!r}: expected a dict")
+        return value

@@ -47,7 +47,7 @@ def test_models_and_migrations_agree(engine):
 
 
 def test_upgrade_is_idempotent_and_downgrade_empties(engine):
-    assert current_revision(engine) == head_revision() == "0006"
+    assert current_revision(engine) == head_revision() == "0007"
     upgrade(engine)  # a second start changes nothing
     assert current_revision(engine) == head_revision()
     with engine.begin() as connection:

@@ -125,6 +125,16 @@ def no_metadata(blocks: Mapping[str, str]) -> dict[str, str]:
     return {}
 
 
+class Combiner(Protocol):
+    """How an adapted layer joins its output with its active adapters' own outputs, instead of adding them
+    (gated fusion, `composer.gates`): (the adapted layer, y0 = its base output, [(adapter name, s_i * delta_i),
+    ...] in the context's order) -> the layer's output. Summing them is what the layer does without one."""
+
+    def __call__(
+        self, layer: nn.Module, base: torch.Tensor, outputs: list[tuple[str, torch.Tensor]]
+    ) -> torch.Tensor: ...
+
+
 class MixingContext:
     """Which resident adapters are active, with what scale. Shared by every wrapped module of one host.
 
@@ -135,9 +145,14 @@ class MixingContext:
     `active` and `fused` are replaced, never edited in place: each assignment bumps `version` (which the
     adapter layers key their per-set plans on), recomputes `effective()` once for every layer, and tells
     the listeners (a host refreshing the fixed-shape slots of a compiled denoiser).
+
+    `combiner`, while set, makes every adapted layer with active adapters compute each one's scaled output
+    apart and return `combiner(layer, y0, outputs)` (see `Combiner`); None (the default) keeps the layers'
+    own paths, at no cost.
     """
 
     def __init__(self, active: Mapping[str, Scale] | None = None, fused: Mapping[str, float] | None = None):
+        self.combiner: Combiner | None = None
         self.version = 0
         self.listeners: list[Callable[[], None]] = []
         self._active: dict[str, Scale] = dict(active or {})

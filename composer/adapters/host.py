@@ -114,10 +114,14 @@ class AdapterHost:
 
     def adapter_modules(self, name: str) -> dict[str, nn.Module]:
         """The resident adapter `name` by "component.path" key of the module it adapts."""
+        return {key: layer.adapters[name] for key, layer in self.layers(name).items()}
+
+    def layers(self, name: str) -> dict[str, AdaptedModule]:
+        """The wrapped layers the resident adapter `name` lives on, by "component.path" key."""
         if name not in self._resident:
             raise AdapterError(f"not resident: {name}")
         keys = {id(w): k for k, w in self._wrapped.items()}
-        return {keys[id(w)]: w.adapters[name] for w in self._resident[name]}
+        return {keys[id(w)]: w for w in self._resident[name]}
 
     def remove(self, name: str) -> None:
         """Drop a resident adapter and free its weights."""

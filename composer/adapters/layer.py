@@ -168,6 +168,8 @@ class AdaptedModule(nn.Module):
         work = self.active_work()
         if not work:
             return y
+        if self.context.combiner is not None:  # gated fusion: each adapter's output apart
+            return self.context.combiner(self, y, self.outputs(x, base_out, work))
         stackable = all(_stacks(self.adapters[n]) for n, _ in work)  # one LoRA too (its own factors)
         if stackable and not (
             torch.is_grad_enabled() and any(is_trainable(self.adapters[n]) for n, _ in work)
@@ -178,24 +180,38 @@ class AdaptedModule(nn.Module):
                 raise AdapterRuntimeError(tuple(n for n, _ in work), self.key, exc) from exc
         for name, scale in work:
             adapter = self.adapters[name]
-            dtype = _param_dtype(adapter)  # fp32 trainable adapters on an fp16 model compute in fp32
-            inputs = x if dtype in (None, x.dtype) else x.to(dtype)
             rows = active_rows(scale)  # a batch whose images have their own LoRAs: this one's rows only
             try:
                 if rows is not None:
                     if len(rows):
-                        delta = self._delta(adapter, inputs, base_out, rows).to(y.dtype)
+                        delta = self._delta(adapter, x, base_out, rows).to(y.dtype)
                         y = y.index_add(0, rows, broadcast_scale(scale[rows], delta) * delta)
                     continue
-                delta = self._delta(adapter, inputs, base_out).to(y.dtype)
+                delta = self._delta(adapter, x, base_out).to(y.dtype)
                 y = y + broadcast_scale(scale, delta) * delta
             except Exception as exc:
                 raise AdapterRuntimeError((name,), self.key, exc) from exc
         return y
 
+    def outputs(
+        self, x: torch.Tensor, base_out: torch.Tensor, work: list[tuple[str, object]]
+    ) -> list[tuple[str, torch.Tensor]]:
+        """Each active adapter's scaled output change apart, (name, s_i * delta_i(x)), as a combiner takes
+        them: any adapter type, every row (a per-sample scale of 0 gives zeros there)."""
+        out = []
+        for name, scale in work:
+            try:
+                delta = self._delta(self.adapters[name], x, base_out).to(base_out.dtype)
+                out.append((name, broadcast_scale(scale, delta) * delta))
+            except Exception as exc:
+                raise AdapterRuntimeError((name,), self.key, exc) from exc
+        return out
+
     @staticmethod
-    def _delta(adapter, inputs: torch.Tensor, base_out: torch.Tensor, rows: torch.Tensor | None = None):
+    def _delta(adapter, x: torch.Tensor, base_out: torch.Tensor, rows: torch.Tensor | None = None):
         """The adapter's delta on the batch, or on its `rows` only."""
+        dtype = _param_dtype(adapter)  # fp32 trainable adapters on an fp16 model compute in fp32
+        inputs = x if dtype in (None, x.dtype) else x.to(dtype)
         if getattr(adapter, "reads_base_output", False):  # DoRA: reuses W x instead of recomputing it
             if rows is not None:
                 return adapter.forward_delta(inputs[rows], base_out=base_out[rows])

@@ -153,6 +153,12 @@ class Backbone:
         `timestep` (a value of `pipe.scheduler.timesteps`), scaled as the pipeline would pass them."""
         raise self._unsupported("replaying a denoiser call")
 
+    # --- a denoiser call's timestep --------------------------------------------------------------------
+    def call_time(self, args: tuple, kwargs: dict) -> torch.Tensor:
+        """A denoiser call's timestep as a share of the noise schedule, float: 0 clean, 1 pure noise; a
+        scalar, or one value per row of the call's batch (B,)."""
+        raise self._unsupported("reading a denoiser call's timestep")
+
     # --- a denoiser call's text conditioning ----------------------------------------------------------
     def call_text(self, kwargs: dict) -> torch.Tensor:
         """The (B, seq, dim) prompt embeddings a denoiser call was given (both families pass them by name)."""

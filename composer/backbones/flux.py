@@ -208,6 +208,14 @@ class FluxBackbone(Backbone):
         timestep = (timestep / 1000).expand(latents.shape[0]).to(latents.dtype)
         return args, {**kwargs, "hidden_states": latents, "timestep": timestep}
 
+    def call_time(self, args: tuple, kwargs: dict) -> torch.Tensor:
+        """The transformer's `timestep`: already the flow's share of noise, 0 to 1 (the pipeline divides by
+        1000)."""
+        timestep = kwargs.get("timestep")
+        if timestep is None:
+            raise StudioError("this FLUX denoiser call carries no timestep")
+        return torch.as_tensor(timestep).float()
+
     def with_text(self, kwargs: dict, rows: torch.Tensor, cond: Conditioning) -> dict:
         """The T5 prompt embeddings and CLIP's pooled projection (`txt_ids` depend on the length only)."""
         if not isinstance(kwargs.get("pooled_projections"), torch.Tensor):

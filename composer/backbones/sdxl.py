@@ -54,6 +54,7 @@ TINY_VAE = dict(
 
 # SDXL attention linears (560 on the real architecture): q/k/v/out of attn1 and attn2 of every transformer block.
 TARGET_PATTERN = r"attn[12]\.(to_q|to_k|to_v|to_out\.0)$"
+TRAIN_TIMESTEPS = 1000  # the DDPM schedule SDXL (and the toy model) trained on
 
 
 def text_encoders(hidden: int = 32, seed: int = 0, num_merges: int = TINY_MERGES, **overrides):
@@ -196,6 +197,13 @@ class SDXLBackbone(Backbone):
         if args:
             return (sample, timestep, *args[2:]), kwargs
         return args, {**kwargs, "sample": sample, "timestep": timestep}
+
+    def call_time(self, args: tuple, kwargs: dict) -> torch.Tensor:
+        """The UNet's timestep (second argument, or `timestep`) over SDXL's 1000 training timesteps."""
+        timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
+        if timestep is None:
+            raise StudioError("this SDXL denoiser call carries no timestep")
+        return torch.as_tensor(timestep).float() / TRAIN_TIMESTEPS
 
     def with_text(self, kwargs: dict, rows: torch.Tensor, cond: Conditioning) -> dict:
         """The prompt embeddings and the pooled embedding SDXL adds to the time embedding (`text_embeds`)."""

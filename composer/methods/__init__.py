@@ -17,6 +17,7 @@ from composer.methods.base import CompositionParams, MethodRun, StackEntry, miss
 from composer.methods.clora import CLoRAParams
 from composer.methods.cmlora import CMLoRAParams
 from composer.methods.composite import CompositeParams
+from composer.methods.gated import GatedParams
 from composer.methods.merge import MergeParams
 from composer.methods.regional import RegionalParams
 from composer.methods.switch import SwitchParams
@@ -28,6 +29,7 @@ METHODS: dict[str, type] = {
     "cmlora": CMLoRAParams,
     "regional": RegionalParams,
     "clora": CLoRAParams,
+    "gated": GatedParams,
 }
 
 
@@ -102,6 +104,7 @@ __all__ = [
     "CMLoRAParams",
     "CompositeParams",
     "CompositionParams",
+    "GatedParams",
     "MergeParams",
     "MethodRun",
     "RegionalParams",

@@ -6,11 +6,14 @@ import re
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from composer.adapters.host import AdapterHost
 from composer.backbones.base import Backbone
 from composer.errors import StudioError
+
+if TYPE_CHECKING:
+    from composer.gates import StoredGates
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,9 @@ class MethodRun:
             model and file); a method that measures a missing one adds it here for the caller to store.
         step_end: hooks run after every denoising step as diffusers' `callback_on_step_end` runs them
             (pipe, step, timestep, tensors) -> tensors; the latents they return replace the pipeline's.
+        gates: the stack's trained gates (gated fusion) stored for this set and base model, or None.
+        report: what the method says about the call (JSON values), e.g. whether its gates were trained; the
+            studio keeps it in the render's provenance (`method_report`).
     """
 
     pipe: Any
@@ -52,6 +58,8 @@ class MethodRun:
     step_end: list[Callable[[Any, int, Any, dict], dict]] = field(default_factory=list)
     steps: int = 0
     profiles: dict[str, dict] = field(default_factory=dict)
+    gates: StoredGates | None = None
+    report: dict[str, Any] = field(default_factory=dict)
 
     @property
     def scales(self) -> dict[str, float]:
@@ -77,6 +85,10 @@ class CompositionParams(Protocol):
     needs_profiles: ClassVar[bool] = False
     """The method orders LoRAs by their frequency profiles (`composer.frequency`): the caller passes the stored
     ones and stores those the method measured (`MethodRun.profiles`)."""
+
+    needs_gates: ClassVar[bool] = False
+    """The method fuses the stack through trained gates (`composer.gates`): the caller passes those stored for
+    the set and base model (`MethodRun.gates`), if any."""
 
     needs_triggers: ClassVar[bool] = False
     """The method finds each LoRA's concept by its trigger words in the prompt: a request whose prompt lacks a
