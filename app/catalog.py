@@ -12,6 +12,10 @@ from db.models import Adapter, Render, RenderJob
 EDITABLE_FIELDS = ("name", "trigger_words", "tags", "description")  # what users may change after import
 
 
+AUTO_METHOD = "gated"  # how auto mode composes the LoRAs it picks unless a method is given
+MAX_AUTO_LORAS = 8  # LoRAs auto mode picks at most
+
+
 @dataclass(frozen=True)
 class AdapterInfo:
     """A catalog entry as the CLI, API and UI see it (a plain copy, safe outside a session)."""

@@ -21,7 +21,9 @@ from app.cli_common import (
     compile_mode,
     configure_logging,
     full_traces,
+    loss_progress,
 )
+from app.cli_gates import train_gates
 from app.handoff import render_via_server
 from composer.prompt_tags import parse_lora_weight
 
@@ -82,22 +84,74 @@ def list_(
 @_guard
 def search(
     query: Annotated[
-        str, typer.Argument(help="words to find (word prefixes) in names, trigger words, tags, descriptions")
+        str,
+        typer.Argument(help="words to find, or a prompt to find LoRAs for (a weight search reads it as one)"),
     ],
-    family: Annotated[str | None, typer.Option(help="sdxl or flux")] = None,
+    mode: Annotated[
+        str,
+        typer.Option(
+            help="hybrid (full text and weight search, fused), text (names, trigger words, tags, descriptions; "
+            "word prefixes) or weights (what the LoRAs' weights do, from the served model's LoRA encoder)"
+        ),
+    ] = "hybrid",
+    family: Annotated[
+        str | None, typer.Option(help="sdxl or flux (text mode; weight search is the served model's)")
+    ] = None,
     tag: Annotated[str | None, typer.Option(help="exact tag")] = None,
     limit: int = 20,
     data_dir: DataDir = None,
 ):
-    """Find LoRAs for some words, best match first (a name match weighs most), with their scores."""
-    rows = _studio(data_dir).library.search(query, family=family, tag=tag, limit=limit)
-    if not rows:
+    """Find LoRAs for some words or a prompt, best match first, with their scores (hybrid: the fused score, then
+    the full-text and the weight cosine, '-' where that side did not find it)."""
+    from composer.errors import StudioError
+
+    studio = _studio(data_dir)
+    if mode == "text":
+        hits = [
+            (info, score, score, None)
+            for info, score in studio.library.search(query, family=family, tag=tag, limit=limit)
+        ]
+    else:
+        if family is not None and family != studio.served_family():
+            raise StudioError(
+                f"weight search serves {studio.served_family()} LoRAs; use --mode text for {family}"
+            )
+        hits = [
+            (h.info, h.score, h.text_score, h.weight_score)
+            for h in studio.search_loras(query, mode, limit, tag=tag)
+        ]
+    if not hits:
         typer.echo("no LoRAs found")
+        return
+    width = max(len(info.name) for info, *_ in hits)
+
+    def side(value):
+        return "      -" if value is None else f"{value:7.3f}"
+
+    for info, score, text, weight in hits:
+        triggers = ", ".join(info.trigger_words[:3])
+        typer.echo(
+            f"{score:7.4f} {side(text)} {side(weight)}  {info.name:{width}}  {info.family:5} {info.adapter_type:6} {triggers}"
+        )
+
+
+@app.command()
+@_guard
+def similar(
+    name: Annotated[str, typer.Argument(help="name or hash of a catalog LoRA")],
+    limit: int = 10,
+    data_dir: DataDir = None,
+):
+    """The LoRAs whose weights do the most alike to NAME's (cosine of their weight embeddings)."""
+    rows = _studio(data_dir).similar_loras(name, limit)
+    if not rows:
+        typer.echo("no other LoRAs to compare with")
         return
     width = max(len(info.name) for info, _ in rows)
     for info, score in rows:
-        triggers = ", ".join(info.trigger_words[:3])
-        typer.echo(f"{score:7.3f}  {info.name:{width}}  {info.family:5} {info.adapter_type:6} {triggers}")
+        typer.echo(
+            f"{score:7.3f}  {info.name:{width}}  {info.adapter_type:6} {', '.join(info.trigger_words[:3])}"
+        )
 
 
 @app.command()
@@ -165,8 +219,12 @@ def render_(
     seed: int = 0,
     num_images: int = 1,
     method: Annotated[
-        str, typer.Option(help="composition method (an unknown name is refused, naming the registered ones)")
-    ] = "merge",
+        str | None,
+        typer.Option(
+            help="composition method (an unknown name is refused, naming the registered ones); default merge, "
+            "gated with --auto-loras"
+        ),
+    ] = None,
     param: Annotated[
         list[str] | None,
         typer.Option("--param", help="method parameter KEY=VALUE, e.g. feather=4 (repeatable)"),
@@ -175,6 +233,16 @@ def render_(
         list[str] | None,
         typer.Option("--mask", help="regional: NAME=PICTURE, the LoRA's region (white = inside; repeatable)"),
     ] = None,
+    auto_loras: Annotated[
+        int,
+        typer.Option(
+            "--auto-loras",
+            help="auto mode: add the K LoRAs that search finds for the prompt (weights and text, fused), with "
+            "their trigger words; the picks are printed with their scores",
+            min=0,
+            max=8,
+        ),
+    ] = 0,
     out: Annotated[Path, typer.Option(help="PNG file to write")] = Path("render.png"),
     compile: Annotated[
         bool, typer.Option("--compile", help=COMPILE_HELP + " (renders in this process)")
@@ -192,6 +260,9 @@ def render_(
 ):
     """Render a prompt with a stack of catalogued LoRAs, composed by a method (default: merge). When a `lora-studio
     serve` runs on the same data dir, the render is handed to it (warm: seconds faster); else it runs here."""
+    from app.catalog import AUTO_METHOD
+
+    method = method or (AUTO_METHOD if auto_loras else "merge")
     params = _method_params(param or [], mask or [])
     stack = [parse_lora_weight(x) for x in lora or []]
     if not (in_process or compile):
@@ -207,8 +278,10 @@ def render_(
             "loras": [{"name": n, "weight": w} for n, w in stack],
             "method": method,
             "method_params": params,
+            "auto_loras": auto_loras or None,
         }
         request = {k: v for k, v in request.items() if v is not None}
+        report: dict = {}
         with _progress_bar() as (bar, task):
             handed = render_via_server(
                 _settings(data_dir).root,
@@ -217,8 +290,10 @@ def render_(
                 backbone=backbone,
                 model=model,
                 progress=lambda fraction: bar.update(task, completed=fraction * 100, total=100),
+                report=report,
             )
         if handed is not None:
+            _print_picks(report.get("auto_loras") or [])
             paths, url = handed
             for p in paths:
                 typer.echo(str(p))
@@ -244,13 +319,26 @@ def render_(
             model=model,
             out=out,
             progress=lambda done, total: bar.update(task, completed=done, total=total),
+            auto_loras=auto_loras,
         )
+    _print_picks(result.provenance.get("auto_loras") or [])
     for p in result.paths:
         typer.echo(str(p))
     for i, (caption, picture) in enumerate(result.pictures):  # what the method used, e.g. its masks
         path = out.with_name(f"{out.stem}.{method}{i}.png")
         picture.save(path)
         typer.echo(f"{path}  ({caption})")
+
+
+def _print_picks(picks: list[dict]) -> None:
+    """Auto mode's picks, one line each, on stderr (stdout holds the PNG paths)."""
+    for pick in picks:
+        sides = ", ".join(
+            f"{side} {pick[f'{side}_score']:.3f}"
+            for side in ("text", "weight")
+            if pick.get(f"{side}_score") is not None
+        )
+        typer.secho(f"auto: {pick['name']} (score {pick['score']:.4f}; {sides})", err=True)
 
 
 @contextmanager
@@ -348,8 +436,6 @@ def train(
     data_dir: DataDir = None,
 ):
     """Train an adapter on a folder of images and add it to the catalog."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from composer.train import TrainConfig
 
     try:
@@ -379,15 +465,7 @@ def train(
         text_encoder=train_text_encoder,
     ).validate()
     studio = _studio(data_dir)
-    with Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.4f}"),
-        TimeElapsedColumn(),
-        transient=not sys.stderr.isatty(),
-    ) as bar:
-        task = bar.add_task(f"training {name}", total=config.steps, loss=float("nan"))
+    with loss_progress(f"training {name}", config.steps) as progress:
         outcome = studio.train(
             config,
             images,
@@ -398,7 +476,7 @@ def train(
             tags=tag or [],
             description=description,
             resume=resume,
-            progress=lambda done, total, loss: bar.update(task, completed=done, total=total, loss=loss),
+            progress=progress,
         )
     typer.echo(
         f"{outcome.adapter.name}: {outcome.adapter.adapter_type}, {outcome.parameters:,} parameters, "
@@ -409,6 +487,7 @@ def train(
 
 app.add_typer(apikey_app, name="apikey")
 app.add_typer(admin_app, name="admin")
+app.command("train-gates")(train_gates)
 
 
 @app.command()

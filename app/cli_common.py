@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import wraps
 from pathlib import Path
 from typing import Annotated
@@ -72,6 +75,24 @@ def compile_mode(flag: bool) -> str | None:
 
     configured = Settings().compile
     return configured if configured != "off" else "default"
+
+
+@contextmanager
+def loss_progress(description: str, total: int) -> Iterator[Callable[[int, int, float], None]]:
+    """A training progress bar (steps done, the latest loss, time) on stderr; yields the `progress(done, total,
+    loss)` callback the Studio's training calls take."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}"),
+        TimeElapsedColumn(),
+        transient=not sys.stderr.isatty(),
+    ) as bar:
+        task = bar.add_task(description, total=total, loss=float("nan"))
+        yield lambda done, total, loss: bar.update(task, completed=done, total=total, loss=loss)
 
 
 def _fail(message: str, code: int = 1):

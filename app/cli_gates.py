@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from app.cli_common import DataDir, _fail, _guard, _studio
+from app.cli_common import DataDir, _fail, _guard, _studio, loss_progress
 
 
 @_guard
@@ -38,8 +37,6 @@ def train_gates(
 ):
     """Train the gates that fuse a set of LoRAs (`--method gated`) on images of their concepts together, with
     the base model and the LoRAs frozen, and store them in the catalog with the set for this base model."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     if steps < 1:
         _fail(f"--steps {steps}: at least 1")
     if not lr > 0:
@@ -48,15 +45,7 @@ def train_gates(
     if any(not n for n in names):
         _fail(f"--loras {loras!r}: write catalog names separated by commas, e.g. --loras star,heart")
     studio = _studio(data_dir)
-    with Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.4f}"),
-        TimeElapsedColumn(),
-        transient=not sys.stderr.isatty(),
-    ) as bar:
-        task = bar.add_task("training gates", total=steps, loss=float("nan"))
+    with loss_progress("training gates", steps) as progress:
         info = studio.train_gates(
             names,
             images,
@@ -66,7 +55,7 @@ def train_gates(
             prompt=prompt,
             backbone=backbone,
             model=model,
-            progress=lambda done, total, loss: bar.update(task, completed=done, total=total, loss=loss),
+            progress=progress,
         )
     r = info.record
     typer.echo(

@@ -186,6 +186,23 @@ class StudioFacade(Protocol):
         """Check a batch in full and queue it as one job; (job, created)."""
         ...
 
+    def expand_auto(
+        self, requests: list[dict[str, Any]], backbone: str | None = None, model: str | None = None
+    ) -> list[list[dict]]:
+        """Auto mode: each request's `auto_loras` (K) replaced by the K LoRAs search picks for its prompt."""
+        ...
+
+    def search_loras(
+        self, query: str, mode: str = "hybrid", limit: int = 20, *, tag=None, adapter_type=None
+    ) -> list[Any]:
+        """Hits (`app.finder.Hit`: info, score, text_score, weight_score) for a query, best first."""
+        ...
+
+    def near_duplicates(self) -> dict | None:
+        """{"threshold", "groups": [{"names", "cosine"}]}: entries whose weights do nearly the same; None
+        without a LoRA encoder for the served model."""
+        ...
+
     def get_job(self, job_id: int, api_key_id: int | None = None) -> JobInfo: ...
 
     def list_jobs(

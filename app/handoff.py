@@ -193,10 +193,14 @@ def render_via_server(
     model: str | None = None,
     progress: Callable[[float], None] | None = None,
     connect_timeout: float = 2.0,
+    report: dict | None = None,
 ) -> tuple[list[Path], str] | None:
     """Render `request` (the REST API's render request, as JSON) on the server running on data dir `root`:
     the PNG paths written (at `out`, numbered when several) and the server's URL, or None when no server is
     up there (nothing was sent, or it could not be reached: render in-process instead).
+
+    `report`, when given, receives what the server's answer adds beside the images (`auto_loras`: the LoRAs
+    auto mode picked).
 
     Raises:
         HandoffError: the server refused the request (bad input: its own message) or the render failed.
@@ -216,6 +220,8 @@ def render_via_server(
         log.info("the server at %s cannot take the render (HTTP %s)", record["url"], status)
         return None
     job = _answer(status, raw, "the render")
+    if report is not None and job.get("auto_loras"):
+        report["auto_loras"] = job["auto_loras"][0]
     client.timeout = 60.0
     try:
         job = _follow(client, job, progress)

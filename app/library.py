@@ -71,6 +71,9 @@ class Library:
     def __init__(self, sessions: sessionmaker[Session], lora_dir: Path):
         self.sessions = sessions
         self.lora_dir = lora_dir
+        # (event, entry) -> None, called after an entry is "imported", "updated" or "deleted" (the weight
+        # search index follows the catalog so)
+        self.listeners: list = []
         models.use_adapter_types(registry.kinds)  # the catalog accepts every registered adapter type
 
     def import_file(
@@ -149,6 +152,7 @@ class Library:
                     preview_target.unlink(missing_ok=True)
                 raise
         log.info("imported %s as %r", path, info.name)
+        self._notify("imported", info)
         return info
 
     def import_paths(self, paths: list[Path], tags: list[str] | None = None) -> list[ImportOutcome]:
@@ -200,6 +204,39 @@ class Library:
             profiles = {**(adapter.frequency_profiles or {}), model: {**profile, "sha256": sha256}}
             return AdapterInfo.of(repo.update(adapter.name, frequency_profiles=profiles))
 
+    def _notify(self, event: str, info: AdapterInfo) -> None:
+        for listener in self.listeners:
+            try:
+                listener(event, info)
+            except Exception:  # a listener's failure never undoes a catalog change
+                log.exception("a catalog listener failed on %s %r", event, info.name)
+
+    # --- weight embeddings (app.finder) -------------------------------------------------------------
+    def embeddings(self, family: str) -> list[tuple[AdapterInfo, bytes | None]]:
+        """Every entry of a family with its stored embedding (None: none yet)."""
+        with self.sessions() as session:
+            rows = AdapterRepository(session).list(family=family, limit=10**9)
+            return [(AdapterInfo.of(a), a.embedding) for a in rows]
+
+    def embedding_of(self, ref: str) -> bytes | None:
+        with self.sessions() as session:
+            return AdapterRepository(session).resolve(ref).embedding
+
+    def set_embedding(self, ref: str, blob: bytes) -> None:
+        """Store an entry's weight embedding (an internal field: no edit event, no metadata change)."""
+        with unit_of_work(self.sessions) as session:
+            repo = AdapterRepository(session)
+            repo.set_embedding(repo.resolve(ref).name, blob)
+
+    def catalog_state(self, family: str | None = None) -> tuple:
+        """Changes whenever an entry (of the family) is added, edited or deleted."""
+        with self.sessions() as session:
+            return AdapterRepository(session).state(family)
+
+    def by_sha256(self, digests: list[str]) -> dict[str, AdapterInfo]:
+        with self.sessions() as session:
+            return {a.sha256: AdapterInfo.of(a) for a in AdapterRepository(session).by_sha256(digests)}
+
     def free_name(self, name: str) -> str:
         """`name` if no entry has it, else the first free `name-2`, `name-3`, ... (as imports name them)."""
         with self.sessions() as session:
@@ -246,12 +283,14 @@ class Library:
         limit: int = 20,
         *,
         adapter_type: str | None = None,
+        any_word: bool = False,
     ) -> list[tuple[AdapterInfo, float]]:
-        """Entries matching every word of `query` (word prefixes) in a name, trigger word, tag or description,
-        best first, with their full-text scores (a name match weighs most; `db.search`)."""
+        """Entries matching every word of `query` (`any_word`: any of them; word prefixes) in a name, trigger
+        word, tag or description, best first, with their full-text scores (a name match weighs most;
+        `db.search`)."""
         with self.sessions() as session:
             rows = AdapterRepository(session).search(
-                query, family=family, adapter_type=adapter_type, tag=tag, limit=limit
+                query, family=family, adapter_type=adapter_type, tag=tag, limit=limit, any_word=any_word
             )
             return [(AdapterInfo.of(a), score) for a, score in rows]
 
@@ -286,7 +325,10 @@ class Library:
             adapter = repo.resolve(ref)
             if changes:
                 adapter = repo.update(adapter.name, **changes)
-            return AdapterInfo.of(adapter)
+            info = AdapterInfo.of(adapter)
+        if changes:
+            self._notify("updated", info)
+        return info
 
     def delete(self, ref: str) -> AdapterInfo:
         """Remove an entry, then its stored file and preview (only files inside the LoRA folder are removed).
@@ -305,6 +347,7 @@ class Library:
             else:
                 log.warning("deleted %r; kept %s, which is outside %s", info.name, path, self.lora_dir)
         log.info("deleted %r", info.name)
+        self._notify("deleted", info)
         return info
 
     def export(self, ref: str, fmt: str, out: Path) -> Path:

@@ -18,6 +18,8 @@ from app.accounts import Accounts
 from app.bundled import import_bundled
 from app.catalog import JobInfo, JobPage, RenderInfo, RenderPage
 from app.facade import SamplingDefaults
+from app.finder import NEAR_DUPLICATE, Finder, Hit, with_triggers
+from app.gates import GateSetInfo, GateStore, default_caption, resolve_gate_set
 from app.jobs.board import JobBoard
 from app.library import AdapterInfo, Library
 from app.rendering import (
@@ -39,9 +41,12 @@ from composer.backbones import TINY, load_pipeline
 from composer.errors import FamilyMismatchError, OverBudgetError, StudioError
 from composer.formats.readers import read_lora
 from composer.formats.safetensors_io import FileHashes, file_hashes
+from composer.gates import StoredGates
 from composer.methods import METHODS, missing_trigger, params_to_json
 from composer.render import LoraWeight, Progress, RenderRequest, render_batch, sampling_defaults
-from composer.train import TrainConfig
+from composer.train import TrainConfig, load_images
+from composer.train.data import count_images
+from composer.train.gates import train_gates
 from composer.train.loop import Progress as TrainProgress
 from db.errors import AdapterNotFoundError, CatalogError
 from db.repository import RenderRepository
@@ -89,8 +94,10 @@ class Studio:
         self.accounts = Accounts(sessions)
         self.jobs = JobBoard(settings, sessions, self.check_requests)
         self.training = TrainingRuns(settings, library, self.pipeline)
+        self.gates = GateStore(sessions)  # gated fusion's trained gates per LoRA set and base model
         self._pipelines: dict[tuple[str, str], _Loaded] = {}
         self._lock = threading.RLock()  # one pipeline user at a time (re-entered: render -> pipeline)
+        self._finders: dict[tuple[str, str | None], Finder] = {}
         self.imported_on_open: list[str] = []  # bundled adapters `open` imported (serve's start-up summary)
 
     @classmethod
@@ -201,6 +208,61 @@ class Studio:
             del loaded.resident[victim]
         return keys
 
+    # --- finding LoRAs (app.finder) -------------------------------------------------------------------
+    def finder(self, backbone: str | None = None, model: str | None = None) -> Finder:
+        """Search for a base model's LoRAs (default: the served one's)."""
+        backbone = backbone or self.settings.backbone
+        model = model or self.settings.model
+        key = (backbone, model)
+        if key not in self._finders:
+            bb, path = resolve_backbone(backbone, model)
+            self._finders[key] = Finder(
+                self.library,
+                bb.family,
+                path,
+                lambda: self.pipeline(backbone, model),
+                self._lock,
+                ready=lambda: (backbone, path) in self._pipelines,
+            )
+        return self._finders[key]
+
+    def search_loras(
+        self, query: str, mode: str = "hybrid", limit: int = 20, *, tag=None, adapter_type=None
+    ) -> list[Hit]:
+        """The served model's LoRAs for a query: "hybrid" (full text and weights fused), "text" or
+        "weights" (`app.finder`)."""
+        return self.finder().search(query, mode, limit, tag=tag, adapter_type=adapter_type)
+
+    def similar_loras(self, ref: str, limit: int = 10) -> list[tuple[AdapterInfo, float]]:
+        return self.finder().similar(ref, limit)
+
+    def near_duplicates(self) -> dict | None:
+        """{"threshold", "groups": [{"names", "cosine"}]}: entries whose weights do nearly the same (one concept
+        in two files); None when the served model has no LoRA encoder."""
+        finder = self.finder()
+        if not finder.available():
+            return None
+        return {"threshold": NEAR_DUPLICATE, "groups": finder.near_duplicates()}
+
+    def auto_stack(
+        self, prompt: str, k: int, backbone: str | None = None, model: str | None = None
+    ) -> tuple[str, list[tuple[str, float]], list[dict]]:
+        """Auto mode: (the prompt with the picks' trigger words, the LoRA stack at weight 1, the picks as
+        reported: name, score and each side's score)."""
+        hits = self.finder(backbone, model).pick(prompt, k)
+        if not hits:
+            raise StudioError(f"auto mode found no LoRA for {prompt!r} in the catalog")
+        report = [
+            {
+                "name": h.info.name,
+                "score": h.score,
+                "text_score": h.text_score,
+                "weight_score": h.weight_score,
+            }
+            for h in hits
+        ]
+        return with_triggers(prompt, [h.info for h in hits]), [(h.info.name, 1.0) for h in hits], report
+
     # --- rendering ------------------------------------------------------------------------------------
     def render(
         self,
@@ -243,6 +305,15 @@ class Studio:
             key = _profile_key(model, role)
             if self.library.frequency_profile(info, key) is None:
                 self.library.set_frequency_profile(info.name, key, profile, info.sha256)  # the file measured
+
+    def _stored_gates(
+        self, request: RenderRequest, union: dict, backbone: str, model: str
+    ) -> StoredGates | None:
+        """The stack's trained gates for this base model (gated), or None when the set has none."""
+        if not type(request.params()).needs_gates:
+            return None
+        entries = [(name, _resident_key(info, role)) for name, (info, role) in union.items()]
+        return self.gates.find(backbone, model, entries)
 
     def render_batch(
         self,
@@ -290,6 +361,7 @@ class Studio:
             keys = self._make_resident(loaded, list(union.values()))
             names = dict(zip(union, keys, strict=True))
             profiles = self._stored_profiles(first, union, str(model))
+            report: dict = {}  # what the method says about the call (gated: trained gates or not)
             images = render_batch(
                 loaded.pipe,
                 bb,
@@ -300,6 +372,8 @@ class Studio:
                 pictures=pictures,
                 triggers={name: info.trigger_words for name, (info, _) in union.items()},
                 profiles=profiles,
+                gates=self._stored_gates(first, union, backbone, str(model)),
+                report=report,
             )
         self._store_new_profiles(union, profiles, str(model))
         results = []
@@ -326,6 +400,8 @@ class Studio:
                     for info, lw in zip(infos, request.loras, strict=True)
                 ],
             }
+            if report:
+                provenance["method_report"] = report
             paths = save_images(mine, outs[i], provenance) if outs is not None else []
             with unit_of_work(self.sessions) as session:
                 record = RenderRepository(session).add(
@@ -437,9 +513,16 @@ class Studio:
         model: str | None = None,
         out: Path | None = None,
         progress: Progress | None = None,
+        auto_loras: int = 0,
     ) -> RenderResult:
         """One render of plain values (backbone and model default to the settings'), saved as PNG at `out`
-        (several images: `out` numbered) or under `renders_dir`."""
+        (several images: `out` numbered) or under `renders_dir`. `auto_loras` = K > 0: the K LoRAs that
+        search finds for the prompt join the stack (`auto_stack`), reported in the provenance."""
+        picks: list[dict] = []
+        if auto_loras:
+            prompt, found, picks = self.auto_stack(prompt, auto_loras, backbone, model)
+            named = {n for n, _ in loras}
+            loras = [*loras, *((n, w) for n, w in found if n not in named)]
         request = RenderRequest(
             prompt=prompt,
             negative_prompt=negative_prompt,
@@ -454,7 +537,10 @@ class Studio:
             method_params=params,
         )
         out = out if out is not None else self.renders_dir / f"{uuid.uuid4().hex[:16]}.png"
-        return self.render(request, backbone=backbone, model=model, out=out, progress=progress)
+        result = self.render(request, backbone=backbone, model=model, out=out, progress=progress)
+        if picks:
+            result.provenance["auto_loras"] = picks
+        return result
 
     def regenerate_preview(self, ref: str) -> AdapterInfo:
         """Render the adapter's trigger words (or its name) with it at weight 1 and keep that as its preview."""
@@ -484,6 +570,46 @@ class Studio:
         config = TrainConfig(kind=kind, prompt=prompt, steps=steps).validate()
         return self.train(config, images, name, trigger_words=trigger_words or [], progress=progress)
 
+    def train_gates(
+        self,
+        loras: Sequence[str],
+        images: Path,
+        *,
+        steps: int = 300,
+        lr: float = 5e-3,
+        seed: int = 0,
+        prompt: str | None = None,
+        backbone: str | None = None,
+        model: str | None = None,
+        progress: TrainProgress | None = None,
+    ) -> GateSetInfo:
+        """Train gated fusion's gates for a set of two or more catalog LoRAs on a folder of images showing
+        their concepts together (IMG.txt captions; else `prompt`, else the LoRAs' trigger words), each LoRA at
+        weight 1, and store them with the set for this base model (replacing what the set had).
+
+        Raises:
+            AdapterNotFoundError: a LoRA the catalog does not have (close names suggested).
+            StudioError, TrainingDataError: fewer than two LoRAs, one named twice, another family than the
+                backbone's, no readable images, or bad training settings (named).
+        """
+        entries = resolve_gate_set(loras, self.resolve_lora)
+        backbone = backbone or self.settings.backbone
+        bb, model = resolve_backbone(backbone, model or self.settings.model)
+        for info, _ in entries.values():
+            check_family(info, backbone, bb.family)
+        count_images(images, 1)  # before loading a model: a bad folder fails in a second
+        with self._lock:
+            loaded = self.pipeline(backbone, model)
+            keys = self._make_resident(loaded, list(entries.values()))
+            data = load_images(images, prompt or default_caption(entries), bb.native_size(loaded.pipe))
+            residents = dict.fromkeys(keys, 1.0)
+            trained = train_gates(
+                loaded.pipe, bb, loaded.host, residents, data, steps, lr, seed, progress=progress
+            )
+        record = {**trained.record, "weights": dict.fromkeys(entries, 1.0)}  # by catalog name
+        pairs = list(zip(entries, keys, strict=True))
+        return self.gates.store(backbone, str(model), pairs, StoredGates(trained.gates.tensors, record))
+
     def served_family(self) -> str:
         """The LoRA family the server's own backbone takes ("sdxl" for the toy model)."""
         return resolve_backbone(self.settings.backbone, self.settings.model)[0].family
@@ -506,6 +632,27 @@ class Studio:
         return file_hashes(path)
 
     # --- render jobs (app.jobs.board) -----------------------------------------------------------------
+    def expand_auto(
+        self, requests: list[dict[str, Any]], backbone: str | None = None, model: str | None = None
+    ) -> list[list[dict]]:
+        """Replace each request's `auto_loras` (K) by the LoRAs auto mode picks (in place: the job is stored
+        with what was picked); returns the picks per request ([] where none was asked)."""
+        picks = []
+        for request in requests:
+            k = int(request.pop("auto_loras", 0) or 0)
+            if not k:
+                picks.append([])
+                continue
+            prompt, found, report = self.auto_stack(request["prompt"], k, backbone, model)
+            named = {entry["name"] for entry in request.get("loras") or []}
+            request["prompt"] = prompt
+            request["loras"] = [
+                *(request.get("loras") or []),
+                *({"name": n, "weight": w} for n, w in found if n not in named),
+            ]
+            picks.append(report)
+        return picks
+
     def submit_job(
         self,
         requests: list[dict[str, Any]],

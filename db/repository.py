@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, exists, func, literal, literal_column, or_, select
+from sqlalchemy import ColumnElement, Select, exists, func, literal, literal_column, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import InstrumentedAttribute, Session
 from sqlalchemy.sql.expression import Exists
@@ -208,6 +208,31 @@ class AdapterRepository:
         """Every adapter name, sorted."""
         return self.session.scalars(select(Adapter.name).order_by(Adapter.name)).all()
 
+    def state(self, family: str | None = None) -> tuple[int, Any]:
+        """(count, latest update time) of the adapters (of a family): changes whenever one is added, edited
+        or deleted, so a cache built from them knows it is stale."""
+        stmt = select(func.count(Adapter.id), func.max(Adapter.updated_at))
+        if family is not None:
+            stmt = stmt.where(Adapter.family == family)
+        count, latest = self.session.execute(stmt).one()
+        return int(count or 0), latest
+
+    def set_embedding(self, name: str, blob: bytes | None) -> None:
+        """Store an adapter's weight embedding; an internal field, so `updated_at` keeps its value."""
+        adapter = self.get_by_name(name)
+        self.session.execute(
+            update(Adapter)
+            .where(Adapter.id == adapter.id)
+            .values(embedding=blob, updated_at=Adapter.updated_at)
+            .execution_options(synchronize_session="fetch")
+        )
+
+    def by_sha256(self, digests: Sequence[str]) -> Sequence[Adapter]:
+        """The adapters whose file hashes are among `digests` (any order; unknown ones are absent)."""
+        if not digests:
+            return []
+        return self.session.scalars(select(Adapter).where(Adapter.sha256.in_(list(digests)))).all()
+
     def list(
         self,
         query: str | None = None,
@@ -229,11 +254,13 @@ class AdapterRepository:
         adapter_type: str | None = None,
         tag: str | None = None,
         limit: int = 20,
+        any_word: bool = False,
     ) -> list[tuple[Adapter, float]]:
-        """Adapters matching every word of `query` as a word prefix in the name, a trigger word, a tag or the
-        description, best first (bm25 on SQLite, ts_rank on PostgreSQL; a name match weighs most), with
-        their scores; name order breaks ties. A query without words finds nothing."""
-        stmt = search.ranked(self.session, query)
+        """Adapters matching every word of `query` (`any_word`: any of them, `db.search`) as a word prefix in
+        the name, a trigger word, a tag or the description, best first (bm25 on SQLite, ts_rank on PostgreSQL;
+        a name match weighs most), with their scores; name order breaks ties. A query without words finds
+        nothing."""
+        stmt = search.ranked(self.session, query, any_word)
         if stmt is None:
             return []
         stmt = self._filtered(stmt, None, family, adapter_type, tag)

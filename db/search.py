@@ -2,7 +2,9 @@
 ts_rank, over the same four fields, a name match weighing most: name, trigger words, tags and description.
 
 A query's words are matched as word prefixes ("ink" finds "inkwell" and "inkwellstyle"), every word required;
-anything but letters, digits and underscores separates words, so no query can reach the engine's syntax.
+anything but letters, digits and underscores separates words, so no query can reach the engine's syntax. With
+`any_word` (auto mode reads a whole prompt) an entry matching any word counts, ranked by how many and how rare;
+words under 3 letters and common English ones are left out there, as a prefix they would match everything.
 """
 
 from __future__ import annotations
@@ -26,6 +28,10 @@ PG_DOCUMENT = (
 )
 BM25_WEIGHTS = (8.0, 4.0, 2.0, 1.0)  # name, trigger words, tags, description
 MAX_WORDS = 32
+STOP_WORDS = frozenset((
+    "the", "and", "with", "for", "from", "into", "onto", "over", "under", "its", "this", "that", "are", "was",
+    "were", "has", "have", "not", "but", "one", "two",
+))  # fmt: skip
 
 
 def include_name(name: str | None, type_: str, parent_names: dict) -> bool:
@@ -40,18 +46,21 @@ def query_words(query: str) -> list[str]:
     return re.findall(r"\w+", query.lower())[:MAX_WORDS]
 
 
-def ranked(session: Session, query: str) -> Select | None:
-    """SELECT (Adapter, score) of the adapters matching every word of `query` (higher score: better), or None
-    when the query has no words. The caller adds filters, order and limit."""
+def ranked(session: Session, query: str, any_word: bool = False) -> Select | None:
+    """SELECT (Adapter, score) of the adapters matching every word of `query` (`any_word`: at least one;
+    higher score: better), or None when the query has no words. The caller adds filters, order and limit."""
     words = query_words(query)
+    if any_word:
+        words = [w for w in words if len(w) >= 3 and w not in STOP_WORDS]
     if not words:
         return None
     if session.get_bind().dialect.name == "postgresql":
-        tsquery = func.to_tsquery("simple", " & ".join(f"{w}:*" for w in words))
+        joiner = " | " if any_word else " & "
+        tsquery = func.to_tsquery("simple", joiner.join(f"{w}:*" for w in words))
         document = literal_column(PG_DOCUMENT)
         score = func.ts_rank(document, tsquery).label("score")
         return select(Adapter, score).where(document.op("@@")(tsquery))
-    match = " ".join(f'"{w}"*' for w in words)
+    match = (" OR " if any_word else " ").join(f'"{w}"*' for w in words)
     weights = ", ".join(str(w) for w in BM25_WEIGHTS)
     hits = (
         text(

@@ -34,6 +34,7 @@ def fit(
     batch: int = 48,
     lr: float = 1e-3,
     seed: int = 0,
+    weight_decay: float = 1e-4,
     log_every: int = 100,
     log=print,
 ) -> dict:
@@ -48,7 +49,7 @@ def fit(
         raise ValueError(f"no text features for {sorted(missing)[:3]}")
     rng = np.random.default_rng(seed)
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
     model.train()
     losses: list[float] = []
@@ -84,6 +85,7 @@ def fit(
         "steps": steps,
         "batch": batch,
         "learning_rate": lr,
+        "weight_decay": weight_decay,
         "examples": len(examples),
         "seconds": round(time.perf_counter() - began, 1),
         "loss_first": round(float(np.mean(losses[: max(1, steps // 20)])), 4),

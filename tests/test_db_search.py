@@ -49,6 +49,22 @@ def test_search_ranks_name_matches_first_and_needs_every_word(sessions):
     assert scores[0] > scores[1] > 0
 
 
+def test_any_word_reads_a_whole_prompt(sessions):
+    """Auto mode's text side: an entry matching any of a prompt's words, more or rarer matches first; short and
+    common words take no part (as prefixes they would match everything)."""
+    with unit_of_work(sessions) as session:
+        repo = AdapterRepository(session)
+        repo.add(**fields("inkwell", trigger_words=["inkwellstyle"], tags=["style", "ink"]))
+        repo.add(**fields("pastel", description="soft colours", tags=["style"]))
+        repo.add(**fields("dog-portrait", trigger_words=["sks"], tags=["subject"]))
+    prompt = "a pastel portrait of the dog, with soft light"
+    assert names(sessions, prompt) == []  # every word: no entry has them all
+    found = names(sessions, prompt, any_word=True)
+    assert set(found) == {"pastel", "dog-portrait"} and "inkwell" not in found
+    assert names(sessions, "a photo of the thing on it", any_word=True) == []
+    assert names(sessions, "an ink picture", any_word=True) == ["inkwell"]
+
+
 def test_the_index_follows_edits_and_deletes(sessions):
     with unit_of_work(sessions) as session:
         AdapterRepository(session).add(**fields("inkwell", trigger_words=[], description=""))

@@ -50,9 +50,9 @@ def stack(*rows):
 
 
 def render(client, prompt="a red circle on the left", rows=(), seed=0, method="merge", canvas=None, **kw):
-    """The /render endpoint: the fixed inputs, then every method's controls in the registry's order (switch:
-    every; regional: canvas, feather, passes, region prompts, prompt mode; clora: threshold, temperature, step size,
-    update until, refine, prompts, concepts)."""
+    """The /render endpoint: the fixed inputs (auto LoRAs last), then every method's controls in the registry's
+    order (switch: every; regional: canvas, feather, passes, region prompts, prompt mode; clora: threshold,
+    temperature, step size, update until, refine, prompts, concepts; gated: gates)."""
     s = {**SMALL, **kw}
     return client.predict(
         prompt,
@@ -64,6 +64,7 @@ def render(client, prompt="a red circle on the left", rows=(), seed=0, method="m
         s["guidance"],
         s["width"],
         s["height"],
+        s.get("auto", 0),
         s.get("every", 5),
         canvas,
         s.get("feather", 0),
@@ -71,6 +72,7 @@ def render(client, prompt="a red circle on the left", rows=(), seed=0, method="m
         s.get("prompts", ""),
         s.get("prompt_mode", "attention"),
         *s.get("clora", (0.3, 0.5, 0.02, 0.5, 0, "shared", "")),
+        s.get("gates", "stored"),
         api_name="/render",
     )
 
@@ -261,16 +263,29 @@ def test_a_prompt_tag_renders_as_the_stack_row_and_is_in_the_provenance(client):
         ([], {"width": 60}, "multiples of 8"),
         ([], {"prompt": "x <lora:inkwel:0.5>"}, "prompt tag <lora:inkwel:0.5>: no adapter named 'inkwel'"),
         ([], {"prompt": "x <lora:inkwell:big>"}, "weight 'big' is not a number"),
+        ([], {"prompt": "qwzx", "auto": 1}, "auto mode found no LoRA for 'qwzx'"),
+        ([], {"prompt": "pastel", "auto": 9}, "Value 9 is greater than maximum value 8"),
         (
             [],
             {"method": "blend"},
-            "blend is not in the list of choices: \\['merge', 'switch', 'composite', 'cmlora', 'regional', 'clora'\\]",
+            "blend is not in the list of choices: \\['merge', 'switch', 'composite', 'cmlora', 'regional', 'clora', 'gated'\\]",
         ),
     ],
 )
 def test_bad_render_input_is_a_clear_error(client, rows, kw, message):
     with pytest.raises(AppError, match=message.replace("(", r"\(")):
         render(client, rows=rows, **kw)
+
+
+def test_auto_loras_pick_from_the_catalog_and_are_reported(client, live):
+    # tiny SDXL has no LoRA encoder: auto mode's search is the text side alone
+    _, provenance = render(client, prompt="a pastel picture", auto=1)
+    (pick,) = provenance["auto_loras"]
+    assert pick["name"] == "pastel" and pick["text_score"] is not None and pick["weight_score"] is None
+    assert [x["name"] for x in provenance["loras"]] == ["pastel"]
+    assert "pastelstyle" in provenance["prompt"]  # the pick's trigger word joins the prompt
+    _, explicit = render(client, prompt="a pastel picture", rows=[("inkwell", 1.0)], auto=1)
+    assert [x["name"] for x in explicit["loras"]] == ["inkwell", "pastel"]
 
 
 def test_catalog_endpoint_lists_adapters(client):
@@ -392,13 +407,15 @@ def test_method_controls_are_built_from_the_dataclass_fields():
     assert regional_kinds == ["ImageEditor", "Number", "Dropdown", "Textbox", "Dropdown"]
     clora = [0.25, 0.5, 0.0, 0.5, 2, "shared", ""]
     regional_values = [3, None, 0, "per-region", "", "attention"]  # switch's every; regional's knobs
-    values = [*regional_values, *clora, "hard", 0.9, 4.0, True, "x"]  # switch's, regional's, clora's, knobs'
+    # switch's, regional's, clora's, gated's, knobs'
+    values = [*regional_values, *clora, "untrained", "hard", 0.9, 4.0, True, "x"]
     assert params_from(groups, "merge", values) == METHODS["merge"]()
     assert params_from(groups, "switch", values) == METHODS["switch"](3)
     assert params_from(groups, "clora", values) == METHODS["clora"](0.25, 0.5, 0.0, 0.5, refine=2)
+    assert params_from(groups, "gated", values) == METHODS["gated"](gates="untrained")
     assert params_from(groups, "knobs", values) == _Knobs("hard", 0.9, 4, True, "x")
     with pytest.raises(StudioError, match="knobs: strength needs a value"):
-        params_from(groups, "knobs", [*regional_values, *clora, "hard", None, 4, True, "x"])
+        params_from(groups, "knobs", [*regional_values, *clora, "stored", "hard", None, 4, True, "x"])
     painting = Image.new("RGBA", (4, 4), (255, 255, 255, 255))
     painting.putpixel((0, 0), PALETTE[1] + (255,))  # the second LoRA's colour
     painted = [{"composite": painting}, 2, "single", "b: a blue square", "attention"]
@@ -456,8 +473,8 @@ def test_render_event_feeds_the_progress_bar_from_the_studio_callback(tmp_path):
             seen.append((progress, desc, unit))
 
     gallery, provenance = render_fn(
-        Recorder(), "p", "", stack(("a", 0.5)), "merge", 7, 0, 4.0, 0, 64, None, 0
-    )
+        Recorder(), "p", "", stack(("a", 0.5)), "merge", 7, 0, 4.0, 0, 64, None
+    )  # ... width 0, height 64, auto LoRAs None (off)
     assert seen == [
         ((1, 3), "denoising", "steps"),
         ((2, 3), "denoising", "steps"),
@@ -477,6 +494,7 @@ def test_render_event_feeds_the_progress_bar_from_the_studio_callback(tmp_path):
                 guidance=4.0,
                 width=None,
                 height=64,
+                auto_loras=0,
             ),
         )
     ]

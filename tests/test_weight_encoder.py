@@ -67,7 +67,9 @@ def test_only_the_product_counts(rig):
     ) -> ModuleDelta:  # the same change at 1/1000 of the strength (real deltas ~1e-3)
         return dataclasses.replace(m, tensors={**m.tensors, "up": m.tensors["up"] / 1000})
 
-    same = [cosine(embed(rig, with_modules(base, change)), reference) for change in (refactor, rescale, weaker)]
+    same = [
+        cosine(embed(rig, with_modules(base, change)), reference) for change in (refactor, rescale, weaker)
+    ]
     assert min(same) >= 0.999
     pipe, backbone = rig[0], rig[1]
     other = embed(rig, random_lora(pipe, backbone, seed=2, rank=4, alpha=4.0))

@@ -157,7 +157,8 @@ def folder_duplicates(studio: StudioFacade, folder: Path) -> list[dict]:
 
 @router.get("/duplicates")
 def duplicates(request: Request, admin: AdminDep, studio: StudioDep, folder: str = ""):
-    """Duplicate files in a server folder (same tensors), and which are already catalogued."""
+    """Duplicate files in a server folder (same tensors), and which are already catalogued; near-duplicates in
+    the catalog (weights that do nearly the same)."""
     groups = folder_duplicates(studio, resolve_folder(studio, folder)) if folder else None
     return page(
         request,
@@ -166,4 +167,5 @@ def duplicates(request: Request, admin: AdminDep, studio: StudioDep, folder: str
         folder=folder,
         root=studio.settings.import_root,
         groups=groups,
+        near=studio.near_duplicates(),
     )

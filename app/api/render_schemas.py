@@ -28,6 +28,7 @@ from pydantic import (
     create_model,
 )
 
+from app.catalog import MAX_AUTO_LORAS
 from composer.errors import StudioError
 from composer.masks import RegionMasks
 
@@ -69,6 +70,23 @@ class RenderRequestIn(BaseModel):
     method_params: dict[str, Any] = Field(
         default_factory=dict, description="the method's parameters (each variant documents its own)"
     )
+    auto_loras: int = Field(
+        default=0,
+        ge=0,
+        le=MAX_AUTO_LORAS,
+        description="auto mode: the K LoRAs that hybrid search finds for the prompt join the stack (with their "
+        "trigger words), fused by `gated` unless a method is given; the job is stored with the LoRAs picked, and "
+        "the response names them with scores",
+    )
+
+
+class AutoPick(BaseModel):
+    """A LoRA auto mode picked: its fused score and what full-text and weight search gave it (null: absent)."""
+
+    name: str
+    score: float
+    text_score: float | None
+    weight_score: float | None
 
 
 class RenderBatch(BaseModel):
@@ -232,6 +250,10 @@ class JobRead(BaseModel):
     started_at: datetime | None
     finished_at: datetime | None
     results: list[RenderResultRead]
+    auto_loras: list[list[AutoPick]] | None = Field(
+        default=None,
+        description="per request, the LoRAs auto mode picked (in the response that creates the job)",
+    )
 
 
 class JobPage(BaseModel):

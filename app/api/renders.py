@@ -14,10 +14,10 @@ from fastapi.responses import FileResponse
 
 from app.api.auth import PrincipalDep
 from app.api.errors import ApiError
-from app.api.render_schemas import JobPage, JobRead, RenderBatch, RenderResultRead
+from app.api.render_schemas import AutoPick, JobPage, JobRead, RenderBatch, RenderResultRead
 from app.api.schemas import MAX_OFFSET, ErrorResponse
 from app.api.service import StudioDep
-from app.catalog import JobInfo
+from app.catalog import AUTO_METHOD, JobInfo
 from db.errors import IdempotencyConflictError, JobFinishedError, JobNotFoundError, QueueFullError
 from db.models import JOB_STATUSES
 
@@ -126,7 +126,11 @@ def create_render(
 ) -> JobRead:
     """Queue a batch of renders as one job; every request is checked (LoRA names too) before it is stored."""
     body = batch.model_dump(mode="json")
+    for given, item in zip(batch.requests, body["requests"], strict=True):
+        if item.get("auto_loras") and "method" not in given.model_fields_set:
+            item["method"] = AUTO_METHOD  # auto mode fuses its picks with learned gates unless told
     with job_errors():
+        picks = studio.expand_auto(body["requests"], body["backbone"], body["model"])
         job, created = studio.submit_job(
             body["requests"],
             backbone=body["backbone"],
@@ -137,7 +141,10 @@ def create_render(
     response.headers["Location"] = job_url(request, job.id)
     if not created:
         response.headers["Idempotent-Replayed"] = "true"
-    return read_job(request, studio, job.id, principal.key_id)
+    read = read_job(request, studio, job.id, principal.key_id)
+    if any(picks):
+        read.auto_loras = [[AutoPick(**p) for p in chosen] for chosen in picks]
+    return read
 
 
 @router.get("", response_model=JobPage)

@@ -76,12 +76,17 @@ class LoraPage(BaseModel):
 class SearchHit(BaseModel):
     lora: LoraRead  # type: ignore[valid-type]
     score: float | None = Field(
-        default=None, description="how well the hit matches (full-text score; higher is better)"
+        default=None, description="how well the hit matches (the mode's score; higher is better)"
+    )
+    text_score: float | None = Field(default=None, description="full-text score (null: not found by text)")
+    weight_score: float | None = Field(
+        default=None, description="cosine of the query and the LoRA's weight embedding (null: not found so)"
     )
 
 
 class SearchResults(BaseModel):
     query: str
+    mode: str = "text"
     results: list[SearchHit]
 
 

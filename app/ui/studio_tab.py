@@ -117,7 +117,10 @@ def build_studio_tab(
             negative = gr.Textbox(label="Negative prompt", elem_id="negative-prompt")
             with gr.Row():
                 query = gr.Textbox(
-                    label="Find LoRAs", placeholder="name, trigger word, tag", elem_id="lora-query"
+                    label="Find LoRAs",
+                    placeholder="name, trigger word, tag, or what it should draw",
+                    elem_id="lora-query",
+                    info="hybrid search: words in the catalog and what each LoRA's weights draw, fused",
                 )
                 search_btn = gr.Button("Search", scale=0, elem_id="lora-search")
             picker = gr.Dropdown(
@@ -166,6 +169,15 @@ def build_studio_tab(
                 seed = gr.Number(label="Seed", value=0, precision=0, elem_id="seed")
                 steps = gr.Number(label="Steps", value=defaults.steps, precision=0, elem_id="steps")
                 guidance = gr.Number(label="Guidance", value=defaults.guidance, elem_id="guidance")
+                auto = gr.Number(
+                    label="Auto LoRAs",
+                    value=0,
+                    precision=0,
+                    minimum=0,
+                    maximum=8,
+                    elem_id="auto-loras",
+                    info="K > 0: add the K LoRAs search finds for the prompt (picks in the provenance)",
+                )
             with gr.Row():
                 width = gr.Number(
                     label="Width (0: the model's native)", value=0, precision=0, elem_id="width"
@@ -180,7 +192,10 @@ def build_studio_tab(
 
     def search(text: str, selected: list[str] | None):
         with user_errors():
-            found = library.list(query=text.strip() or None, limit=SEARCH_LIMIT)
+            if text.strip():
+                found = [hit.info for hit in studio.search_loras(text.strip(), "hybrid", SEARCH_LIMIT)]
+            else:
+                found = library.list(limit=SEARCH_LIMIT)
         names = list(dict.fromkeys([*(selected or []), *(a.name for a in found)]))
         rows = [
             [a.name, a.adapter_type, a.family, ", ".join(a.trigger_words), ", ".join(a.tags), a.sha256[:12]]
@@ -225,7 +240,7 @@ def build_studio_tab(
             return stack_rows, text
 
     def render(progress=gr.Progress(), *values):
-        text, neg, table, chosen, seed_, steps_, guidance_, width_, height_, *method_values = values
+        text, neg, table, chosen, seed_, steps_, guidance_, width_, height_, auto_, *method_values = values
         with user_errors():
             loras = stack_entries(table)
             params = params_from(groups, chosen, method_values, [name for name, _ in loras])
@@ -241,6 +256,7 @@ def build_studio_tab(
                 width=count(width_),
                 height=count(height_),
                 progress=lambda done, total: progress((done, total), desc="denoising", unit="steps"),
+                auto_loras=int(auto_ or 0),
             )
         label = caption(result.provenance)
         shown = [(str(path), label) for path in result.paths]
@@ -298,7 +314,7 @@ def build_studio_tab(
     stack.change(show_legend, stack, legend, api_visibility="private")
     go.click(
         render,
-        [prompt, negative, stack, method, seed, steps, guidance, width, height]
+        [prompt, negative, stack, method, seed, steps, guidance, width, height, auto]
         + [c for g in groups for _, c in g.controls],
         [gallery, provenance],
         api_name="render",
