@@ -172,7 +172,8 @@ def test_forward_is_base_plus_reference_delta(case):
     ref = reference_forward(lora, 0.7, x, img)
     assert "unet.conv" in lora.modules  # every type adapts the Conv2d too
     for got, want, b in zip(y, ref, base, strict=True):
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        # float32 conv accumulation order varies with the backend's algorithm choice (seen once at 1.4e-5)
+        torch.testing.assert_close(got, want, atol=5e-5, rtol=1e-4)
         assert not torch.allclose(got, b, atol=1e-3)
     assert all(torch.equal(p, q) for p, q in zip(net(x, img), base, strict=True))
 

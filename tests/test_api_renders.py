@@ -387,9 +387,11 @@ def test_without_an_executor_the_render_routes_answer_503(studio):
 
 
 def test_request_schema_follows_the_render_request_dataclass(studio):
-    assert list(RenderRequestIn.model_fields) == [f.name for f in dataclasses.fields(RenderRequest) if f.init]
+    # plus auto_loras, which the API expands into the LoRAs it picks before the job is stored
+    fields = [f.name for f in dataclasses.fields(RenderRequest) if f.init]
+    assert list(RenderRequestIn.model_fields) == [*fields, "auto_loras"]
     assert list(LoraWeightIn.model_fields) == [f.name for f in dataclasses.fields(LoraWeight)]
-    defaults = RenderRequestIn(prompt="x").model_dump()
+    defaults = RenderRequestIn(prompt="x").model_dump(exclude={"auto_loras"})
     reference = RenderRequest("x")
     assert defaults == reference.to_json()
     assert RenderRequest.from_json(defaults) == reference

@@ -105,6 +105,7 @@ def test_method_cost_runs_every_method_on_strips_that_cover_the_picture():
         "cmlora",
         "regional",
         "clora",
+        "gated",
     }
     for method, params in chosen.values():
         params.check(list(names))  # masks and region prompts name only LoRAs of the stack
@@ -130,6 +131,8 @@ def test_method_steps_times_every_method_on_a_tiny_denoiser(monkeypatch, capsys)
             "composite",
             "regional, per region",
             "regional, single pass",
+            "gated",
         }
+        assert figures["gated / merge"]["x"] > 0 and figures["gated layers"] > 0
         assert figures["cmlora passes per step"] == 1.55  # 31 passes over 20 steps at k = 3
         assert figures["mixed / same throughput"]["x"] > 0
