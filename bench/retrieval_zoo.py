@@ -260,6 +260,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=48)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--weight-decay", type=float, default=1e-4)
+    parser.add_argument(
+        "--module-dropout", type=float, default=0.0, help="share of a LoRA's modules hidden per step"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--save", type=Path, default=None, help="write the trained retriever here")
     parser.add_argument(
@@ -283,7 +286,17 @@ def main() -> None:
         ]
         texts = sorted({t for e in examples for t in e.texts})
         features = dict(zip(texts, text_features(pipe, texts), strict=True))
-        record = fit(model, examples, features, args.steps, args.batch, args.lr, args.seed, args.weight_decay)
+        record = fit(
+            model,
+            examples,
+            features,
+            args.steps,
+            args.batch,
+            args.lr,
+            args.seed,
+            args.weight_decay,
+            args.module_dropout,
+        )
         if args.save:  # kept before measuring; saved again below with the measurements in its record
             model.record = record
             model.save(args.save)

@@ -35,12 +35,15 @@ def fit(
     lr: float = 1e-3,
     seed: int = 0,
     weight_decay: float = 1e-4,
+    module_dropout: float = 0.0,
     log_every: int = 100,
     log=print,
 ) -> dict:
     """Train `model` in place; returns the training record (steps, seconds, first and last loss).
 
     `text_features`: every text of the examples -> its frozen features (`retrieval.text.text_features`).
+    `module_dropout`: the share of each example's modules left out at random per step (at least one kept), so
+    the embedding cannot hang on which modules a LoRA adapts.
     """
     if len(examples) < 2:
         raise ValueError(f"contrastive training needs at least 2 LoRAs, got {len(examples)}")
@@ -60,7 +63,7 @@ def fit(
         strengths = torch.exp(torch.empty(batch).uniform_(np.log(0.25), np.log(4.0), generator=generator))
         weights = model.encoder.embed_batch(
             [
-                {k: v * s for k, v in examples[i].deltas.items()}
+                {k: v * s for k, v in _kept(examples[i].deltas, module_dropout, rng).items()}
                 for i, s in zip(chosen, strengths, strict=True)
             ]
         )
@@ -86,11 +89,22 @@ def fit(
         "batch": batch,
         "learning_rate": lr,
         "weight_decay": weight_decay,
+        "module_dropout": module_dropout,
         "examples": len(examples),
         "seconds": round(time.perf_counter() - began, 1),
         "loss_first": round(float(np.mean(losses[: max(1, steps // 20)])), 4),
         "loss_last": round(float(np.mean(losses[-max(1, steps // 20) :])), 4),
     }
+
+
+def _kept(deltas: dict, dropout: float, rng: np.random.Generator) -> dict:
+    """`deltas` less a random share `dropout` of its modules (at least one kept)."""
+    if dropout <= 0 or len(deltas) < 2:
+        return deltas
+    keys = list(deltas)
+    keep = rng.random(len(keys)) >= dropout
+    keep[rng.integers(len(keys))] = True
+    return {k: deltas[k] for k, kept in zip(keys, keep, strict=True) if kept}
 
 
 def ranking_measures(scores: np.ndarray, truth: Sequence[int]) -> dict:

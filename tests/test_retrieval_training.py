@@ -108,3 +108,15 @@ def _bag(text: str, words: list[str]) -> torch.Tensor:
     for w in text.split():
         v[words.index(w) if w in words else -1] += 1
     return v
+
+
+def test_module_dropout_hides_a_share_of_modules_and_keeps_one():
+    from retrieval.train import _kept
+
+    deltas = {f"m{i}": i for i in range(200)}
+    rng = np.random.default_rng(0)
+    assert _kept(deltas, 0.0, rng) is deltas
+    kept = _kept(deltas, 0.3, rng)
+    assert set(kept) < set(deltas) and 0.6 < len(kept) / len(deltas) < 0.8
+    assert all(kept[k] == deltas[k] for k in kept)
+    assert all(len(_kept({"a": 1, "b": 2}, 0.99, rng)) >= 1 for _ in range(50))
