@@ -69,7 +69,8 @@ def test_the_spec_documents_every_registered_method_and_its_knobs():
     assert list(found) == list(METHODS)
     for method, params in METHODS.items():
         variant = found[method]
-        assert list(variant["properties"]) == [f.name for f in dataclasses.fields(RenderRequest) if f.init]
+        fields = [f.name for f in dataclasses.fields(RenderRequest) if f.init]
+        assert list(variant["properties"]) == [*fields, "auto_loras"]  # expanded before a job is stored
         assert ("method" in variant["required"]) == (method != "merge")  # only merge may leave it out
         knobs = schemas[variant["properties"]["method_params"]["$ref"].rsplit("/", 1)[1]]
         assert knobs["additionalProperties"] is False
@@ -146,7 +147,8 @@ def test_validation_picks_the_variant_and_keeps_locations():
     dumped = batch.model_validate(
         {"requests": [{"prompt": "x"}, {"prompt": "y", "method": "dial", "method_params": {"steps": 9}}]}
     ).model_dump(mode="json")["requests"]
-    assert dumped[0] == RenderRequestIn(prompt="x").model_dump() == RenderRequest("x").to_json()
+    assert dumped[0] == {**RenderRequest("x").to_json(), "auto_loras": 0}
+    assert RenderRequestIn(prompt="x").model_dump(exclude={"auto_loras"}) == RenderRequest("x").to_json()
     assert dumped[1]["method_params"] == {
         "mode": "soft",
         "strength": 0.5,

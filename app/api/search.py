@@ -13,7 +13,16 @@ from app.api.service import StudioDep
 router = APIRouter(tags=["search"], responses={401: {"model": ErrorResponse}, 429: {"model": ErrorResponse}})
 
 
-@router.get("/search", response_model=SearchResults)
+@router.get(
+    "/search",
+    response_model=SearchResults,
+    responses={
+        400: {
+            "model": ErrorResponse,
+            "description": "weight search asked of a model without a LoRA encoder (text search still works)",
+        }
+    },
+)
 def search(
     studio: StudioDep,
     q: Annotated[str, Query(min_length=1, max_length=500, description="words to find")],
