@@ -1,6 +1,6 @@
 """A zoo of small toy-world adapters to train and measure LoRA retrieval on (AutoLoRA, issue 21).
 
-python -m toyworld.zoo --out zoo [--count 300] [--steps 60] [--images 32] [--threads 1]
+python -m toyworld.zoo --out zoo [--count 450] [--steps 60] [--images 32] [--threads 1]
 
 Every zoo adapter teaches one look: one attribute (a shape, a colour, a texture or a background) or a pair of
 them ("a red star", "zigzag on brick"), written in its captions with a made-up trigger word in place of the
@@ -259,7 +259,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--out", type=Path, default=Path("zoo"))
-    parser.add_argument("--count", type=int, default=300)
+    parser.add_argument("--count", type=int, default=450)
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--images", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1)
