@@ -127,6 +127,14 @@ class Finder:
         self.library.set_embedding(info.name, pack(vector, self._encoder_id))
         return vector
 
+    def _embed_or_skip(self, info: AdapterInfo) -> np.ndarray | None:
+        """`embed`, or None with a warning naming the entry: a broken file must not take search down."""
+        try:
+            return self.embed(info)
+        except Exception as exc:
+            log.warning("could not embed %r for weight search: %s", info.name, exc)
+            return None
+
     def index(self) -> VectorIndex:
         """The vector index over every entry of the family, brought up to date with the catalog (entries
         without an embedding from this encoder are embedded now; one that cannot be is logged and skipped)."""
@@ -139,16 +147,14 @@ class Finder:
         for info, blob in self.library.embeddings(self.family):
             vector = unpack(blob, self._encoder_id)
             if vector is None:
-                try:
-                    vector = self.embed(info)
-                except Exception as exc:  # a broken file must not take search down: name it and go on
-                    log.warning("could not embed %r for weight search: %s", info.name, exc)
+                vector = self._embed_or_skip(info)
+                if vector is None:
                     continue
             ids[info.sha256] = len(ids)
             index.add(np.array([ids[info.sha256]]), vector[None])
         self._index, self._ids = index, ids
         self._by_id = {i: sha for sha, i in ids.items()}
-        self._state = self.library.catalog_state(self.family)
+        self._state = state  # storing embeddings leaves the state as it was
         return index
 
     def _changed(self, event: str, info: AdapterInfo) -> None:
@@ -158,19 +164,14 @@ class Finder:
             return
         if self._index is None:
             if event == "imported" and self._ready() and self.available():
-                try:
-                    self.embed(info)
-                except Exception as exc:
-                    log.warning("could not embed %r for weight search: %s", info.name, exc)
+                self._embed_or_skip(info)
             return
         if event == "deleted":
             if info.sha256 in self._ids:
                 self._index.remove(np.array([self._ids.pop(info.sha256)]))
         elif event == "imported":
-            try:
-                vector = self.embed(info)
-            except Exception as exc:
-                log.warning("could not embed %r for weight search: %s", info.name, exc)
+            vector = self._embed_or_skip(info)
+            if vector is None:
                 return
             new_id = max(self._by_id, default=-1) + 1
             self._ids[info.sha256] = new_id

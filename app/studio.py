@@ -245,10 +245,15 @@ class Studio:
         return {"threshold": NEAR_DUPLICATE, "groups": finder.near_duplicates()}
 
     def auto_stack(
-        self, prompt: str, k: int, backbone: str | None = None, model: str | None = None
+        self,
+        prompt: str,
+        k: int,
+        backbone: str | None = None,
+        model: str | None = None,
+        stacked: Sequence[str] = (),
     ) -> tuple[str, list[tuple[str, float]], list[dict]]:
-        """Auto mode: (the prompt with the picks' trigger words, the LoRA stack at weight 1, the picks as
-        reported: name, score and each side's score)."""
+        """Auto mode: (the prompt with the picks' trigger words, the picks to add at weight 1, those already
+        `stacked` left out, the picks as reported: name, score and each side's score)."""
         hits = self.finder(backbone, model).pick(prompt, k)
         if not hits:
             raise StudioError(f"auto mode found no LoRA for {prompt!r} in the catalog")
@@ -261,7 +266,8 @@ class Studio:
             }
             for h in hits
         ]
-        return with_triggers(prompt, [h.info for h in hits]), [(h.info.name, 1.0) for h in hits], report
+        added = [(h.info.name, 1.0) for h in hits if h.info.name not in stacked]
+        return with_triggers(prompt, [h.info for h in hits]), added, report
 
     # --- rendering ------------------------------------------------------------------------------------
     def render(
@@ -520,9 +526,9 @@ class Studio:
         search finds for the prompt join the stack (`auto_stack`), reported in the provenance."""
         picks: list[dict] = []
         if auto_loras:
-            prompt, found, picks = self.auto_stack(prompt, auto_loras, backbone, model)
-            named = {n for n, _ in loras}
-            loras = [*loras, *((n, w) for n, w in found if n not in named)]
+            stacked = [n for n, _ in loras]
+            prompt, added, picks = self.auto_stack(prompt, auto_loras, backbone, model, stacked)
+            loras = [*loras, *added]
         request = RenderRequest(
             prompt=prompt,
             negative_prompt=negative_prompt,
@@ -643,13 +649,10 @@ class Studio:
             if not k:
                 picks.append([])
                 continue
-            prompt, found, report = self.auto_stack(request["prompt"], k, backbone, model)
-            named = {entry["name"] for entry in request.get("loras") or []}
+            stacked = [entry["name"] for entry in request.get("loras") or []]
+            prompt, added, report = self.auto_stack(request["prompt"], k, backbone, model, stacked)
             request["prompt"] = prompt
-            request["loras"] = [
-                *(request.get("loras") or []),
-                *({"name": n, "weight": w} for n, w in found if n not in named),
-            ]
+            request["loras"] = [*(request.get("loras") or []), *({"name": n, "weight": w} for n, w in added)]
             picks.append(report)
         return picks
 
