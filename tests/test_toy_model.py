@@ -67,6 +67,24 @@ def test_base_scenes_hold_no_held_out_concept_and_decoder_scenes_may():
     assert sum(held_out(c) for c in every) >= 8
 
 
+def test_decoder_focus_draws_that_share_of_scenes_in_the_focus_textures():
+    """train_base --vae-focus: the sharpened decoder sees the textures the VAE loses most in a set share of
+    its scenes (every object of such a scene), and all other scenes as before."""
+    import numpy as np
+
+    from toyworld.train_base import batch_of_scenes
+
+    def focused(caption: str) -> bool:  # every object crosshatched (a two-object caption joins them by "and")
+        return caption.count("crosshatched") == 1 + (" and " in caption)
+
+    _, always = batch_of_scenes(np.random.default_rng(0), 32, "all", ("crosshatched",), 1.0)
+    _, half = batch_of_scenes(np.random.default_rng(0), 200, "all", ("crosshatched",), 0.5)
+    _, never = batch_of_scenes(np.random.default_rng(0), 200, "all", ("crosshatched",), 0.0)
+    assert all(focused(c) for c in always)
+    assert 0.4 <= np.mean([focused(c) for c in half]) <= 0.65  # the share, plus the few drawn so by chance
+    assert np.mean([focused(c) for c in never]) <= 0.1
+
+
 def test_edge_loss_sees_fine_texture_that_blur_removes():
     """The decoder's edge loss (train_base --vae-edge-weight) is zero for the image itself and grows when
     a fine texture is blurred away, while pixel L1 barely moves: what it adds to the reconstruction loss."""

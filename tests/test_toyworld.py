@@ -325,6 +325,26 @@ def test_concept_training_sets_show_the_concept_beside_a_base_object_in_either_h
         concepts.training_set("star", 4, pairs=1.5)
 
 
+def test_a_small_share_sizes_the_concepts_object_and_leaves_backgrounds_alone():
+    from toyworld import concepts
+
+    trigger = scenes.held_out_concept("star").trigger
+
+    def small(caption: str) -> bool:  # the clause with the trigger word: "a small red xyvo on the left"
+        clause = next(part for part in caption.split(" and ") if trigger in part)
+        return "small" in clause.split(trigger)[0]
+
+    _, most = concepts.training_set("star", 40, pairs=0.5, small=0.75)
+    _, none = concepts.training_set("star", 40, pairs=0.5, small=0.0)
+    _, every = concepts.training_set("star", 40, pairs=0.5, small=1.0)
+    assert 29 <= sum(small(c) for c in most) <= 31
+    assert not any(small(c) for c in none)
+    assert all(small(c) for c in every)
+    assert concepts.training_set("brick", 4, small=1.0) == concepts.training_set("brick", 4)
+    with pytest.raises(ValueError, match="small"):
+        concepts.training_set("star", 4, small=1.5)
+
+
 def test_decoy_captions_write_the_other_object_with_a_made_up_word():
     from toyworld import concepts
 

@@ -23,12 +23,13 @@ from toyworld import quality, scenes
 ATTRIBUTE = {"subject": "shape", "style": "texture", "background": "background"}
 
 
-def concept_scene(name: str, seed: int, n_objects: int = 1) -> scenes.SceneSpec:
+def concept_scene(name: str, seed: int, n_objects: int = 1, size: str | None = None) -> scenes.SceneSpec:
     """One scene showing held-out concept `name`; everything else from the base concepts.
 
     With n_objects=2 the concept is one of two objects (in the first or second half, by the seed's parity) and
     the other is a base object: an adapter trained on such scenes learns to draw its concept beside another
-    one, in either half, as composition asks of it.
+    one, in either half, as composition asks of it. size ("small", "large") sets the concept's object's size
+    (subjects and styles; None keeps the drawn one).
     """
     concept = scenes.held_out_concept(name)
     for attempt in range(100):
@@ -38,9 +39,14 @@ def concept_scene(name: str, seed: int, n_objects: int = 1) -> scenes.SceneSpec:
         else:
             slot = seed % n_objects
             spec = scenes.replace_object(spec, slot, **{ATTRIBUTE[concept.kind]: concept.name})
+            if size is not None:
+                spec = scenes.replace_object(spec, slot, size=size)
         if all(scenes.contrasts(o.colour, spec.background) for o in spec.objects):
             return spec
     raise ValueError(f"no visible scene for {name!r}")
+
+
+_GOLDEN = 0.6180339887  # i * golden ratio mod 1: an even, deterministic spread of shares over any n
 
 
 # made-up words that name no toy-world concept: a decoy caption writes the base object beside the concept with
@@ -63,30 +69,41 @@ def decoy_caption(spec: scenes.SceneSpec, name: str, seed: int) -> str:
 
 
 def training_set(
-    name: str, n: int = 16, seed: int = 0, size: int = 64, pairs: float = 0.0, decoys: float = 0.0
+    name: str,
+    n: int = 16,
+    seed: int = 0,
+    size: int = 64,
+    pairs: float = 0.0,
+    decoys: float = 0.0,
+    small: float | None = None,
 ) -> tuple[list[Image.Image], list[str]]:
     """n images of the concept and their trigger-word captions; a `pairs` share shows it beside a base object,
-    and a `decoys` share of those writes that object with a decoy word (`decoy_caption`; subjects only)."""
-    for what, share in (("pairs", pairs), ("decoys", decoys)):
-        if not 0.0 <= share <= 1.0:
+    and a `decoys` share of those writes that object with a decoy word (`decoy_caption`; subjects only).
+    small: the share of images whose concept object is small, spread evenly over single and paired scenes
+    (subjects and styles; None leaves sizes to chance, about half small)."""
+    for what, share in (("pairs", pairs), ("decoys", decoys), ("small", small)):
+        if share is not None and not 0.0 <= share <= 1.0:
             raise ValueError(f"{what} is a share of the images, 0 to 1, not {share}")
+    if small is not None and scenes.held_out_concept(name).kind == "background":
+        small = None  # a background has no object to size
     n_single = n - round(n * pairs)
     first_decoy = n_single + round((n - n_single) * (1.0 - decoys))
     if scenes.held_out_concept(name).kind != "subject":
         first_decoy = n  # decoys name a neighbouring shape: subjects only
     images, captions = [], []
     for i in range(n):
-        spec = concept_scene(name, seed * 10_000 + i, 1 if i < n_single else 2)
+        object_size = None if small is None else ("small" if (i * _GOLDEN) % 1.0 < small else "large")
+        spec = concept_scene(name, seed * 10_000 + i, 1 if i < n_single else 2, object_size)
         images.append(Image.fromarray(scenes.render(spec, size, seed * 10_000 + i)))
         captions.append(decoy_caption(spec, name, i) if i >= first_decoy else spec.caption(use_triggers=True))
     return images, captions
 
 
 def training_images(
-    name: str, n: int = 16, seed: int = 0, pairs: float = 0.0, decoys: float = 0.0
+    name: str, n: int = 16, seed: int = 0, pairs: float = 0.0, decoys: float = 0.0, small: float | None = None
 ) -> list[TrainingImage]:
     """The concept's training set as the trainer takes it (64 px, trigger-word captions)."""
-    images, captions = training_set(name, n, seed, pairs=pairs, decoys=decoys)
+    images, captions = training_set(name, n, seed, pairs=pairs, decoys=decoys, small=small)
     return [TrainingImage(None, to_pixels(i, 64), c) for i, c in zip(images, captions, strict=True)]
 
 

@@ -56,16 +56,28 @@ VAE = dict(
 TEXT_HIDDEN = 64
 
 
-def batch_of_scenes(rng: np.random.Generator, n: int, split: str = "base") -> tuple[torch.Tensor, list[str]]:
+def batch_of_scenes(
+    rng: np.random.Generator,
+    n: int,
+    split: str = "base",
+    focus: tuple[str, ...] = (),
+    focus_share: float = 0.0,
+) -> tuple[torch.Tensor, list[str]]:
     """n scenes that avoid withheld combinations: images in [-1, 1] (n, 3, 64, 64) and captions.
 
     split "base" (what the UNet and text encoders learn from) or "all" (every toy-world concept, held-out ones
     included: images for the VAE decoder only, which sees no text).
+    focus: textures that a `focus_share` of the scenes give every object (a codec's hardest textures).
     """
     images, captions = [], []
     while len(images) < n:
         seed = int(rng.integers(0, 2**62))
-        spec = scenes.sample_scene(seed, split)
+        fixed = (
+            {"texture": focus[int(rng.integers(len(focus)))]}
+            if focus and rng.random() < focus_share
+            else None
+        )
+        spec = scenes.sample_scene(seed, split, fixed=fixed)
         if combos.scene_is_withheld(spec):
             continue
         images.append(scenes.render(spec, IMAGE, seed))
@@ -99,6 +111,8 @@ def train_vae(
     decoder_only: bool = False,
     split: str = "base",
     edge_weight: float = 0.0,
+    focus: tuple[str, ...] = (),
+    focus_share: float = 0.0,
 ) -> float:
     """Reconstruction (L1 + MSE, plus MSE of 4x-pooled images so flat colours are exact) and a light KL term.
 
@@ -106,6 +120,7 @@ def train_vae(
     split: the scenes it learns from (`batch_of_scenes`).
     edge_weight: weight of an L1 loss on horizontal and vertical pixel differences, which L1/MSE on pixels
     alone lets the codec blur away (the fine zigzag, crosshatched and concentric styles).
+    focus, focus_share: a share of the scenes drawn in these textures (`batch_of_scenes`).
 
     Cosine learning-rate decay over the time budget; the first VAE (constant rate, full images, 8 minutes)
     drifted hues (blue -> purple) enough that the evaluator misread a third of its reconstructions.
@@ -118,7 +133,7 @@ def train_vae(
     start, step = time.monotonic(), 0
     budget = minutes * 60
     while (elapsed := time.monotonic() - start) < budget:
-        x, _ = batch_of_scenes(rng, batch, split)
+        x, _ = batch_of_scenes(rng, batch, split, focus, focus_share)
         x = random_crops(x, crop, rng)
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample()).sample
@@ -285,6 +300,13 @@ def main() -> None:
         help="weight of an L1 loss on pixel differences for a fresh VAE or a sharpened decoder (keeps fine "
         "textures; default %(default)s)",
     )
+    parser.add_argument(
+        "--vae-focus",
+        default="",
+        help="comma-separated textures that a --vae-focus-share of a sharpened decoder's scenes are drawn in "
+        "(with --vae-scenes all: e.g. crosshatched,speckled, the styles the VAE loses most)",
+    )
+    parser.add_argument("--vae-focus-share", type=float, default=0.5)
     parser.add_argument("--unet-minutes", type=float, default=45.0)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -297,6 +319,16 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
+    focus = tuple(filter(None, args.vae_focus.split(",")))
+    unknown = set(focus) - set(scenes.TEXTURES)
+    if unknown:
+        parser.error(
+            f"--vae-focus: {sorted(unknown)} are not toy-world textures ({', '.join(scenes.TEXTURES)})"
+        )
+    if not 0.0 <= args.vae_focus_share <= 1.0:
+        parser.error(f"--vae-focus-share is a share, 0 to 1, not {args.vae_focus_share}")
+    if focus and args.vae_scenes != "all" and set(focus) & scenes.HELD_OUT_NAMES:
+        parser.error("--vae-focus on held-out styles needs --vae-scenes all")
     start = time.monotonic()
     if args.resume:  # continue from a saved model: the UNet and text encoders train on
         from diffusers import StableDiffusionXLPipeline
@@ -346,6 +378,8 @@ def main() -> None:
             decoder_only=True,
             split=args.vae_scenes,
             edge_weight=args.vae_edge_weight,
+            focus=focus,
+            focus_share=args.vae_focus_share,
         )
         vae_s = time.monotonic() - start
     rebuilt = match_unet_to_vae(pipe)

@@ -42,7 +42,9 @@ CONCEPT_RECIPE = dict(
     kind="lora", rank=4, learning_rate=2e-3, batch_size=8, targets="full", snr_gamma=5.0, text_encoder=True
 )
 PAIRS = 0.5  # share of training scenes with a second, base object
-GUIDANCE = 5.0
+# classifier-free guidance of the success renders: on the toy model guidance 2-4 draws the concept adapters'
+# shapes and textures cleanly, 5 and above starts to break them (docs/BENCHMARKS.md, "Guidance")
+GUIDANCE = 3.0
 # how closely a smaller re-measurement (tests/test_bundled.py, slow) must match each recorded success: the
 # first `prompts` of the recorded test prompts, within `standard_errors` binomial errors of that smaller sample
 # (and never tighter than `floor`)
@@ -115,6 +117,12 @@ def main() -> None:
         help="share of the two-object scenes of a subject whose other object is written with a decoy word",
     )
     parser.add_argument(
+        "--small",
+        type=float,
+        default=None,
+        help="share of a subject's or style's training scenes with its object small (default: as drawn, ~half)",
+    )
+    parser.add_argument(
         "--measure-only", action="store_true", help="re-measure the adapters in --out without training them"
     )
     parser.add_argument("--n", type=int, default=48, help="test prompts per concept for its recorded success")
@@ -134,7 +142,9 @@ def main() -> None:
 
     jobs = []
     for concept in scenes.HELD_OUT:
-        data = concepts.training_images(concept.name, args.images, pairs=args.pairs, decoys=args.decoys)
+        data = concepts.training_images(
+            concept.name, args.images, pairs=args.pairs, decoys=args.decoys, small=args.small
+        )
         captions = [d.caption for d in data]
         config = TrainConfig(
             prompt=captions[0],
@@ -198,6 +208,7 @@ def main() -> None:
                 "images": len(data),
                 "two_object_share": args.pairs if config.kind != "blora" else 0.0,
                 "decoy_share": args.decoys if config.kind != "blora" else 0.0,
+                **({"small_share": args.small} if args.small is not None and config.kind != "blora" else {}),
                 "seconds": round(seconds, 1),
                 "hardware": hardware,
                 "final_loss": round(sum(result.losses[-50:]) / min(50, len(result.losses)), 4),
