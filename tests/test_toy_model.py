@@ -85,6 +85,24 @@ def test_decoder_focus_draws_that_share_of_scenes_in_the_focus_textures():
     assert np.mean([focused(c) for c in never]) <= 0.1
 
 
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--vae-focus", "plaid"], "not toy-world textures"),
+        (["--vae-focus", "crosshatched", "--vae-focus-share", "2"], "is a share"),
+        (["--vae-focus", "crosshatched"], "needs --vae-scenes all"),
+    ],
+)
+def test_train_base_names_a_bad_focus_before_it_trains(argv, message, monkeypatch, capsys, tmp_path):
+    from toyworld import train_base
+
+    monkeypatch.setattr("sys.argv", ["train_base", "--out", str(tmp_path / "m"), *argv])
+    with pytest.raises(SystemExit):
+        train_base.main()
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
+
+
 def test_edge_loss_sees_fine_texture_that_blur_removes():
     """The decoder's edge loss (train_base --vae-edge-weight) is zero for the image itself and grows when
     a fine texture is blurred away, while pixel L1 barely moves: what it adds to the reconstruction loss."""

@@ -303,8 +303,8 @@ def main() -> None:
     parser.add_argument(
         "--vae-focus",
         default="",
-        help="comma-separated textures that a --vae-focus-share of a sharpened decoder's scenes are drawn in "
-        "(with --vae-scenes all: e.g. crosshatched,speckled, the styles the VAE loses most)",
+        help="comma-separated textures that a --vae-focus-share of the VAE's (or sharpened decoder's) training "
+        "scenes are drawn in (with --vae-scenes all: e.g. crosshatched,speckled, the styles the VAE loses most)",
     )
     parser.add_argument("--vae-focus-share", type=float, default=0.5)
     parser.add_argument("--unet-minutes", type=float, default=45.0)
@@ -349,6 +349,8 @@ def main() -> None:
                 rng,
                 split=args.vae_scenes,
                 edge_weight=args.vae_edge_weight,
+                focus=focus,
+                focus_share=args.vae_focus_share,
             )
             vae_s = time.monotonic() - start
     else:
@@ -367,6 +369,8 @@ def main() -> None:
                 rng,
                 split=args.vae_scenes,
                 edge_weight=args.vae_edge_weight,
+                focus=focus,
+                focus_share=args.vae_focus_share,
             )
             vae_s = time.monotonic() - start
     if args.decoder_minutes > 0:
