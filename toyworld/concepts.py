@@ -38,9 +38,8 @@ def concept_scene(name: str, seed: int, n_objects: int = 1, size: str | None = N
             spec = replace(spec, background=concept.name)
         else:
             slot = seed % n_objects
-            spec = scenes.replace_object(spec, slot, **{ATTRIBUTE[concept.kind]: concept.name})
-            if size is not None:
-                spec = scenes.replace_object(spec, slot, size=size)
+            changes = {ATTRIBUTE[concept.kind]: concept.name, **({"size": size} if size else {})}
+            spec = scenes.replace_object(spec, slot, **changes)
         if all(scenes.contrasts(o.colour, spec.background) for o in spec.objects):
             return spec
     raise ValueError(f"no visible scene for {name!r}")
@@ -84,11 +83,12 @@ def training_set(
     for what, share in (("pairs", pairs), ("decoys", decoys), ("small", small)):
         if share is not None and not 0.0 <= share <= 1.0:
             raise ValueError(f"{what} is a share of the images, 0 to 1, not {share}")
-    if small is not None and scenes.held_out_concept(name).kind == "background":
+    kind = scenes.held_out_concept(name).kind
+    if kind == "background":
         small = None  # a background has no object to size
     n_single = n - round(n * pairs)
     first_decoy = n_single + round((n - n_single) * (1.0 - decoys))
-    if scenes.held_out_concept(name).kind != "subject":
+    if kind != "subject":
         first_decoy = n  # decoys name a neighbouring shape: subjects only
     images, captions = [], []
     for i in range(n):

@@ -329,6 +329,10 @@ def main() -> None:
         parser.error(f"--vae-focus-share is a share, 0 to 1, not {args.vae_focus_share}")
     if focus and args.vae_scenes != "all" and set(focus) & scenes.HELD_OUT_NAMES:
         parser.error("--vae-focus on held-out styles needs --vae-scenes all")
+    # what every VAE or decoder run below learns from, and how
+    vae_scenes = dict(
+        split=args.vae_scenes, edge_weight=args.vae_edge_weight, focus=focus, focus_share=args.vae_focus_share
+    )
     start = time.monotonic()
     if args.resume:  # continue from a saved model: the UNet and text encoders train on
         from diffusers import StableDiffusionXLPipeline
@@ -347,10 +351,7 @@ def main() -> None:
                 args.vae_minutes,
                 args.batch,
                 rng,
-                split=args.vae_scenes,
-                edge_weight=args.vae_edge_weight,
-                focus=focus,
-                focus_share=args.vae_focus_share,
+                **vae_scenes,
             )
             vae_s = time.monotonic() - start
     else:
@@ -367,10 +368,7 @@ def main() -> None:
                 vae_minutes,
                 args.batch,
                 rng,
-                split=args.vae_scenes,
-                edge_weight=args.vae_edge_weight,
-                focus=focus,
-                focus_share=args.vae_focus_share,
+                **vae_scenes,
             )
             vae_s = time.monotonic() - start
     if args.decoder_minutes > 0:
@@ -380,10 +378,7 @@ def main() -> None:
             args.batch,
             rng,
             decoder_only=True,
-            split=args.vae_scenes,
-            edge_weight=args.vae_edge_weight,
-            focus=focus,
-            focus_share=args.vae_focus_share,
+            **vae_scenes,
         )
         vae_s = time.monotonic() - start
     rebuilt = match_unet_to_vae(pipe)

@@ -142,6 +142,8 @@ def main() -> None:
 
     jobs = []
     for concept in scenes.HELD_OUT:
+        if only and concept.name not in only:
+            continue  # its scenes are not even drawn
         data = concepts.training_images(
             concept.name, args.images, pairs=args.pairs, decoys=args.decoys, small=args.small
         )
@@ -165,6 +167,8 @@ def main() -> None:
             )
         )
     for name in BLORA_IMAGES:
+        if only and name not in only:
+            continue
         image, spec = blora_image(name)
         config = TrainConfig(
             prompt=BLORA_PROMPT, steps=args.blora_steps, checkpoint_every=args.blora_steps, **BLORA_RECIPE
@@ -183,8 +187,6 @@ def main() -> None:
     evaluator = Evaluator.load()
     host = AdapterHost.for_pipeline(pipe, backbone)
     for name, config, data, triggers, tags, description in jobs:
-        if only and name not in only:
-            continue
         path = args.out / f"{name}.safetensors"
         if args.measure_only:  # keep the file and its training record; measure it again
             if name not in entries or not path.is_file():
