@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import numpy as np
@@ -362,3 +363,50 @@ def test_decoy_captions_write_the_other_object_with_a_made_up_word():
     assert style == concepts.training_set("zigzag", 4, pairs=0.5)[1]
     with pytest.raises(ValueError, match="decoys"):
         concepts.training_set("star", 4, pairs=0.5, decoys=2.0)
+
+
+# --- train_concepts ----------------------------------------------------------------------------------------
+
+
+def test_train_concepts_refuses_an_unknown_only_name_before_it_loads_anything(monkeypatch, capsys, tmp_path):
+    from toyworld import train_concepts
+
+    out = tmp_path / "loras"
+    monkeypatch.setattr("sys.argv", ["train_concepts", "--out", str(out), "--only", "star,plaid"])
+    with pytest.raises(SystemExit) as refused:
+        train_concepts.main()
+    assert "unknown adapter name(s) plaid" in str(refused.value)
+    assert "crosshatched" in str(refused.value)  # the known names are listed
+    assert not out.exists()
+    assert train_concepts.selected(" star, blora-heart") == {"star", "blora-heart"}
+
+
+def test_manifest_entries_from_runs_side_by_side_all_land(tmp_path):
+    """Each train_concepts run records only its own entries, read-modify-write under a lock: runs training
+    different adapters into one folder at once keep each other's entries (they used to overwrite them)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from toyworld.train_concepts import manifest_entries, record
+
+    path = tmp_path / "manifest.json"
+    record(path, {"name": "star", "success": {"rate": 0.5}})
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda i: record(path, {"name": f"a{i:02d}", "success": {"rate": i}}), range(32)))
+    record(path, {"name": "star", "success": {"rate": 0.9}})  # a re-measurement replaces its own entry only
+    entries = manifest_entries(path)
+    assert sorted(entries) == sorted([f"a{i:02d}" for i in range(32)] + ["star"])
+    assert entries["star"]["success"]["rate"] == 0.9 and entries["a07"]["success"]["rate"] == 7
+    assert "success_tolerance" in json.loads(path.read_text())
+
+
+def test_train_concepts_measure_only_names_what_it_cannot_find(monkeypatch, tmp_path):
+    from toyworld import train_concepts
+
+    (tmp_path / "star.safetensors").write_bytes(b"")
+    train_concepts.record(tmp_path / "manifest.json", {"name": "star"})
+    train_concepts.record(tmp_path / "manifest.json", {"name": "ring"})  # recorded, but its file is gone
+    argv = ["train_concepts", "--out", str(tmp_path), "--measure-only", "--only", "star,ring,heart"]
+    monkeypatch.setattr("sys.argv", argv)
+    with pytest.raises(SystemExit) as refused:
+        train_concepts.main()
+    assert str(refused.value).endswith("for heart, ring")

@@ -3,6 +3,9 @@
 python -m toyworld.train_concepts --out toyworld/loras [--steps 1600] [--images 768] [--only star,zigzag] [--n 48]
     [--measure-only]
 
+Runs training different adapters (`--only`) into one folder may go side by side: each writes only its own
+entries into manifest.json, under a lock.
+
 One LoRA per held-out concept (6 subjects, 4 styles, 2 backgrounds) from 768 generated scenes each with
 trigger-word captions, half of them with the concept beside a base object in either half (so that it composes),
 and B-LoRAs from single images (subjects for content, textured squares for style), all written as kohya
@@ -23,6 +26,7 @@ import os
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 from PIL import Image
 
 from composer.adapters import blora
@@ -128,14 +132,22 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=48, help="test prompts per concept for its recorded success")
     parser.add_argument("--only", default="", help="comma-separated concept/B-LoRA names (default: all)")
     args = parser.parse_args()
+    only = selected(args.only)  # a misspelt name is refused before the model loads
+    if args.measure_only:  # so is a name with nothing to measure
+        names = only or {c.name for c in scenes.HELD_OUT} | set(BLORA_IMAGES)
+        recorded = manifest_entries(args.out / "manifest.json")
+        missing = sorted(
+            n for n in names if n not in recorded or not (args.out / f"{n}.safetensors").is_file()
+        )
+        if missing:
+            raise SystemExit(
+                f"--measure-only: no file or manifest entry in {args.out} for {', '.join(missing)}"
+            )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     backbone = get_backbone("sdxl")
     pipe = load_pipeline(backbone, args.model)
     args.out.mkdir(parents=True, exist_ok=True)
     manifest_path = args.out / "manifest.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {"adapters": []}
-    entries = {e["name"]: e for e in manifest["adapters"]}
-    only = set(filter(None, args.only.split(",")))
     hardware = (
         "cuda" if torch.cuda.is_available() else f"cpu x{os.cpu_count()} ({torch.get_num_threads()} threads)"
     )
@@ -144,6 +156,9 @@ def main() -> None:
     for concept in scenes.HELD_OUT:
         if only and concept.name not in only:
             continue  # its scenes are not even drawn
+        if args.measure_only:  # nothing to train: no training scenes either
+            jobs.append((concept.name, None, [], [], [], ""))
+            continue
         data = concepts.training_images(
             concept.name, args.images, pairs=args.pairs, decoys=args.decoys, small=args.small
         )
@@ -189,16 +204,14 @@ def main() -> None:
     for name, config, data, triggers, tags, description in jobs:
         path = args.out / f"{name}.safetensors"
         if args.measure_only:  # keep the file and its training record; measure it again
-            if name not in entries or not path.is_file():
-                raise SystemExit(f"--measure-only: {path} or its manifest entry is missing")
-            entries[name]["success"] = measure(pipe, host, name, read_lora(path), evaluator, args.n)
-            log.info("%s: success %s", name, entries[name]["success"])
-            write_manifest(manifest_path, entries)
+            measured = measure(pipe, host, name, read_lora(path), evaluator, args.n)
+            log.info("%s: success %s", name, measured)
+            record(manifest_path, {**manifest_entries(manifest_path)[name], "success": measured})
             continue
         result, seconds = concepts.train_in_scratch(pipe, backbone, config, data, host=host)
         measured = measure(pipe, host, name, result.lora, evaluator, args.n)
         write_kohya(result.lora, path, title=name, trigger_words=triggers)
-        entries[name] = {
+        entry = {
             "name": name,
             "file": path.name,
             "kind": config.kind,
@@ -219,7 +232,17 @@ def main() -> None:
             "success": measured,
         }
         log.info("%s: %d params, %.0f s, success %s", name, result.parameters, seconds, measured)
-        write_manifest(manifest_path, entries)
+        record(manifest_path, entry)
+
+
+def selected(only: str) -> set[str]:
+    """The names `--only` lists; an unknown name is refused with the known ones."""
+    names = set(filter(None, (n.strip() for n in only.split(","))))
+    known = [c.name for c in scenes.HELD_OUT] + list(BLORA_IMAGES)
+    unknown = sorted(names - set(known))
+    if unknown:
+        raise SystemExit(f"--only: unknown adapter name(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    return names
 
 
 def measure(pipe, host, name: str, lora, evaluator, n: int) -> dict:
@@ -238,9 +261,25 @@ def measure(pipe, host, name: str, lora, evaluator, n: int) -> dict:
     return {**measured, "base_rate": base["rate"]}
 
 
-def write_manifest(path: Path, entries: dict) -> None:
-    adapters = sorted(entries.values(), key=lambda e: e["name"])
-    path.write_text(json.dumps({"adapters": adapters, "success_tolerance": TOLERANCE}, indent=1) + "\n")
+def manifest_entries(path: Path) -> dict[str, dict]:
+    """The manifest's entries by name ({} before the first one is written)."""
+    if not path.is_file():
+        return {}
+    return {e["name"]: e for e in json.loads(path.read_text())["adapters"]}
+
+
+def record(path: Path, entry: dict) -> None:
+    """Write one adapter's entry into the manifest, keeping every other entry as the file has it now.
+
+    Read, change and write happen under a lock and the file is replaced whole, so that two runs training
+    different adapters into one folder both land (each used to write back the manifest it read at its start).
+    """
+    with FileLock(str(path) + ".lock"):
+        entries = {**manifest_entries(path), entry["name"]: entry}
+        adapters = sorted(entries.values(), key=lambda e: e["name"])
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps({"adapters": adapters, "success_tolerance": TOLERANCE}, indent=1) + "\n")
+        os.replace(tmp, path)
 
 
 if __name__ == "__main__":
