@@ -379,6 +379,7 @@ def train_set_gates(pipe, backbone, host, plan: list[Prompt], args) -> dict:
     """Each distinct LoRA set of the plan: its gates (trained on scenes of that set, or from the cache), and
     whether they were cached."""
     settings = bench_gates.GateSettings(args.gate_steps, args.gate_lr, args.gate_images)
+    base = bench_gates.model_identity(model_dir())
     out = {}
     for names in dict.fromkeys(tuple(sorted(p.loras)) for p in plan):
         out[frozenset(names)] = bench_gates.set_gates(
@@ -391,6 +392,7 @@ def train_set_gates(pipe, backbone, host, plan: list[Prompt], args) -> dict:
             SIZE,
             settings,
             args.gates_dir,
+            base,
         )
     return out
 

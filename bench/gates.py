@@ -2,12 +2,13 @@
 concepts together (the set's own kind of scene, other seeds than the benchmark's prompts), with trigger-word
 captions, and cached in a folder so that a rerun reuses them.
 
-The cache file is named by the set (its names and file hashes, `composer.gates.gate_set_key`) and the training
-settings; its metadata holds the training record.
+The cache file is named by the set (its names and file hashes, `composer.gates.gate_set_key`), the base model
+(`model_identity`) and the training settings; its metadata holds the training record.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import statistics
 from collections.abc import Callable, Sequence
@@ -24,6 +25,8 @@ from toyworld import scenes
 
 TRAIN_SEED = 424_242  # the scenes' seed: not the benchmark's prompt seeds
 DEFAULT_DIR = Path.home() / ".cache" / "lora-studio" / "bench-gates"
+# the parts of a diffusers folder that gate training runs through (the VAE encodes the training scenes)
+MODEL_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2", "transformer", "text_encoder_3")
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,19 @@ class GateSettings:
     images: int = 32
     batch_size: int = 2
     seed: int = 0
+
+
+def model_identity(folder: str | Path) -> str:
+    """SHA-256 over the files of the model parts gate training runs through, so that gates cached for one base
+    model are not reused for another or for a retrained one (parts it does not read, such as the toy model's
+    LoRA encoder, do not count)."""
+    folder = Path(folder)
+    digest = hashlib.sha256()
+    for part in MODEL_PARTS:
+        for f in sorted(p for p in (folder / part).rglob("*") if p.is_file()):
+            digest.update(f"{f.relative_to(folder).as_posix()}\n".encode())
+            digest.update(hashlib.sha256(f.read_bytes()).digest())
+    return digest.hexdigest()
 
 
 def scene_images(specs: Sequence[scenes.SceneSpec], size: int) -> list[TrainingImage]:
@@ -54,10 +70,12 @@ def set_gates(
     size: int,
     settings: GateSettings,
     folder: Path,
+    base: str,
 ) -> tuple[StoredGates, bool]:
     """The set's gates, trained now (`specs(n, seed)`: n training scenes of the set) or read from `folder`;
-    and whether they came from the cache."""
-    key = gate_set_key((n, file_hashes(files[n]).sha256) for n in names)
+    and whether they came from the cache. `base`: the base model's `model_identity`."""
+    lora_set = gate_set_key((n, file_hashes(files[n]).sha256) for n in names)
+    key = hashlib.sha256(f"{base}\n{lora_set}".encode()).hexdigest()
     s = settings
     path = folder / f"{key[:20]}-{s.steps}s-{s.images}i-{s.lr:g}lr-{s.batch_size}b-{s.seed}.safetensors"
     if path.is_file():

@@ -136,3 +136,18 @@ def test_method_steps_times_every_method_on_a_tiny_denoiser(monkeypatch, capsys)
         assert figures["gated / merge"]["x"] > 0 and figures["gated layers"] > 0
         assert figures["cmlora passes per step"] == 1.55  # 31 passes over 20 steps at k = 3
         assert figures["mixed / same throughput"]["x"] > 0
+
+
+def test_cached_gates_are_keyed_by_the_base_model(tmp_path):
+    """bench.gates caches trained gates per LoRA set *and* base model: a retrained UNet or VAE is another key,
+    a part that gate training does not read (the toy model's LoRA encoder) is not."""
+    from bench.gates import model_identity
+
+    for part in ("unet", "vae", "lora_encoder"):
+        (tmp_path / part).mkdir()
+        (tmp_path / part / "weights.safetensors").write_bytes(b"one")
+    before = model_identity(tmp_path)
+    (tmp_path / "lora_encoder" / "weights.safetensors").write_bytes(b"two")
+    assert model_identity(tmp_path) == before
+    (tmp_path / "vae" / "weights.safetensors").write_bytes(b"two")
+    assert model_identity(tmp_path) != before
