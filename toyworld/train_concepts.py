@@ -62,6 +62,9 @@ BLORA_IMAGES = {
     "blora-zigzag": dict(shape="square", colour="blue", texture="zigzag"),
     "blora-speckled": dict(shape="square", colour="yellow", texture="speckled"),
 }
+ADAPTER_NAMES = [c.name for c in scenes.HELD_OUT] + list(
+    BLORA_IMAGES
+)  # every bundled adapter, in training order
 
 
 def blora_image(name: str, size: int = 64) -> tuple[Image.Image, scenes.SceneSpec]:
@@ -132,12 +135,12 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=48, help="test prompts per concept for its recorded success")
     parser.add_argument("--only", default="", help="comma-separated concept/B-LoRA names (default: all)")
     args = parser.parse_args()
-    only = selected(args.only)  # a misspelt name is refused before the model loads
+    only = selected(args.only) or set(ADAPTER_NAMES)  # a misspelt name is refused before the model loads
+    manifest_path = args.out / "manifest.json"
     if args.measure_only:  # so is a name with nothing to measure
-        names = only or {c.name for c in scenes.HELD_OUT} | set(BLORA_IMAGES)
-        recorded = manifest_entries(args.out / "manifest.json")
+        recorded = manifest_entries(manifest_path)
         missing = sorted(
-            n for n in names if n not in recorded or not (args.out / f"{n}.safetensors").is_file()
+            n for n in only if n not in recorded or not (args.out / f"{n}.safetensors").is_file()
         )
         if missing:
             raise SystemExit(
@@ -146,19 +149,25 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     backbone = get_backbone("sdxl")
     pipe = load_pipeline(backbone, args.model)
+    evaluator = Evaluator.load()
+    host = AdapterHost.for_pipeline(pipe, backbone)
+    if args.measure_only:  # keep each file and its training record; measure it again
+        for name in (n for n in ADAPTER_NAMES if n in only):
+            measured = measure(
+                pipe, host, name, read_lora(args.out / f"{name}.safetensors"), evaluator, args.n
+            )
+            log.info("%s: success %s", name, measured)
+            record(manifest_path, {**manifest_entries(manifest_path)[name], "success": measured})
+        return
     args.out.mkdir(parents=True, exist_ok=True)
-    manifest_path = args.out / "manifest.json"
     hardware = (
         "cuda" if torch.cuda.is_available() else f"cpu x{os.cpu_count()} ({torch.get_num_threads()} threads)"
     )
 
     jobs = []
     for concept in scenes.HELD_OUT:
-        if only and concept.name not in only:
+        if concept.name not in only:
             continue  # its scenes are not even drawn
-        if args.measure_only:  # nothing to train: no training scenes either
-            jobs.append((concept.name, None, [], [], [], ""))
-            continue
         data = concepts.training_images(
             concept.name, args.images, pairs=args.pairs, decoys=args.decoys, small=args.small
         )
@@ -182,7 +191,7 @@ def main() -> None:
             )
         )
     for name in BLORA_IMAGES:
-        if only and name not in only:
+        if name not in only:
             continue
         image, spec = blora_image(name)
         config = TrainConfig(
@@ -199,15 +208,8 @@ def main() -> None:
                 f"{name}.style for its colour and texture, prompt '{BLORA_PROMPT}'.",
             )
         )
-    evaluator = Evaluator.load()
-    host = AdapterHost.for_pipeline(pipe, backbone)
     for name, config, data, triggers, tags, description in jobs:
         path = args.out / f"{name}.safetensors"
-        if args.measure_only:  # keep the file and its training record; measure it again
-            measured = measure(pipe, host, name, read_lora(path), evaluator, args.n)
-            log.info("%s: success %s", name, measured)
-            record(manifest_path, {**manifest_entries(manifest_path)[name], "success": measured})
-            continue
         result, seconds = concepts.train_in_scratch(pipe, backbone, config, data, host=host)
         measured = measure(pipe, host, name, result.lora, evaluator, args.n)
         write_kohya(result.lora, path, title=name, trigger_words=triggers)
@@ -238,10 +240,11 @@ def main() -> None:
 def selected(only: str) -> set[str]:
     """The names `--only` lists; an unknown name is refused with the known ones."""
     names = set(filter(None, (n.strip() for n in only.split(","))))
-    known = [c.name for c in scenes.HELD_OUT] + list(BLORA_IMAGES)
-    unknown = sorted(names - set(known))
+    unknown = sorted(names - set(ADAPTER_NAMES))
     if unknown:
-        raise SystemExit(f"--only: unknown adapter name(s) {', '.join(unknown)}; known: {', '.join(known)}")
+        raise SystemExit(
+            f"--only: unknown adapter name(s) {', '.join(unknown)}; known: {', '.join(ADAPTER_NAMES)}"
+        )
     return names
 
 
